@@ -1,0 +1,1 @@
+"""One module per `parity` subcommand; each defines `register(subparsers)` and sets `handler`."""

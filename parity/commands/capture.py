@@ -1,0 +1,67 @@
+"""`parity capture`: run one implementation and write its run file."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from ..bad_input import BadInput
+from ..runconfig import DTYPES, SCHEDULERS, RunConfig
+
+IMPLEMENTATIONS = ("reference", "numpy", "torch")
+
+
+def add_run_arguments(parser) -> None:
+    """The arguments that describe a run, shared by every command that runs a pipeline."""
+    parser.add_argument("--model", required=True, help="fixture name (e.g. tiny-sd1) or diffusers model folder")
+    parser.add_argument("--prompt", default="a red cube")
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--scheduler", default="ddim", choices=SCHEDULERS,
+                        help="sampler (default ddim; pndm is SD 1.5's own and calls the UNet steps+1 times)")
+    parser.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (> 0 draws recorded noise)")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: model's)")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES)
+    parser.add_argument("--device", default="cpu", help="torch device for reference/torch runs")
+
+
+def config_from_args(args) -> RunConfig:
+    return RunConfig(
+        model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+        scheduler=args.scheduler, guidance=args.guidance, seed=args.seed, height=args.height,
+        width=args.width, dtype=args.dtype, capture=getattr(args, "capture", None), eta=args.eta,
+        karras=args.karras, compression=getattr(args, "compress", None), device=args.device)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("capture", help="run an implementation and write its run file")
+    parser.add_argument("--impl", default="reference", choices=IMPLEMENTATIONS)
+    add_run_arguments(parser)
+    parser.add_argument("--capture", default=None, metavar="SPEC",
+                        help="what to keep: all, blocks, pipeline, a component, glob:P, re:R, steps=LIST "
+                             "(';'-separated; default all for small models, blocks for full-size)")
+    parser.add_argument("--compress", choices=("gzip", "lzf"), default=None)
+    parser.add_argument("--output", required=True, type=Path, help="run file to write (.h5)")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    config = config_from_args(args)
+    if args.output.is_dir():
+        raise BadInput(f"--output {args.output} is a folder; give a file path such as {args.output / 'run.h5'}")
+    started = time.perf_counter()
+    if args.impl == "reference":
+        from reference.runner import run_reference
+
+        path = run_reference(config, args.output, progress=sys.stderr.isatty())
+    else:
+        from ..impl_runner import run_impl
+
+        path = run_impl(config, args.output, backend=args.impl, progress=sys.stderr.isatty())
+    size = path.stat().st_size
+    print(f"wrote {path} ({size / 2**20:.1f} MiB) in {time.perf_counter() - started:.1f} s")
+    return 0

@@ -1,0 +1,151 @@
+"""What a run is asked to do, validated once, and the metadata every run file records about it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import numpy as np
+
+from .bad_input import BadInput
+from .capture_spec import CaptureSpec, default_spec
+from .fixtures import FIXTURES, default_size, ensure_fixture, fixed_noise, folder_hash
+
+SCHEDULERS = ("ddim", "pndm", "ddpm", "euler", "euler_ancestral", "lms", "dpmpp_2m")
+DTYPES = ("fp32", "fp64", "fp16", "bf16")
+MODEL_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class RunConfig:
+    model: str
+    prompt: str = "a red cube"
+    negative_prompt: str | None = None
+    steps: int = 4
+    scheduler: str = "ddim"
+    guidance: float = 7.5
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    dtype: str = "fp32"
+    capture: str | None = None
+    eta: float = 0.0
+    karras: bool = False
+    images_per_prompt: int = 1
+    compression: str | None = None
+    device: str = "cpu"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        size = default_size(self.model)
+        self.height = self.height or size
+        self.width = self.width or size
+        for side, value in (("height", self.height), ("width", self.width)):
+            if value <= 0 or value % 8:
+                raise BadInput(f"--{side} {value} is not a positive multiple of 8; SD's VAE downsamples by 8")
+        if self.steps < 1:
+            raise BadInput(f"--steps {self.steps} must be at least 1")
+        if self.scheduler not in SCHEDULERS:
+            raise BadInput(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+        if self.dtype not in DTYPES:
+            raise BadInput(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.capture is not None:
+            CaptureSpec.parse(self.capture)  # fail before any model is loaded
+
+    def model_dir(self) -> Path:
+        """The diffusers folder behind --model: a fixture name (generated if needed) or a folder path."""
+        if self.model in FIXTURES:
+            return ensure_fixture(self.model)
+        folder = Path(self.model)
+        if not folder.exists():
+            raise BadInput(f"--model {self.model!r} is neither a fixture ({', '.join(sorted(FIXTURES))}) "
+                           "nor an existing model folder")
+        if not folder.is_dir():
+            raise BadInput(f"--model {self.model} is a file; pass a diffusers model folder "
+                           "(single-file checkpoints are converted with `parity convert`)")
+        missing = [part for part in MODEL_PARTS if not (folder / part).exists()]
+        if missing:
+            raise BadInput(f"model folder {folder} lacks {', '.join(missing)}; a diffusers SD folder has "
+                           f"{', '.join(MODEL_PARTS)}")
+        for component in ("unet", "vae", "text_encoder"):
+            check_weight_files(folder / component)
+        return folder
+
+    def model_label(self) -> str:
+        return self.model if self.model in FIXTURES else Path(self.model).resolve().name
+
+    def prompts(self) -> list[str]:
+        return [self.prompt]
+
+    def negative_prompts(self) -> list[str] | None:
+        return None if self.negative_prompt is None else [self.negative_prompt]
+
+    def initial_noise(self, latent_channels: int = 4, scale: int = 8) -> np.ndarray:
+        return fixed_noise(self.model_label(), self.height, self.width, self.seed,
+                           batch=len(self.prompts()) * self.images_per_prompt,
+                           latent_channels=latent_channels, scale=scale)
+
+    def capture_spec(self, unet_parameters: int) -> str:
+        return self.capture if self.capture is not None else default_spec(unet_parameters)
+
+
+def check_weight_files(component_dir: Path) -> None:
+    """Refuse a component whose weights are missing or truncated, before a library fails obscurely on it."""
+    files = sorted(component_dir.glob("*.safetensors")) + sorted(component_dir.glob("*.bin"))
+    if not files:
+        raise BadInput(f"{component_dir} has no weight file (*.safetensors or *.bin)")
+    for path in files:
+        if path.suffix == ".safetensors":
+            problem = _safetensors_problem(path)
+            if problem:
+                raise BadInput(f"weight file {path} is unreadable: {problem}; re-download or regenerate it")
+        elif path.stat().st_size == 0:
+            raise BadInput(f"weight file {path} is empty; re-download or regenerate it")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{size} bytes is too short for a safetensors header"
+        header_len = int.from_bytes(head, "little")
+        if 8 + header_len > size:
+            return f"header claims {header_len} bytes but the file has {size}: truncated"
+        try:
+            header = json.loads(handle.read(header_len))
+        except ValueError:
+            return "the header is not valid JSON"
+    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    if 8 + header_len + max(ends, default=0) > size:
+        return f"tensor data ends at byte {8 + header_len + max(ends)} but the file has {size}: truncated"
+    return None
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("sd-parity", "numpy", "h5py", "torch", "diffusers", "transformers"):
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def run_metadata(config: RunConfig, *, impl: str, model_dir: Path, x_t: np.ndarray,
+                 scheduler_config: dict, mode: str = "free") -> dict:
+    fields = asdict(config)
+    fields.pop("extra")
+    return {
+        **fields, **config.extra,
+        "impl": impl,
+        "mode": mode,
+        "model_path": str(model_dir.resolve()),
+        "model_hash": folder_hash(model_dir),
+        "scheduler_config": json.loads(json.dumps(scheduler_config, default=str)),
+        "x_T_sha256": hashlib.sha256(np.ascontiguousarray(x_t).tobytes()).hexdigest(),
+        "versions": library_versions(),
+    }

@@ -1,0 +1,100 @@
+"""Embedded fixtures: layout, determinism, tokenizer derivation, fixed inputs."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from parity.fixtures import (FIXTURES, FIXTURES_DIR, FixtureError, bpe_merges, ensure_fixture, fixed_noise, generate,
+                             load_prompts, noise_path)
+
+ASTRONAUT = [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
+
+
+def _hashes(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+
+
+def test_tiny_fixture_has_the_published_sd_layout(tiny_model):
+    index = json.loads((tiny_model / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
+    for path in ("text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/vocab.json",
+                 "tokenizer/merges.txt", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                 "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json"):
+        assert (tiny_model / path).is_file(), path
+    unet = json.loads((tiny_model / "unet/config.json").read_text())
+    assert len(unet["block_out_channels"]) >= 2 and unet["layers_per_block"] == 2
+    assert "CrossAttnDownBlock2D" in unet["down_block_types"] and "CrossAttnUpBlock2D" in unet["up_block_types"]
+    assert json.loads((tiny_model / "text_encoder/config.json").read_text())["vocab_size"] == 49408
+
+
+@pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sd1-inpaint"])
+def test_generation_is_byte_identical_to_the_committed_hashes(tmp_path, name):
+    committed = json.loads((FIXTURES_DIR / "hashes.json").read_text())[name]
+    assert _hashes(generate(name, tmp_path / name)) == committed
+    assert _hashes(ensure_fixture(name)) == committed
+
+
+def test_diffusers_loads_every_weight_of_the_fixture(tiny_model):
+    from diffusers import StableDiffusionPipeline
+    from safetensors.numpy import load_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model), safety_checker=None, local_files_only=True)
+    stored = load_file(str(tiny_model / "unet/diffusion_pytorch_model.safetensors"))
+    loaded = pipe.unet.state_dict()
+    assert set(stored) == set(loaded)
+    assert all(np.array_equal(stored[k], loaded[k].numpy()) for k in stored)
+    text = load_file(str(tiny_model / "text_encoder/model.safetensors"))
+    assert all(k.startswith("text_model.") for k in text)
+    loaded_text = pipe.text_encoder.state_dict()
+    assert all(np.array_equal(text[k], loaded_text[k.removeprefix("text_model.")].numpy()) for k in text)
+
+
+def test_tokenizer_files_come_from_the_real_bpe_vocabulary(tiny_model):
+    from transformers import CLIPTokenizer
+
+    assert len(bpe_merges()) == 48894
+    vocab = json.loads((tiny_model / "tokenizer/vocab.json").read_text())
+    assert len(vocab) == 49408 and vocab["<|startoftext|>"] == 49406 and vocab["<|endoftext|>"] == 49407
+    tokenizer = CLIPTokenizer.from_pretrained(str(tiny_model / "tokenizer"))
+    ids = tokenizer("a photograph of an astronaut riding a horse", padding="max_length", max_length=77,
+                    truncation=True).input_ids
+    assert ids == ASTRONAUT + [49407] * (77 - len(ASTRONAUT))
+
+
+def test_prompts_cover_the_edge_cases():
+    prompts = {p["id"]: p["text"] for p in load_prompts()}
+    assert prompts["empty"] == ""
+    assert len(prompts["long"].split()) > 77
+    assert any(ord(c) > 0x3000 for c in prompts["unicode"])
+    assert "  " in prompts["spaces"]
+    assert set("!,()[]") <= set(prompts["punctuation"])
+
+
+def test_fixed_noise_is_a_file_that_is_never_redrawn(tmp_path, monkeypatch):
+    monkeypatch.setattr("parity.fixtures.NOISE_DIR", tmp_path)
+    noise = fixed_noise("tiny-sd1", 64, 64, seed=3)
+    path = noise_path("tiny-sd1", 64, 64, 3)
+    assert path.exists() and noise.shape == (1, 4, 8, 8) and noise.dtype == np.float32
+    np.save(path, np.full((1, 4, 8, 8), 7, np.float32))
+    assert (fixed_noise("tiny-sd1", 64, 64, seed=3) == 7).all()
+    assert fixed_noise("tiny-sd1", 64, 64, seed=3, batch=2).shape == (2, 4, 8, 8)
+    np.save(noise_path("tiny-sd1", 64, 64, 4), np.zeros((2, 4, 8, 8), np.float32))
+    with pytest.raises(FixtureError, match="shape"):
+        fixed_noise("tiny-sd1", 64, 64, seed=4)
+
+
+def test_committed_noise_files_match_their_names():
+    files = sorted((FIXTURES_DIR / "noise").glob("*.npy"))
+    assert files, "the standard x_T files are committed"
+    for path in files:
+        noise = np.load(path)
+        assert noise.dtype == np.float32 and noise.ndim == 4
+
+
+def test_unknown_fixture_is_refused():
+    with pytest.raises(FixtureError, match="unknown fixture 'nope'"):
+        ensure_fixture("nope")
+    assert "sd15-arch" in FIXTURES

@@ -1,0 +1,146 @@
+"""The run file: round trip, dtypes, atomic writing, validation."""
+import errno
+import json
+
+import h5py
+import ml_dtypes
+import numpy as np
+import pytest
+
+from parity.runfile import RunFileError, RunReader, RunWriter, validate
+
+
+def _write_sample(path, **kwargs):
+    rng = np.random.default_rng(0)
+    tensors = {
+        ("pipeline", "main", "x_T"): rng.standard_normal((1, 4, 8, 8)).astype(np.float32),
+        ("unet", "step_000", "conv_in"): rng.standard_normal((2, 8, 8, 8)).astype(np.float16),
+        ("unet", "step_000", "down_blocks.0[1][0]"): rng.standard_normal((2, 8)).astype(ml_dtypes.bfloat16),
+        ("unet", "step_001", "mid_block@temb"): rng.standard_normal(3).astype(np.float64),
+        ("pipeline", "main", "image_uint8"): rng.integers(0, 255, (1, 8, 8, 3), dtype=np.uint8),
+    }
+    with RunWriter(path, {"prompt": "p", "seed": 1}, **kwargs) as writer:
+        for (component, invocation, name), value in tensors.items():
+            writer.write(component, invocation, name, value)
+    return tensors
+
+
+@pytest.mark.parametrize("compression", [None, "gzip", "lzf"])
+def test_round_trip_keeps_values_dtypes_and_order(tmp_path, compression):
+    path = tmp_path / "run.h5"
+    tensors = _write_sample(path, compression=compression)
+    assert validate(path) == []
+    with RunReader(path) as reader:
+        assert reader.metadata == {"prompt": "p", "seed": 1}
+        entries = reader.entries()
+        assert [(e.component, e.invocation, e.name) for e in entries] == list(tensors)
+        assert [e.order for e in entries] == list(range(len(tensors)))
+        for entry, expected in zip(entries, tensors.values()):
+            value = reader.read(entry)
+            assert value.dtype == expected.dtype
+            assert np.array_equal(value.view(np.uint8), expected.view(np.uint8))
+        assert reader.entry("unet/step_001/mid_block@temb").kind == "input"
+        assert reader.entry("unet/step_000/conv_in").kind == "output"
+        assert reader.components() == ["pipeline", "unet"]
+        assert reader.invocations("unet") == ["step_000", "step_001"]
+
+
+def test_bfloat16_is_stored_as_raw_bits(tmp_path):
+    path = tmp_path / "run.h5"
+    _write_sample(path)
+    with h5py.File(path) as file:
+        dataset = file["unet/step_000/down_blocks.0[1][0]"]
+        assert dataset.dtype == np.uint16 and dataset.attrs["dtype"] == "bfloat16"
+
+
+def test_failed_capture_leaves_no_file(tmp_path):
+    path = tmp_path / "run.h5"
+    with pytest.raises(RuntimeError):
+        with RunWriter(path, {}) as writer:
+            writer.write("unet", "step_000", "a", np.zeros(3, np.float32))
+            raise RuntimeError("killed")
+    assert not path.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_file_is_absent_until_close(tmp_path):
+    path = tmp_path / "run.h5"
+    writer = RunWriter(path, {})
+    writer.write("unet", "step_000", "a", np.zeros(3, np.float32))
+    assert not path.exists()
+    temp = next(tmp_path.iterdir())
+    assert any("not marked complete" in p or "not a readable" in p for p in validate(temp))
+    writer.close()
+    assert path.exists() and validate(path) == []
+
+
+def test_full_disk_is_reported_and_cleaned_up(tmp_path, monkeypatch):
+    path = tmp_path / "run.h5"
+    writer = RunWriter(path, {})
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", no_space)
+    with pytest.raises(RunFileError, match="disk full"):
+        writer.write("unet", "step_000", "a", np.zeros(3, np.float32))
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("component, invocation, name, message", [
+    ("nope", "main", "a", "unknown component"),
+    ("unet", "step_1", "a", "bad invocation"),
+    ("unet", "step_000", "a/b", "no '/'"),
+    ("unet", "step_000", "", "non-empty"),
+])
+def test_writer_rejects_bad_names(tmp_path, component, invocation, name, message):
+    with RunWriter(tmp_path / "run.h5", {}) as writer:
+        with pytest.raises(RunFileError, match=message):
+            writer.write(component, invocation, name, np.zeros(1, np.float32))
+
+
+def test_writer_rejects_duplicates_and_bad_output_folder(tmp_path):
+    with RunWriter(tmp_path / "run.h5", {}) as writer:
+        writer.write("unet", "step_000", "a", np.zeros(1, np.float32))
+        with pytest.raises(RunFileError, match="written twice"):
+            writer.write("unet", "step_000", "a", np.zeros(1, np.float32))
+    with pytest.raises(RunFileError, match="does not exist"):
+        RunWriter(tmp_path / "missing" / "run.h5", {})
+
+
+def test_validator_names_each_problem(tmp_path):
+    path = tmp_path / "bad.h5"
+    with h5py.File(path, "w") as file:
+        file.attrs["format"] = "other"
+        file.attrs["format_version"] = 7
+        file.attrs["metadata"] = "not json"
+        dataset = file.create_dataset("unet/step_000/x", data=np.zeros(2, np.float32))
+        dataset.attrs["order"] = 0
+        dataset.attrs["dtype"] = "float16"
+        dataset.attrs["kind"] = "output"
+        file.create_dataset("unet/step_000/y", data=np.zeros(2, np.float32)).attrs["order"] = 0
+        file.create_dataset("weird/main/z", data=np.zeros(1))
+    problems = validate(path)
+    text = "\n".join(problems)
+    for expected in ("format is 'other'", "format_version is 7", "not marked complete", "metadata is missing or not JSON",
+                     "stored as float32, expected float16", "missing attribute 'dtype'", "order 0 also used",
+                     "/weird: unknown component"):
+        assert expected in text, expected
+    with pytest.raises(RunFileError, match="not a valid run file"):
+        RunReader(path)
+
+
+def test_validator_reports_truncated_file(tmp_path):
+    path = tmp_path / "run.h5"
+    _write_sample(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert validate(path) and "not a readable HDF5 file" in validate(path)[0]
+
+
+def test_metadata_is_json(tmp_path):
+    path = tmp_path / "run.h5"
+    _write_sample(path)
+    with h5py.File(path) as file:
+        assert json.loads(file.attrs["metadata"])["seed"] == 1
