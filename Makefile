@@ -30,10 +30,10 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 test-all: setup
-	$(BIN)/python -m pytest -q -m ''
+	$(BIN)/python -m pytest -q -m 'not bench'
 
 bench: setup
-	$(BIN)/python -m pytest -q -m '' benchmarks --benchmark-only
+	$(BIN)/python -m pytest -q -m bench tests/benchmarks
 
 clean:
 	rm -rf reports/*.h5 reports/*.html reports/*.json reports/*.xml build

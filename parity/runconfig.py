@@ -14,6 +14,7 @@ from .bad_input import BadInput
 from .capture_spec import CaptureSpec, default_spec
 from .fixtures import FIXTURES, default_size, ensure_fixture, fixed_noise, folder_hash
 
+PIPELINES = ("txt2img", "img2img", "inpaint")
 SCHEDULERS = ("ddim", "pndm", "ddpm", "euler", "euler_ancestral", "lms", "dpmpp_2m")
 DTYPES = ("fp32", "fp64", "fp16", "bf16")
 MODEL_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -37,9 +38,17 @@ class RunConfig:
     images_per_prompt: int = 1
     compression: str | None = None
     device: str = "cpu"
+    pipeline: str = "txt2img"
+    init_image: str | None = None
+    mask_image: str | None = None
+    strength: float = 0.75
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.pipeline not in PIPELINES:
+            raise BadInput(f"unknown pipeline {self.pipeline!r}; use one of {', '.join(PIPELINES)}")
+        if self.pipeline != "txt2img":
+            self._check_images()
         size = default_size(self.model)
         self.height = self.height or size
         self.width = self.width or size
@@ -54,6 +63,33 @@ class RunConfig:
             raise BadInput(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if self.capture is not None:
             CaptureSpec.parse(self.capture)  # fail before any model is loaded
+
+    def _check_images(self) -> None:
+        if self.init_image is None:
+            raise BadInput(f"{self.pipeline} needs --init-image")
+        if not 0.0 < self.strength <= 1.0:
+            raise BadInput(f"--strength {self.strength} is outside (0, 1]: it is the fraction of the schedule to run")
+        image = _open_image(self.init_image, "--init-image")
+        if image.mode != "RGB":
+            raise BadInput(f"--init-image {self.init_image} is {image.mode}, not RGB; convert it to RGB first")
+        self.height = self.height or image.height
+        self.width = self.width or image.width
+        if (image.width, image.height) != (self.width, self.height):
+            raise BadInput(f"--init-image is {image.width}x{image.height} but the run is {self.width}x{self.height}; "
+                           "resize the image or pass matching --width/--height")
+        if self.pipeline == "inpaint":
+            if self.mask_image is None:
+                raise BadInput("inpaint needs --mask")
+            mask = _open_image(self.mask_image, "--mask")
+            if mask.size != image.size:
+                raise BadInput(f"--mask is {mask.width}x{mask.height} but --init-image is {image.width}x{image.height}; "
+                               "they must be the same size")
+
+    def load_images(self):
+        """The init image (RGB) and mask (L) as PIL images, as both implementations receive them."""
+        image = _open_image(self.init_image, "--init-image") if self.init_image else None
+        mask = _open_image(self.mask_image, "--mask").convert("L") if self.mask_image else None
+        return image, mask
 
     def model_dir(self) -> Path:
         """The diffusers folder behind --model: a fixture name (generated if needed) or a folder path."""
@@ -90,6 +126,19 @@ class RunConfig:
 
     def capture_spec(self, unet_parameters: int) -> str:
         return self.capture if self.capture is not None else default_spec(unet_parameters)
+
+
+def _open_image(path: str, option: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise BadInput(f"{option} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise BadInput(f"{option} {path} is not a readable image ({exc})") from None
+    return image
 
 
 def check_weight_files(component_dir: Path) -> None:

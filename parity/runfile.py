@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -87,9 +89,15 @@ class Entry:
 
 
 class RunWriter:
-    """Streams tensors into a new run file; use as a context manager so failures leave no file behind."""
+    """Streams tensors into a new run file; use as a context manager so failures leave no file behind.
 
-    def __init__(self, path: str | os.PathLike, metadata: dict[str, Any], compression: str | None = None):
+    With `background_bytes` > 0, tensors are copied into a FIFO queue of at most that many bytes and
+    written by a worker thread, so disk I/O overlaps the model's compute (which releases the GIL);
+    the queue bound caps the extra memory, and FIFO order keeps execution order.
+    """
+
+    def __init__(self, path: str | os.PathLike, metadata: dict[str, Any], compression: str | None = None,
+                 background_bytes: int = 0):
         self.path = Path(path)
         if compression not in (None, "gzip", "lzf"):
             raise RunFileError(f"unknown compression {compression!r}; use gzip, lzf or none")
@@ -110,6 +118,9 @@ class RunWriter:
         except OSError as exc:
             self._discard()
             raise RunFileError(f"cannot create {self._tmp}: {exc}") from exc
+        self._worker: _BackgroundWrites | None = None
+        if background_bytes > 0:
+            self._worker = _BackgroundWrites(self._store, background_bytes)
 
     @property
     def tensors_written(self) -> int:
@@ -134,6 +145,15 @@ class RunWriter:
         array = np.ascontiguousarray(array)
         dtype = logical_dtype(array)
         stored = array.view(_STORED_AS[dtype]) if dtype in _STORED_AS else array
+        order = self._order
+        self._order += 1
+        self._bytes += stored.nbytes
+        if self._worker is not None:
+            self._worker.put((component, invocation, name, stored.copy(), dtype, order))
+        else:
+            self._store(component, invocation, name, stored, dtype, order)
+
+    def _store(self, component: str, invocation: str, name: str, stored: np.ndarray, dtype: str, order: int) -> None:
         group = self._file.require_group(f"{component}/{invocation}")
         if name in group:
             raise RunFileError(f"tensor {component}/{invocation}/{name} written twice")
@@ -144,17 +164,21 @@ class RunWriter:
                 options["compression"] = self._compression
         try:
             dataset = group.create_dataset(name, data=stored, **options)
-            dataset.attrs["order"] = np.int64(self._order)
+            dataset.attrs["order"] = np.int64(order)
             dataset.attrs["dtype"] = dtype
             dataset.attrs["kind"] = kind_of(component, name)
         except OSError as exc:
             raise RunFileError(f"writing {component}/{invocation}/{name} to {self._tmp} failed: {exc} "
                                "(is the disk full?)") from exc
-        self._order += 1
-        self._bytes += stored.nbytes
 
     def close(self) -> Path:
         """Mark the file complete and move it into place; only now does `path` exist."""
+        try:
+            if self._worker is not None:
+                self._worker.finish()
+        except BaseException:
+            self._discard()
+            raise
         try:
             self._file.attrs["complete"] = np.int8(1)
             self._file.close()
@@ -168,6 +192,9 @@ class RunWriter:
         self._discard()
 
     def _discard(self) -> None:
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.cancel()
         file = getattr(self, "_file", None)
         if file is not None:
             try:
@@ -184,6 +211,57 @@ class RunWriter:
             self.close()
         else:
             self.abort()
+
+
+class _BackgroundWrites:
+    """A worker thread draining a byte-bounded FIFO of pending writes; its first error stops the run."""
+
+    def __init__(self, store, max_bytes: int):
+        self._store = store
+        self._max_bytes = max_bytes
+        self._pending = 0
+        self._room = threading.Condition()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name="run-file-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, item: tuple) -> None:
+        size = item[3].nbytes
+        with self._room:
+            # A tensor larger than the whole budget waits for an empty queue rather than forever.
+            self._room.wait_for(lambda: self._error is not None or self._pending == 0
+                                or self._pending + size <= self._max_bytes)
+            self._raise_error()
+            self._pending += size
+        self._queue.put(item)
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self._raise_error()
+
+    def cancel(self) -> None:
+        if self._thread.is_alive():
+            with self._room:
+                self._error = self._error or RunFileError("capture cancelled")
+            self._queue.put(None)
+            self._thread.join()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self._store(*item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the capturing thread
+                    self._error = exc
+            with self._room:
+                self._pending -= item[3].nbytes
+                self._room.notify_all()
 
 
 class RunReader:

@@ -10,12 +10,15 @@ import numpy as np
 import torch
 
 from parity.capture_spec import CaptureSpec
+from parity.naming import with_call_index
 from parity.recorder import Recorder
 from parity.runconfig import RunConfig, run_metadata
 from parity.runfile import RunWriter
 
 from .hooks import capture_module
 
+# Captured tensors waiting for the disk; bounds the memory that overlapping I/O with compute costs.
+WRITE_QUEUE_BYTES = 512 << 20
 TORCH_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -38,8 +41,12 @@ def scheduler_for(name: str, base_config, karras: bool = False):
     return cls.from_config(base_config, **overrides)
 
 
-def load_pipeline(model_dir: Path, dtype: str, device: str = "cpu"):
-    from diffusers import StableDiffusionPipeline
+PIPELINE_CLASSES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+                    "inpaint": "StableDiffusionInpaintPipeline"}
+
+
+def load_pipeline(model_dir: Path, dtype: str, device: str = "cpu", kind: str = "txt2img"):
+    import diffusers
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -48,28 +55,21 @@ def load_pipeline(model_dir: Path, dtype: str, device: str = "cpu"):
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-
-    pipe = StableDiffusionPipeline.from_pretrained(
+    pipe = getattr(diffusers, PIPELINE_CLASSES[kind]).from_pretrained(
         str(model_dir), dtype=TORCH_DTYPES[dtype], safety_checker=None, feature_extractor=None,
         requires_safety_checker=False, local_files_only=True)
     return pipe.to(device)
 
 
 @contextmanager
-def _recording_noise(recorder: Recorder, scheduler) -> Iterator[None]:
-    """Record every noise tensor the scheduler draws, so an implementation can consume the same draws."""
-    module = sys.modules[type(scheduler).__module__]
+def _patched_randn(module_name: str, replacement) -> Iterator[None]:
+    """Swap `randn_tensor` in one diffusers module; `replacement(original, *args, **kwargs)` decides."""
+    module = sys.modules[module_name]
     original = getattr(module, "randn_tensor", None)
-    if original is None:
+    if original is None:  # this module draws no noise (deterministic samplers)
         yield
         return
-
-    def recording(*args, **kwargs):
-        noise = original(*args, **kwargs)
-        recorder.pipeline("noise", noise, step=recorder.step)
-        return noise
-
-    module.randn_tensor = recording
+    module.randn_tensor = lambda *args, **kwargs: replacement(original, *args, **kwargs)
     try:
         yield
     finally:
@@ -77,8 +77,41 @@ def _recording_noise(recorder: Recorder, scheduler) -> Iterator[None]:
 
 
 @contextmanager
+def _noise_sources(recorder: Recorder, pipe, x_t: torch.Tensor) -> Iterator[None]:
+    """Every random draw of the run, made reproducible for any implementation.
+
+    The pipeline's own draw (initial noise of img2img/inpainting) is served from the fixed x_T file;
+    the sampler's and the VAE posterior's draws are recorded, so an implementation consumes them
+    instead of having to reproduce torch's RNG.
+    """
+    def serve_x_t(original, shape, *args, **kwargs):
+        if tuple(shape) != tuple(x_t.shape):
+            raise RuntimeError(f"pipeline drew noise of shape {tuple(shape)}; x_T has {tuple(x_t.shape)}")
+        return x_t.clone()
+
+    def record_step_noise(original, *args, **kwargs):
+        noise = original(*args, **kwargs)
+        recorder.pipeline("noise", noise, step=recorder.step)
+        return noise
+
+    posterior_draws = [0]
+
+    def record_posterior_noise(original, *args, **kwargs):
+        noise = original(*args, **kwargs)
+        recorder.pipeline(with_call_index("posterior_noise", posterior_draws[0]), noise)
+        posterior_draws[0] += 1
+        return noise
+
+    with ExitStack() as stack:
+        stack.enter_context(_patched_randn(type(pipe).__module__, serve_x_t))
+        stack.enter_context(_patched_randn(type(pipe.scheduler).__module__, record_step_noise))
+        stack.enter_context(_patched_randn("diffusers.models.autoencoders.vae", record_posterior_noise))
+        yield
+
+
+@contextmanager
 def _pipeline_taps(recorder: Recorder, pipe, guided: bool) -> Iterator[None]:
-    """Pipeline-level tensors: token ids, per-step model input, noise predictions, latents; the decode."""
+    """Pipeline-level tensors: token ids, per-step model input, noise predictions, latents; VAE calls."""
     scheduler, vae = pipe.scheduler, pipe.vae
     text_calls = [0]
 
@@ -102,65 +135,107 @@ def _pipeline_taps(recorder: Recorder, pipe, guided: bool) -> Iterator[None]:
             recorder.pipeline("noise_pred_uncond", uncond, step=recorder.step)
             recorder.pipeline("noise_pred_text", text, step=recorder.step)
 
-    original_step, original_decode = scheduler.step, vae.decode
+    originals = {"step": scheduler.step, "add_noise": scheduler.add_noise, "decode": vae.decode, "encode": vae.encode}
 
     def step(model_output, timestep, sample, *args, **kwargs):
         recorder.pipeline("noise_pred", model_output, step=recorder.step)
-        result = original_step(model_output, timestep, sample, *args, **kwargs)
+        result = originals["step"](model_output, timestep, sample, *args, **kwargs)
         prev = result[0] if isinstance(result, tuple) else result.prev_sample
-        recorder.pipeline("latents", prev, step=recorder.step)
+        recorder.pipeline("step_output", prev, step=recorder.step)
         return result
 
-    def decode(z, *args, **kwargs):
-        with recorder.invocation("vae_decoder"):
-            recorder.module_inputs("vae_decoder", "", {"z": z})
-            result = original_decode(z, *args, **kwargs)
-            recorder.module_output("vae_decoder", "", result)
+    def add_noise(original_samples, noise, timesteps):
+        result = originals["add_noise"](original_samples, noise, timesteps)
+        step_index = None if recorder.step < 0 else recorder.step
+        recorder.pipeline("add_noise_original", original_samples, step=step_index)
+        recorder.pipeline("add_noise_output", result, step=step_index)
         return result
+
+    def coder(component: str, method: str, argument: str):
+        def call(x, *args, **kwargs):
+            with recorder.invocation(component):
+                recorder.module_inputs(component, "", {argument: x})
+                result = originals[method](x, *args, **kwargs)
+                recorder.module_output(component, "", _posterior_parameters(result))
+            return result
+        return call
 
     handles = [
         pipe.text_encoder.register_forward_pre_hook(on_text_encoder, with_kwargs=True),
         pipe.unet.register_forward_pre_hook(on_unet_input, with_kwargs=True),
         pipe.unet.register_forward_hook(on_unet_output),
     ]
-    scheduler.step, vae.decode = step, decode
+    scheduler.step, scheduler.add_noise = step, add_noise
+    vae.decode, vae.encode = coder("vae_decoder", "decode", "z"), coder("vae_encoder", "encode", "x")
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
-        del scheduler.step, vae.decode  # drop the instance overrides, exposing the class methods again
+        # Drop the instance overrides, exposing the class methods again.
+        del scheduler.step, scheduler.add_noise, vae.decode, vae.encode
+
+
+def _posterior_parameters(result):
+    """An encode result carries a distribution object; its tensors are what can be compared."""
+    dist = getattr(result, "latent_dist", None)
+    if dist is None and isinstance(result, tuple) and hasattr(result[0], "logvar"):
+        dist = result[0]
+    return {"mean": dist.mean, "logvar": dist.logvar} if dist is not None else result
+
+
+def _step_end_callback(recorder: Recorder, kind: str):
+    def callback(pipe, index, timestep, tensors):
+        recorder.pipeline("latents", tensors["latents"], step=recorder.step)
+        if kind == "inpaint" and index == 0:
+            recorder.pipeline("mask", tensors["mask"])
+            recorder.pipeline("masked_image_latents", tensors["masked_image_latents"])
+        return {}
+    return callback
+
+
+def _call_arguments(config: RunConfig, x_t: torch.Tensor) -> dict:
+    arguments = dict(prompt=config.prompts(), negative_prompt=config.negative_prompts(),
+                     num_inference_steps=config.steps, guidance_scale=config.guidance, eta=config.eta,
+                     num_images_per_prompt=config.images_per_prompt, output_type="np")
+    if config.pipeline == "txt2img":
+        return {**arguments, "height": config.height, "width": config.width, "latents": x_t}
+    image, mask = config.load_images()
+    arguments.update(image=image, strength=config.strength)
+    if config.pipeline == "inpaint":
+        arguments.update(mask_image=mask, height=config.height, width=config.width,
+                         callback_on_step_end_tensor_inputs=["latents", "mask", "masked_image_latents"])
+    return arguments
 
 
 def run_reference(config: RunConfig, output: Path, progress: bool = True) -> Path:
-    """Run diffusers' StableDiffusionPipeline for `config`, capturing into the run file `output`."""
+    """Run the diffusers pipeline for `config`, capturing into the run file `output`."""
     model_dir = config.model_dir()
-    pipe = load_pipeline(model_dir, config.dtype, config.device)
+    pipe = load_pipeline(model_dir, config.dtype, config.device, config.pipeline)
     pipe.scheduler = scheduler_for(config.scheduler, pipe.scheduler.config, config.karras)
     pipe.set_progress_bar_config(disable=not progress, desc=f"reference {config.dtype}", leave=False)
     x_t = config.initial_noise(latent_channels=pipe.vae.config.latent_channels, scale=pipe.vae_scale_factor)
+    x_t_tensor = torch.from_numpy(x_t).to(config.device, TORCH_DTYPES[config.dtype])
     spec = CaptureSpec.parse(config.capture_spec(sum(p.numel() for p in pipe.unet.parameters())))
     metadata = run_metadata(config, impl="reference", model_dir=model_dir, x_t=x_t,
                             scheduler_config=dict(pipe.scheduler.config))
     guided = config.guidance > 1.0
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
-    with RunWriter(output, metadata, compression=config.compression) as writer:
+    with RunWriter(output, metadata, compression=config.compression, background_bytes=WRITE_QUEUE_BYTES) as writer:
         recorder = Recorder(writer, spec, total_steps=config.steps)
-        recorder.pipeline("x_T", x_t)
+        recorder.pipeline("x_T", x_t_tensor)
         with ExitStack() as stack:
             stack.enter_context(capture_module(recorder, "text_encoder", pipe.text_encoder))
             stack.enter_context(capture_module(recorder, "unet", pipe.unet))
             stack.enter_context(capture_module(recorder, "vae_decoder", pipe.vae,
                                                include=("post_quant_conv", "decoder"), invocation_root=False))
+            stack.enter_context(capture_module(recorder, "vae_encoder", pipe.vae,
+                                               include=("encoder", "quant_conv"), invocation_root=False))
             stack.enter_context(_pipeline_taps(recorder, pipe, guided))
-            stack.enter_context(_recording_noise(recorder, pipe.scheduler))
+            stack.enter_context(_noise_sources(recorder, pipe, x_t_tensor))
             with torch.inference_mode():
-                result = pipe(
-                    prompt=config.prompts(), negative_prompt=config.negative_prompts(),
-                    num_inference_steps=config.steps, guidance_scale=config.guidance, eta=config.eta,
-                    height=config.height, width=config.width, generator=generator,
-                    latents=torch.from_numpy(x_t).to(config.device, TORCH_DTYPES[config.dtype]),
-                    num_images_per_prompt=config.images_per_prompt, output_type="np")
+                result = pipe(**_call_arguments(config, x_t_tensor),
+                              generator=torch.Generator(device="cpu").manual_seed(config.seed),
+                              callback_on_step_end=_step_end_callback(recorder, config.pipeline))
         image = np.asarray(result.images, dtype=np.float32)
         recorder.pipeline("image", image)
         recorder.pipeline("image_uint8", (image * 255).round().astype(np.uint8))

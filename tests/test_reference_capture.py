@@ -63,7 +63,8 @@ def test_capture_records_modules_inputs_and_pipeline_tensors(reference_run):
         decoder = _names(reader, "vae_decoder", "call_0")
         assert {"@z", "post_quant_conv", "decoder.mid_block", "decoder.up_blocks.0", "decoder.conv_out"} <= set(decoder)
         step = _names(reader, "pipeline", "step_001")
-        assert step == ["latent_model_input", "timestep", "noise_pred_uncond", "noise_pred_text", "noise_pred", "latents"]
+        assert step == ["latent_model_input", "timestep", "noise_pred_uncond", "noise_pred_text", "noise_pred",
+                        "step_output", "latents"]
         main = _names(reader, "pipeline", "main")
         assert main == ["x_T", "token_ids", "negative_token_ids", "image", "image_uint8"]
         meta = reader.metadata
@@ -164,3 +165,48 @@ def test_missing_component_and_truncated_weights_exit_2(tiny_model, tmp_path, ca
     assert main(["capture", "--model", str(folder), "--output", str(tmp_path / "r.h5")]) == 2
     assert "truncated" in capsys.readouterr().err
     assert not (tmp_path / "r.h5").exists()
+
+
+def test_img2img_capture_encodes_the_init_image_and_records_the_posterior_noise(reference_run):
+    run = reference_run(pipeline="img2img", init_image="fixtures/images/init_64.png", strength=0.5, steps=4,
+                        scheduler="ddpm")
+    with RunReader(run) as reader:
+        assert reader.invocations("vae_encoder") == ["call_0"]
+        assert reader.invocations("unet") == ["step_000", "step_001"]  # int(4 * 0.5) steps remain
+        assert {"@x", "encoder.down_blocks.0", "quant_conv", "mean", "logvar"} <= set(_names(reader, "vae_encoder", "call_0"))
+        mean, logvar = reader.read("vae_encoder/call_0/mean"), reader.read("vae_encoder/call_0/logvar")
+        noise = reader.read("pipeline/main/posterior_noise")
+        sample = mean + np.exp(0.5 * np.clip(logvar, -30, 20)) * noise
+        np.testing.assert_allclose(reader.read("pipeline/main/add_noise_original"), 0.18215 * sample, rtol=1e-5, atol=1e-6)
+        # the noise added to the init latents is the fixed x_T, not a fresh draw
+        assert "noise" in _names(reader, "pipeline", "step_001")  # DDPM's own per-step draw is recorded
+
+
+def test_inpaint_capture_on_a_nine_channel_unet(reference_run):
+    from parity.runconfig import RunConfig
+    from parity.run_cache import cached_run
+    from reference.runner import run_reference
+
+    config = RunConfig(model="tiny-sd1-inpaint", pipeline="inpaint", init_image="fixtures/images/init_64.png",
+                       mask_image="fixtures/images/mask_64.png", strength=1.0, steps=2)
+    with RunReader(cached_run(config, "reference", lambda c, p: run_reference(c, p, progress=False))) as reader:
+        assert reader.entry("unet/step_000/@sample").shape == (2, 9, 8, 8)
+        mask = reader.read("pipeline/main/mask")
+        assert set(np.unique(mask)) <= {0.0, 1.0} and 0 < mask.mean() < 1
+        sample = reader.read("unet/step_000/@sample")
+        assert np.array_equal(sample[:, 4:5], mask)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pipeline", "img2img"], "needs --init-image"),
+    (["--pipeline", "img2img", "--init-image", "fixtures/images/init_64.png", "--strength", "0"], "outside (0, 1]"),
+    (["--pipeline", "img2img", "--init-image", "fixtures/images/mask_64.png"], "not RGB"),
+    (["--pipeline", "img2img", "--init-image", "fixtures/images/init_256.png", "--height", "64", "--width", "64"],
+     "but the run is 64x64"),
+    (["--pipeline", "inpaint", "--init-image", "fixtures/images/init_64.png", "--mask", "fixtures/images/mask_256.png"],
+     "must be the same size"),
+    (["--pipeline", "img2img", "--init-image", "README.md"], "not a readable image"),
+])
+def test_bad_pipeline_input_exits_2(tmp_path, capsys, args, message):
+    assert main(["capture", "--model", "tiny-sd1", "--output", str(tmp_path / "r.h5"), *args]) == 2
+    assert message in capsys.readouterr().err

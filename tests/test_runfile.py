@@ -25,10 +25,10 @@ def _write_sample(path, **kwargs):
     return tensors
 
 
-@pytest.mark.parametrize("compression", [None, "gzip", "lzf"])
-def test_round_trip_keeps_values_dtypes_and_order(tmp_path, compression):
+@pytest.mark.parametrize("compression, background", [(None, 0), ("gzip", 0), ("lzf", 0), (None, 1 << 20), (None, 1)])
+def test_round_trip_keeps_values_dtypes_and_order(tmp_path, compression, background):
     path = tmp_path / "run.h5"
-    tensors = _write_sample(path, compression=compression)
+    tensors = _write_sample(path, compression=compression, background_bytes=background)
     assert validate(path) == []
     with RunReader(path) as reader:
         assert reader.metadata == {"prompt": "p", "seed": 1}
@@ -86,6 +86,30 @@ def test_full_disk_is_reported_and_cleaned_up(tmp_path, monkeypatch):
         writer.write("unet", "step_000", "a", np.zeros(3, np.float32))
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_background_write_errors_reach_the_capturing_thread(tmp_path, monkeypatch):
+    path = tmp_path / "run.h5"
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    writer = RunWriter(path, {}, background_bytes=1 << 20)
+    monkeypatch.setattr(h5py.Group, "create_dataset", no_space)
+    writer.write("unet", "step_000", "a", np.zeros(3, np.float32))
+    with pytest.raises(RunFileError, match="disk full"):
+        writer.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_background_writes_copy_the_tensor(tmp_path):
+    path = tmp_path / "run.h5"
+    value = np.zeros(4, np.float32)
+    with RunWriter(path, {}, background_bytes=1 << 20) as writer:
+        writer.write("unet", "step_000", "a", value)
+        value += 1  # the model may reuse its buffer right after the hook returns
+    with RunReader(path) as reader:
+        assert (reader.read("unet/step_000/a") == 0).all()
 
 
 @pytest.mark.parametrize("component, invocation, name, message", [

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from ..bad_input import BadInput
-from ..runconfig import DTYPES, SCHEDULERS, RunConfig
+from ..runconfig import DTYPES, PIPELINES, SCHEDULERS, RunConfig
 
 IMPLEMENTATIONS = ("reference", "numpy", "torch")
 
@@ -27,6 +27,10 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--dtype", default="fp32", choices=DTYPES)
     parser.add_argument("--device", default="cpu", help="torch device for reference/torch runs")
+    parser.add_argument("--pipeline", default="txt2img", choices=PIPELINES)
+    parser.add_argument("--init-image", default=None, help="img2img/inpaint: RGB image, size = run size")
+    parser.add_argument("--mask", default=None, help="inpaint: mask image (white = repaint), same size")
+    parser.add_argument("--strength", type=float, default=0.75, help="img2img/inpaint: fraction in (0, 1]")
 
 
 def config_from_args(args) -> RunConfig:
@@ -34,7 +38,8 @@ def config_from_args(args) -> RunConfig:
         model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
         scheduler=args.scheduler, guidance=args.guidance, seed=args.seed, height=args.height,
         width=args.width, dtype=args.dtype, capture=getattr(args, "capture", None), eta=args.eta,
-        karras=args.karras, compression=getattr(args, "compress", None), device=args.device)
+        karras=args.karras, compression=getattr(args, "compress", None), device=args.device,
+        pipeline=args.pipeline, init_image=args.init_image, mask_image=args.mask, strength=args.strength)
 
 
 def register(subparsers) -> None:
