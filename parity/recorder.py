@@ -46,10 +46,12 @@ class Recorder:
         self._calls: dict[str, int] = defaultdict(int)
         self.step = -1  # the denoising step the pipeline is in; -1 before the loop
 
-    def begin_invocation(self, component: str) -> str:
-        """Start the next invocation of `component`: call_N, or step_NNN for the UNet."""
+    def begin_invocation(self, component: str, label: str | None = None) -> str:
+        """Start the next invocation of `component`: call_N, or step_NNN for the UNet (or `label`)."""
         index = self._invocation_count[component]
         self._invocation_count[component] += 1
+        if label is not None:
+            index = int(label.rsplit("_", 1)[1])
         label = step_label(index) if component == "unet" else call_label(index)
         capture = self.spec.wants_component(component) and (
             component != "unet" or self.spec.wants_step(index, self.total_steps))
@@ -61,8 +63,8 @@ class Recorder:
         self._invocation[component] = None
 
     @contextmanager
-    def invocation(self, component: str) -> Iterator[str]:
-        label = self.begin_invocation(component)
+    def invocation(self, component: str, label: str | None = None) -> Iterator[str]:
+        label = self.begin_invocation(component, label)
         try:
             yield label
         finally:

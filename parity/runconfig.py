@@ -143,35 +143,16 @@ def _open_image(path: str, option: str):
 
 def check_weight_files(component_dir: Path) -> None:
     """Refuse a component whose weights are missing or truncated, before a library fails obscurely on it."""
-    files = sorted(component_dir.glob("*.safetensors")) + sorted(component_dir.glob("*.bin"))
-    if not files:
-        raise BadInput(f"{component_dir} has no weight file (*.safetensors or *.bin)")
-    for path in files:
-        if path.suffix == ".safetensors":
-            problem = _safetensors_problem(path)
-            if problem:
-                raise BadInput(f"weight file {path} is unreadable: {problem}; re-download or regenerate it")
-        elif path.stat().st_size == 0:
-            raise BadInput(f"weight file {path} is empty; re-download or regenerate it")
+    from impl.tensor_files import open_component
+
+    open_component(component_dir)  # parses every header and checks the data fits the file
 
 
-def _safetensors_problem(path: Path) -> str | None:
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            return f"{size} bytes is too short for a safetensors header"
-        header_len = int.from_bytes(head, "little")
-        if 8 + header_len > size:
-            return f"header claims {header_len} bytes but the file has {size}: truncated"
-        try:
-            header = json.loads(handle.read(header_len))
-        except ValueError:
-            return "the header is not valid JSON"
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    if 8 + header_len + max(ends, default=0) > size:
-        return f"tensor data ends at byte {8 + header_len + max(ends)} but the file has {size}: truncated"
-    return None
+def unet_parameter_count(model_dir: Path) -> int:
+    """Parameters of the folder's UNet (memory-mapped: no weights are read)."""
+    from impl.tensor_files import open_component
+
+    return sum(int(array.size) for array in open_component(model_dir / "unet").values())
 
 
 def library_versions() -> dict[str, str]:

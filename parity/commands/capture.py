@@ -11,8 +11,10 @@ from ..runconfig import DTYPES, PIPELINES, SCHEDULERS, RunConfig
 IMPLEMENTATIONS = ("reference", "numpy", "torch")
 
 
-def add_run_arguments(parser) -> None:
-    """The arguments that describe a run, shared by every command that runs a pipeline."""
+def add_run_arguments(parser, pipeline: str | None = None) -> None:
+    """The arguments that describe a run, shared by every command that runs a pipeline.
+
+    Commands named after one pipeline (txt2img, ...) pass it; the others get a --pipeline option."""
     parser.add_argument("--model", required=True, help="fixture name (e.g. tiny-sd1) or diffusers model folder")
     parser.add_argument("--prompt", default="a red cube")
     parser.add_argument("--negative-prompt", default=None)
@@ -27,10 +29,13 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--dtype", default="fp32", choices=DTYPES)
     parser.add_argument("--device", default="cpu", help="torch device for reference/torch runs")
-    parser.add_argument("--pipeline", default="txt2img", choices=PIPELINES)
-    parser.add_argument("--init-image", default=None, help="img2img/inpaint: RGB image, size = run size")
-    parser.add_argument("--mask", default=None, help="inpaint: mask image (white = repaint), same size")
-    parser.add_argument("--strength", type=float, default=0.75, help="img2img/inpaint: fraction in (0, 1]")
+    if pipeline is None:
+        parser.add_argument("--pipeline", default="txt2img", choices=PIPELINES)
+    if pipeline != "txt2img":
+        parser.add_argument("--init-image", default=None, help="img2img/inpaint: RGB image, size = run size")
+        parser.add_argument("--strength", type=float, default=0.75, help="img2img/inpaint: fraction in (0, 1]")
+    if pipeline in (None, "inpaint"):
+        parser.add_argument("--mask", default=None, help="inpaint: mask image (white = repaint), same size")
 
 
 def config_from_args(args) -> RunConfig:
@@ -39,7 +44,8 @@ def config_from_args(args) -> RunConfig:
         scheduler=args.scheduler, guidance=args.guidance, seed=args.seed, height=args.height,
         width=args.width, dtype=args.dtype, capture=getattr(args, "capture", None), eta=args.eta,
         karras=args.karras, compression=getattr(args, "compress", None), device=args.device,
-        pipeline=args.pipeline, init_image=args.init_image, mask_image=args.mask, strength=args.strength)
+        pipeline=args.pipeline, init_image=getattr(args, "init_image", None), mask_image=getattr(args, "mask", None),
+        strength=getattr(args, "strength", 0.75))
 
 
 def register(subparsers) -> None:
@@ -50,6 +56,8 @@ def register(subparsers) -> None:
                         help="what to keep: all, blocks, pipeline, a component, glob:P, re:R, steps=LIST "
                              "(';'-separated; default all for small models, blocks for full-size)")
     parser.add_argument("--compress", choices=("gzip", "lzf"), default=None)
+    parser.add_argument("--noise-from", type=Path, default=None, metavar="REF.h5",
+                        help="impl runs: replay a reference run's recorded noise (stochastic samplers)")
     parser.add_argument("--output", required=True, type=Path, help="run file to write (.h5)")
     parser.set_defaults(handler=run)
 
@@ -66,7 +74,7 @@ def run(args) -> int:
     else:
         from ..impl_runner import run_impl
 
-        path = run_impl(config, args.output, backend=args.impl, progress=sys.stderr.isatty())
+        path = run_impl(config, args.output, backend=args.impl, progress=sys.stderr.isatty(), reference=args.noise_from)
     size = path.stat().st_size
     print(f"wrote {path} ({size / 2**20:.1f} MiB) in {time.perf_counter() - started:.1f} s")
     return 0

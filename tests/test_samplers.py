@@ -1,0 +1,329 @@
+"""impl.samplers against diffusers' own scheduler classes, built with from_config(tiny-sd1's scheduler config).
+
+Floors: constants equal to 1e-12 in float64; every step, fed identical float32 inputs, bit-identical
+(stricter than the 1e-6 relative-L2 floor); 20 free-running steps bit-identical on torch and on numpy
+(stricter than numpy's 1e-4 floor). Stochastic samplers get the same noise on both sides: diffusers'
+randn_tensor is patched to hand out the tensors our sampler is given, in order.
+
+diffusers' LMSDiscreteScheduler integrates its weights with scipy.integrate.quad; where scipy is not
+installed (this venv) its module gets a stand-in quad that applies our qk21 rule to diffusers' own
+float32 integrand, and test_gauss_kronrod21_is_scipy_quad checks that rule against scipy where it exists.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                       EulerDiscreteScheduler, PNDMScheduler)
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
+
+from impl.errors import ModelInputError
+from impl.samplers import SAMPLERS, gauss_kronrod21, make_sampler
+
+LMS_MODULE = importlib.import_module("diffusers.schedulers.scheduling_lms_discrete")
+REFERENCE = {
+    "ddim": (DDIMScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
+    "lms": (LMS_MODULE.LMSDiscreteScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+NOISE_MODULES = ("scheduling_ddim", "scheduling_ddpm", "scheduling_euler_ancestral_discrete")
+KARRAS = ("euler", "lms", "dpmpp_2m")
+SPACINGS = ("leading", "trailing", "linspace")
+SHAPE = (2, 4, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def sd_config(tiny_model):
+    return json.loads((tiny_model / "scheduler" / "scheduler_config.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def lms_quad(monkeypatch):
+    if not hasattr(LMS_MODULE, "integrate"):
+        def quad(f, a, b, **_):
+            return gauss_kronrod21(lambda taus: [float(f(float(tau))) for tau in taus], float(a), float(b)), 0.0
+
+        monkeypatch.setattr(LMS_MODULE, "integrate", SimpleNamespace(quad=quad), raising=False)
+
+
+@pytest.fixture
+def noise_queue(monkeypatch):
+    """A list diffusers' randn_tensor pops its noise from, in order."""
+    queue: list[torch.Tensor] = []
+
+    def randn_tensor(shape, **_):
+        assert queue, "diffusers drew more noise than our sampler was given"
+        noise = queue.pop(0)
+        assert tuple(noise.shape) == tuple(shape)
+        return noise
+
+    for module in NOISE_MODULES:
+        monkeypatch.setattr(f"diffusers.schedulers.{module}.randn_tensor", randn_tensor)
+    return queue
+
+
+def build(name, config, steps, overrides=None, *, karras=False, eta=0.0):
+    overrides = dict(overrides or {})
+    cls, extra = REFERENCE[name]
+    ref = cls.from_config(config, **extra, **overrides, **({"use_karras_sigmas": True} if karras else {}))
+    ref.set_timesteps(steps)
+    return ref, make_sampler(name, {**config, **overrides}, steps, eta=eta, karras=karras)
+
+
+def max_abs(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)), initial=0.0))
+
+
+def as_torch(x):
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+
+
+# --- constants -----------------------------------------------------------------------------------------
+
+CONSTANT_CASES = [(name, steps, {"timestep_spacing": spacing}, False)
+                  for name in SAMPLERS for steps in (1, 2, 4, 20, 50) for spacing in SPACINGS]
+CONSTANT_CASES += [(name, steps, {"timestep_spacing": spacing}, True)
+                   for name in KARRAS for steps in (1, 2, 4, 20, 50) for spacing in SPACINGS]
+CONSTANT_CASES += [
+    (name, steps, overrides, karras)
+    for name in SAMPLERS for steps in (4, 20)
+    for overrides in ({"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+                      {"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "trailing"},
+                      {"prediction_type": "v_prediction", "set_alpha_to_one": True, "steps_offset": 0})
+    for karras in ((False, True) if name in KARRAS else (False,))
+]
+CONSTANT_CASES += [("pndm", steps, {"skip_prk_steps": False, "timestep_spacing": spacing}, False)
+                   for steps in (4, 20, 50) for spacing in SPACINGS]
+
+
+@pytest.mark.parametrize("name,steps,overrides,karras", CONSTANT_CASES,
+                         ids=lambda v: v if isinstance(v, str) else str(v))
+def test_constants_match_diffusers(sd_config, name, steps, overrides, karras):
+    ref, ours = build(name, sd_config, steps, overrides, karras=karras)
+    expected_t = ref.timesteps.numpy()
+    assert ours.timesteps.dtype == expected_t.dtype
+    assert np.array_equal(ours.timesteps, expected_t)
+    assert max_abs(ours.alphas_cumprod, ref.alphas_cumprod.double()) <= 1e-12
+    assert abs(float(ours.init_noise_sigma) - float(ref.init_noise_sigma)) <= 1e-12
+    if hasattr(ours, "sigmas"):
+        assert ours.sigmas.shape == tuple(ref.sigmas.shape)
+        assert max_abs(ours.sigmas, ref.sigmas.double()) <= 1e-12
+
+
+def test_trained_betas_match_diffusers(sd_config):
+    betas = np.linspace(0.0001, 0.02, 1000).tolist()
+    for name in SAMPLERS:
+        ref, ours = build(name, sd_config, 20, {"trained_betas": betas})
+        assert max_abs(ours.alphas_cumprod, ref.alphas_cumprod.double()) <= 1e-12
+
+
+# --- steps -----------------------------------------------------------------------------------------------
+
+VARIANTS = [(name, {"timestep_spacing": spacing, "prediction_type": prediction}, {})
+            for name in SAMPLERS for spacing in SPACINGS for prediction in ("epsilon", "v_prediction")]
+VARIANTS += [(name, {}, {"karras": True}) for name in KARRAS]
+VARIANTS += [
+    ("dpmpp_2m", {"beta_schedule": "linear", "timestep_spacing": "leading"}, {"karras": True}),
+    ("ddim", {}, {"eta": 1.0}),
+    ("ddim", {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}, {"eta": 0.5}),
+    ("ddim", {"beta_schedule": "linear", "clip_sample": True, "set_alpha_to_one": True}, {}),
+    ("ddpm", {"beta_schedule": "linear", "clip_sample": True, "clip_sample_range": 0.5}, {}),
+    ("pndm", {"skip_prk_steps": False}, {}),
+    ("pndm", {"skip_prk_steps": False, "timestep_spacing": "linspace", "prediction_type": "v_prediction"}, {}),
+]
+VARIANT_IDS = [f"{name}-{'-'.join(map(str, overrides.values()))}-{'-'.join(f'{k}{v}' for k, v in kwargs.items())}"
+               for name, overrides, kwargs in VARIANTS]
+
+
+def reference_step(ref, name, model_output, t, sample, eta):
+    return ref.step(model_output, t, sample, **({"eta": eta} if name == "ddim" else {})).prev_sample
+
+
+@pytest.mark.parametrize("name,overrides,kwargs", VARIANTS, ids=VARIANT_IDS)
+def test_each_step_bit_identical(sd_config, noise_queue, name, overrides, kwargs):
+    """Fresh random float32 sample and model output at every step (numpy on our side), history included."""
+    ref, ours = build(name, sd_config, 10, overrides, **kwargs)
+    gen = torch.Generator().manual_seed(1)
+    for i, t in enumerate(ref.timesteps):
+        sample, model_output = torch.randn(SHAPE, generator=gen) * 3, torch.randn(SHAPE, generator=gen)
+        noise = torch.randn(SHAPE, generator=gen) if ours.needs_noise(i) else None
+        noise_queue.extend([] if noise is None else [noise])
+        ref.scale_model_input(sample, t)
+        expected = reference_step(ref, name, model_output, t, sample, getattr(ours, "eta", 0.0))
+        got = ours.step(model_output.numpy(), i, sample.numpy(), None if noise is None else noise.numpy())
+        assert got.dtype == np.float32
+        rel = np.linalg.norm(got - expected.numpy()) / np.linalg.norm(expected.numpy())
+        assert rel <= 1e-6 and max_abs(got, expected) == 0, f"step {i}: max|d|={max_abs(got, expected)}"
+    assert not noise_queue
+
+
+def free_run(ref, ours, name, backend, noise_queue, start=0, x=None):
+    """Both sides from the same x over steps start.., model output = 0.9 * UNet input + 0.1 * fixed."""
+    gen = torch.Generator().manual_seed(2)
+    fixed = torch.randn(SHAPE, generator=gen)
+    x_ref = torch.randn(SHAPE, generator=gen) * ref.init_noise_sigma if x is None else x
+    to_ours = (lambda v: v) if backend == "torch" else (lambda v: v.numpy())
+    x_ours = to_ours(x_ref.clone())
+    eta = getattr(ours, "eta", 0.0)
+    worst = 0.0
+    for i in range(start, len(ours.timesteps)):
+        t = ref.timesteps[i]
+        noise = torch.randn(SHAPE, generator=gen) if ours.needs_noise(i) else None
+        noise_queue.extend([] if noise is None else [noise])
+        x_ref = reference_step(ref, name, 0.9 * ref.scale_model_input(x_ref, t) + 0.1 * fixed, t, x_ref, eta)
+        model_output = 0.9 * ours.scale_model_input(x_ours, i) + 0.1 * to_ours(fixed)
+        x_ours = ours.step(model_output, i, x_ours, None if noise is None else to_ours(noise))
+        assert type(x_ours) is type(to_ours(fixed)) and x_ours.dtype == to_ours(fixed).dtype
+        worst = max(worst, max_abs(as_torch(x_ours), x_ref))
+    assert not noise_queue
+    rel = float((as_torch(x_ours) - x_ref).norm() / x_ref.norm())
+    return worst, rel
+
+
+@pytest.mark.parametrize("backend", ["torch", "numpy"])
+@pytest.mark.parametrize("name,overrides,kwargs", VARIANTS, ids=VARIANT_IDS)
+def test_free_running_20_steps_bit_identical(sd_config, noise_queue, name, overrides, kwargs, backend):
+    ref, ours = build(name, sd_config, 20, overrides, **kwargs)
+    worst, rel = free_run(ref, ours, name, backend, noise_queue)
+    assert rel <= 1e-4 and worst == 0
+
+
+@pytest.mark.parametrize("strength,steps", [(0.6, 20), (0.35, 10), (1.0, 8)])
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_img2img_matches_diffusers(sd_config, noise_queue, name, strength, steps):
+    ref, ours = build(name, sd_config, steps)
+    pipe = SimpleNamespace(scheduler=ref)
+    timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(pipe, steps, strength, "cpu")
+    start = ours.img2img_start(strength)
+    assert np.array_equal(ours.timesteps[start:], timesteps.numpy())
+    gen = torch.Generator().manual_seed(3)
+    latents, noise = torch.randn(SHAPE, generator=gen), torch.randn(SHAPE, generator=gen)
+    noised = ref.add_noise(latents, noise, timesteps[:1])
+    assert max_abs(ours.add_noise(latents.numpy(), noise.numpy(), start), noised) == 0
+    assert max_abs(ours.add_noise(latents, noise, start), noised) == 0
+    worst, _ = free_run(ref, ours, name, "torch", noise_queue, start=start, x=noised)
+    assert worst == 0
+
+
+# --- the quadrature LMS uses -----------------------------------------------------------------------------
+
+def test_gauss_kronrod21_exact_for_polynomials():
+    rng = np.random.default_rng(0)
+    for degree in range(32):
+        coefficients = rng.standard_normal(degree + 1)
+        poly = np.polynomial.Polynomial(coefficients)
+        a, b = rng.uniform(-3, 3, 2)
+        exact = poly.integ()(b) - poly.integ()(a)
+        assert abs(gauss_kronrod21(poly, a, b) - exact) <= 1e-12 * max(1.0, abs(exact))
+
+
+def test_gauss_kronrod21_is_scipy_quad():
+    integrate = pytest.importorskip("scipy.integrate")
+    sigmas = np.sort(np.random.default_rng(1).uniform(0.03, 15, 12).astype(np.float32))[::-1]
+    for i in range(3, 11):
+        for order in range(1, 5):
+            for j in range(order):
+                def f(tau):
+                    value = np.float32(1.0)
+                    for k in (k for k in range(order) if k != j):
+                        value = value * ((np.float32(tau) - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k]))
+                    return float(value)
+
+                expected = integrate.quad(f, float(sigmas[i]), float(sigmas[i + 1]), epsrel=1e-4)[0]
+                assert gauss_kronrod21(lambda x: [f(v) for v in x], float(sigmas[i]), float(sigmas[i + 1])) == expected
+
+
+# --- interface and bad input -----------------------------------------------------------------------------
+
+def test_noise_schedule_per_sampler(sd_config):
+    def noisy_steps(name, config=sd_config, **kwargs):
+        sampler = make_sampler(name, config, 10, **kwargs)
+        return [i for i in range(len(sampler.timesteps)) if sampler.needs_noise(i)]
+
+    assert noisy_steps("ddim") == [] and noisy_steps("ddim", eta=0.5) == list(range(10))
+    assert noisy_steps("ddpm") == list(range(10))  # leading + steps_offset=1: the last timestep is 1, not 0
+    assert noisy_steps("ddpm", {**sd_config, "timestep_spacing": "linspace"}) == list(range(9))
+    assert noisy_steps("euler_ancestral") == list(range(10))
+    for name in ("pndm", "euler", "lms", "dpmpp_2m"):
+        assert noisy_steps(name) == []
+
+
+def test_pndm_timesteps_repeat_the_second(sd_config):
+    sampler = make_sampler("pndm", sd_config, 4)
+    assert sampler.timesteps.tolist() == [751, 501, 501, 251, 1]
+    assert make_sampler("pndm", sd_config, 1).timesteps.tolist() == [1]
+
+
+def test_karras_from_config(sd_config):
+    config = {**sd_config, "use_karras_sigmas": True}
+    assert np.array_equal(make_sampler("euler", config, 10).sigmas,
+                          make_sampler("euler", sd_config, 10, karras=True).sigmas)
+    assert not np.array_equal(make_sampler("euler", config, 10, karras=False).sigmas,
+                              make_sampler("euler", config, 10).sigmas)
+    make_sampler("ddim", config, 10)  # samplers without Karras sigmas ignore the field, as diffusers does
+
+
+def test_reset_reruns_identically(sd_config):
+    sampler = make_sampler("dpmpp_2m", sd_config, 5)
+    x = np.ones(SHAPE, dtype=np.float32)
+
+    def run():
+        y = x
+        for i in range(len(sampler.timesteps)):
+            y = sampler.step(0.5 * y, i, y)
+        return y
+
+    first = run()
+    sampler.reset()
+    assert np.array_equal(run(), first)
+
+
+@pytest.mark.parametrize("call,field", [
+    (lambda c: make_sampler("heun", c, 10), "heun"),
+    (lambda c: make_sampler("euler", [c], 10), "scheduler config"),
+    (lambda c: make_sampler("euler", c, 10, karras="yes"), "karras"),
+    (lambda c: make_sampler("euler", {**c, "use_karras_sigmas": "yes"}, 10), "use_karras_sigmas"),
+    (lambda c: make_sampler("ddim", {**c, "beta_schedule": "sigmoid"}, 10), "beta_schedule"),
+    (lambda c: make_sampler("ddim", {**c, "timestep_spacing": "even"}, 10), "timestep_spacing"),
+    (lambda c: make_sampler("euler", {**c, "prediction_type": "sample"}, 10), "prediction_type"),
+    (lambda c: make_sampler("ddim", {**c, "rescale_betas_zero_snr": True}, 10), "rescale_betas_zero_snr"),
+    (lambda c: make_sampler("ddim", {**c, "trained_betas": [0.01] * 10}, 10), "trained_betas"),
+    (lambda c: make_sampler("ddim", {**c, "num_train_timesteps": "1000"}, 10), "num_train_timesteps"),
+    (lambda c: make_sampler("ddim", {**c, "clip_sample": "yes"}, 10), "clip_sample"),
+    (lambda c: make_sampler("ddim", c, 0), "num_inference_steps"),
+    (lambda c: make_sampler("ddim", c, 1001), "num_inference_steps"),
+    (lambda c: make_sampler("ddim", c, True), "num_inference_steps"),
+    (lambda c: make_sampler("ddim", c, 10, karras=True), "karras"),
+    (lambda c: make_sampler("euler", c, 10, eta=0.5), "eta"),
+    (lambda c: make_sampler("ddim", c, 10, eta=1.5), "eta"),
+    (lambda c: make_sampler("pndm", {**c, "skip_prk_steps": False}, 3), "num_inference_steps"),
+    (lambda c: make_sampler("ddim", c, 10).img2img_start(1.2), "strength"),
+    (lambda c: make_sampler("ddim", c, 10).img2img_start(0.05), "strength"),
+    (lambda c: make_sampler("ddim", c, 10).scale_model_input(np.zeros(SHAPE), 10), "step_index"),
+])
+def test_bad_input_raises_model_input_error(sd_config, call, field):
+    with pytest.raises(ModelInputError, match=field):
+        call(sd_config)
+
+
+def test_step_misuse_raises_model_input_error(sd_config):
+    x = np.zeros(SHAPE, dtype=np.float32)
+    with pytest.raises(ModelInputError, match="needs"):
+        make_sampler("euler_ancestral", sd_config, 10).step(x, 0, x)
+    with pytest.raises(ModelInputError, match="takes no"):
+        make_sampler("euler", sd_config, 10).step(x, 0, x, noise=x)
+    with pytest.raises(ModelInputError, match="shape"):
+        make_sampler("euler", sd_config, 10).step(x[:1], 0, x)
+    sampler = make_sampler("lms", sd_config, 10)
+    sampler.step(x, 0, x)
+    with pytest.raises(ModelInputError, match="out of order"):
+        sampler.step(x, 2, x)
