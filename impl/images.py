@@ -7,12 +7,16 @@ from impl.errors import ModelInputError
 
 
 def image_to_array(image, height: int, width: int) -> np.ndarray:
-    """An RGB PIL image as float32 (1, 3, H, W) in [-1, 1]: bytes / 255, then 2x - 1."""
+    """An RGB PIL image as float32 (1, 3, H, W) in [-1, 1]: bytes / 255, then 2x - 1.
+
+    The result is a channels-last view (pixels stay interleaved in memory), as the reference's image
+    processor hands it to the VAE: convolution kernels pick their algorithm by memory layout, so a
+    contiguous copy would change the encoder's rounding."""
     if image.mode != "RGB":
         raise ModelInputError(f"the init image is {image.mode}, not RGB; convert it to RGB first")
     _check_size(image, height, width, "init image")
     pixels = np.asarray(image).astype(np.float32) / 255.0
-    return (2.0 * pixels - 1.0).transpose(2, 0, 1)[None]
+    return (2.0 * pixels - 1.0)[None].transpose(0, 3, 1, 2)
 
 
 def mask_to_array(mask, height: int, width: int) -> np.ndarray:

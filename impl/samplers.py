@@ -14,20 +14,66 @@ img2img noises its init latents with `sampler.add_noise(latents, noise, start)` 
 draw random numbers: a stochastic step takes `noise` (standard normal, shaped like the sample) from
 the caller, exactly when the reference draws it, so recorded noise can be replayed one-to-one.
 
-`sample`/`model_output` may be numpy arrays or torch tensors. Per-step coefficients are computed as
-float32 scalars exactly as the reference computes them (impl.schedule.scalar) and applied with plain
-arithmetic in the reference's order of operations, so float32 steps are bit-identical on both backends.
+`sample`/`model_output` may be numpy arrays or torch tensors; this module needs NumPy alone and never
+imports torch. Per-step coefficients are float32 NumPy scalars computed with the reference's float32
+operations in its order (impl.schedule) and applied to the arrays as Python floats, which numpy (NEP 50)
+and torch both treat as weakly typed float32 scalars; the array expressions keep the reference's order
+of operations too, so float32 steps match the reference bit for bit, except where its arithmetic is not
+IEEE: the reference's float32 sqrt (`x ** 0.5`), log and exp are torch's CPU kernels, Intel MKL, which
+are not always correctly rounded. Square roots, logs and exps therefore come from a "math" chosen by the
+sample's type (`Sampler._math`):
+
+- numpy arrays: `impl.schedule.NUMPY_F32`, correctly rounded. Where MKL's result differs by an ulp
+  (~0.6% of sqrt, ~1% of exp, ~0.1% of log arguments) a coefficient, and so the step, differs from the
+  reference's by ~1e-7 relative; everywhere else the result is bit-identical.
+- torch tensors: `TorchF32`, torch's own kernels, through the torch module the caller has already
+  imported (looked up in sys.modules): bit-identical to the reference.
+
+The public constants (`timesteps`, `sigmas`, `init_noise_sigma`) are the NumPy ones; the torch path
+derives its own copy of the sigmas on first use (they differ only where a training sigma does).
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from numbers import Integral, Real
 
 import numpy as np
-import torch
 
 from impl.errors import ModelInputError
-from impl.schedule import Schedule, karras_sigmas, read_field, scalar, sigma_to_t
+from impl.schedule import F32, NUMPY_F32, Schedule, karras_sigmas, read_field, scalar, sigma_to_t
+
+
+def _torch_module(x):
+    """The torch module when `x` is a torch tensor, else None. Never imports torch: a torch tensor can
+    only exist once torch has been imported, so it is looked up in sys.modules."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and isinstance(x, torch.Tensor) else None
+
+
+class TorchF32:
+    """float32 sqrt, log and exp computed by torch's CPU kernels, as the reference computes them (on x86
+    builds, Intel MKL's vector math, elementwise and the same for 0-dim tensors as for vectors), for
+    scalars or arrays. Built only from a torch module the caller has imported: see _torch_module."""
+
+    name = "torch"
+
+    def __init__(self, torch):
+        self._torch = torch
+
+    def _apply(self, op, x):
+        a = np.asarray(x, dtype=F32)
+        out = op(self._torch.from_numpy(a.reshape(-1).copy())).numpy().reshape(a.shape)
+        return out if a.ndim else F32(out[()])
+
+    def sqrt(self, x):
+        return self._apply(self._torch.sqrt, x)
+
+    def log(self, x):
+        return self._apply(self._torch.log, x)
+
+    def exp(self, x):
+        return self._apply(self._torch.exp, x)
 
 
 class Sampler:
@@ -58,9 +104,25 @@ class Sampler:
         if not self.supports_eta and eta != 0:
             raise ModelInputError(f"eta={eta!r} is only supported by sampler 'ddim'; use eta=0.0 for {self.name!r}")
         self.num_inference_steps = int(num_inference_steps)
-        self.alphas_cumprod = self.schedule.alphas_cumprod.numpy()
+        self.alphas_cumprod = self.schedule.alphas_cumprod.copy()
         self.init_noise_sigma = 1.0
+        self._sigmas_by_math: dict[str, np.ndarray] = {}
         self.reset()
+
+    def _math(self, sample):
+        """The float32 sqrt/log/exp for steps on `sample`: torch's own on torch tensors, NumPy's otherwise."""
+        torch = _torch_module(sample)
+        return NUMPY_F32 if torch is None else TorchF32(torch)
+
+    def _derive(self, math) -> tuple[np.ndarray, np.ndarray]:
+        """(timesteps, float32 sigmas) computed with `math` (samplers with sigmas)."""
+        raise NotImplementedError
+
+    def _sigmas_for(self, math) -> np.ndarray:
+        """The sigmas as derived with `math`: the public `sigmas` for NumPy's, a cached copy for torch's."""
+        if math.name not in self._sigmas_by_math:
+            self._sigmas_by_math[math.name] = self._derive(math)[1]
+        return self._sigmas_by_math[math.name]
 
     def reset(self) -> None:
         """Forget multistep history so the sampler can run again (from any start index)."""
@@ -133,25 +195,25 @@ class _AlphaSampler(Sampler):
 
     def add_noise(self, original, noise, step_index):
         self._check_index(step_index)
-        a = self.schedule.alphas_cumprod[int(self.timesteps[step_index])]
-        return (a**0.5).item() * original + ((1 - a) ** 0.5).item() * noise
+        a, sqrt = self.schedule.alphas_cumprod[int(self.timesteps[step_index])], self._math(original).sqrt
+        return float(sqrt(a)) * original + float(sqrt(1 - a)) * noise
 
     def _read_clip(self, config: Mapping) -> None:
         """clip_sample (on unless the config says otherwise, as in DDIM and DDPM) bounds |x0|."""
         if read_field(config, "clip_sample", True, kind=bool):
             self.clip_range = read_field(config, "clip_sample_range", 1.0, kind=Real)
 
-    def _alpha_prev(self, t: int, final: torch.Tensor) -> torch.Tensor:
+    def _alpha_prev(self, t: int, final: np.float32) -> np.float32:
         # Past t = 0 there is no training timestep; `final` stands for alpha_cumprod there.
         return self.schedule.alphas_cumprod[t] if t >= 0 else final
 
-    def _x0_eps(self, model_output, sample, a_t: torch.Tensor):
+    def _x0_eps(self, model_output, sample, a_t: np.float32, sqrt):
         """Predicted clean sample (clipped if configured) and noise at alpha_cumprod `a_t` (DDPM eq. 15)."""
         b_t = 1 - a_t
         if self.schedule.prediction_type == "epsilon":
-            x0, eps = (sample - (b_t**0.5).item() * model_output) / (a_t**0.5).item(), model_output
+            x0, eps = (sample - float(sqrt(b_t)) * model_output) / float(sqrt(a_t)), model_output
         else:
-            sa, sb = (a_t**0.5).item(), (b_t**0.5).item()  # v = sqrt(a) eps - sqrt(1 - a) x0
+            sa, sb = float(sqrt(a_t)), float(sqrt(b_t))  # v = sqrt(a) eps - sqrt(1 - a) x0
             x0, eps = sa * sample - sb * model_output, sa * model_output + sb * sample
         return (x0 if self.clip_range is None else x0.clip(-self.clip_range, self.clip_range)), eps
 
@@ -176,15 +238,16 @@ class DDIM(_AlphaSampler):
         return self.eta > 0
 
     def _step(self, model_output, i, sample, noise):
+        sqrt = self._math(sample).sqrt
         t = int(self.timesteps[i])
         # The previous timestep is t - T // steps whatever the spacing: the reference's convention.
         a_t = self.schedule.alphas_cumprod[t]
         a_prev = self._alpha_prev(t - self.schedule.num_train_timesteps // self.num_inference_steps, self.final_alpha)
-        x0, eps = self._x0_eps(model_output, sample, a_t)
+        x0, eps = self._x0_eps(model_output, sample, a_t, sqrt)
         variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)  # sigma_t^2 / eta^2, eq. 16
-        std = self.eta * variance**0.5
-        prev = (a_prev**0.5).item() * x0 + ((1 - a_prev - std**2) ** 0.5).item() * eps
-        return prev + std.item() * noise if self.eta > 0 else prev
+        std = self.eta * sqrt(variance)
+        prev = float(sqrt(a_prev)) * x0 + float(sqrt(1 - a_prev - std * std)) * eps
+        return prev + float(std) * noise if self.eta > 0 else prev
 
 
 class DDPM(_AlphaSampler):
@@ -201,17 +264,18 @@ class DDPM(_AlphaSampler):
         return int(self.timesteps[step_index]) > 0  # the last step onto t = 0 is the mean alone
 
     def _step(self, model_output, i, sample, noise):
+        sqrt = self._math(sample).sqrt
         t = int(self.timesteps[i])
         a_t = self.schedule.alphas_cumprod[t]
         a_prev = self._alpha_prev(int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1, scalar(1.0))
         b_t, b_prev = 1 - a_t, 1 - a_prev
         alpha, beta = a_t / a_prev, 1 - a_t / a_prev  # of this (possibly strided) step
-        x0, _ = self._x0_eps(model_output, sample, a_t)
-        prev = ((a_prev**0.5 * beta) / b_t).item() * x0 + (alpha**0.5 * b_prev / b_t).item() * sample
+        x0, _ = self._x0_eps(model_output, sample, a_t, sqrt)
+        prev = float((sqrt(a_prev) * beta) / b_t) * x0 + float(sqrt(alpha) * b_prev / b_t) * sample
         if noise is None:
             return prev
-        variance = torch.clamp((1 - a_prev) / (1 - a_t) * beta, min=1e-20)
-        return prev + (variance**0.5).item() * noise
+        variance = np.maximum((1 - a_prev) / (1 - a_t) * beta, F32(1e-20))
+        return prev + float(sqrt(variance)) * noise
 
 
 class PNDM(_AlphaSampler):
@@ -247,12 +311,13 @@ class PNDM(_AlphaSampler):
 
     def _transfer(self, sample, t: int, t_prev: int, eps):
         """phi(x_t, eps, t -> t_prev), eq. 11."""
+        sqrt = self._math(sample).sqrt
         a_t, a_prev = self.schedule.alphas_cumprod[t], self._alpha_prev(t_prev, self.final_alpha)
         b_t, b_prev = 1 - a_t, 1 - a_prev
         if self.schedule.prediction_type == "v_prediction":
-            eps = (a_t**0.5).item() * eps + (b_t**0.5).item() * sample
-        denominator = a_t * b_prev**0.5 + (a_t * b_t * a_prev) ** 0.5
-        return ((a_prev / a_t) ** 0.5).item() * sample - (a_prev - a_t).item() * eps / denominator.item()
+            eps = float(sqrt(a_t)) * eps + float(sqrt(b_t)) * sample
+        denominator = a_t * sqrt(b_prev) + sqrt(a_t * b_t * a_prev)
+        return float(sqrt(a_prev / a_t)) * sample - float(a_prev - a_t) * eps / float(denominator)
 
     def _step(self, model_output, i, sample, noise):
         k, t = self._taken, int(self.timesteps[i])
@@ -298,35 +363,39 @@ class _SigmaSampler(Sampler):
 
     def __init__(self, config, num_inference_steps, *, eta=0.0, karras=None):
         super().__init__(config, num_inference_steps, eta=eta, karras=karras)
+        self.timesteps, self.sigmas = self._derive(NUMPY_F32)
+        self._sigmas_by_math[NUMPY_F32.name] = self.sigmas
+        top = self.sigmas.max()
+        # "leading" never reaches the last training timestep, so the reference starts from unit-variance x_VP.
+        self.init_noise_sigma = float(top if self.schedule.timestep_spacing != "leading"
+                                      else NUMPY_F32.sqrt(top * top + 1))
+
+    def _derive(self, math):
         timesteps = self.schedule.spaced(self.num_inference_steps).astype(np.float32)
-        train = self.schedule.train_sigmas()
+        train = self.schedule.train_sigmas(math)
         sigmas = np.interp(timesteps, np.arange(len(train)), train)
         if self.karras:
             sigmas = karras_sigmas(sigmas[-1], sigmas[0], self.num_inference_steps)
             timesteps = sigma_to_t(sigmas, np.log(train)).astype(np.float32)
-        self.timesteps = timesteps
-        self.sigmas = np.append(sigmas, 0.0).astype(np.float32)
-        self._sigma = torch.from_numpy(self.sigmas)
-        top = self._sigma.max()
-        # "leading" never reaches the last training timestep, so the reference starts from unit-variance x_VP.
-        self.init_noise_sigma = (top if self.schedule.timestep_spacing != "leading" else (top**2 + 1) ** 0.5).item()
+        return timesteps, np.append(sigmas, 0.0).astype(np.float32)
 
     def scale_model_input(self, sample, step_index):
         super().scale_model_input(sample, step_index)
-        return sample / ((self._sigma[step_index] ** 2 + 1) ** 0.5).item()
+        math = self._math(sample)
+        s = self._sigmas_for(math)[step_index]
+        return sample / float(math.sqrt(s * s + 1))
 
     def add_noise(self, original, noise, step_index):
         self._check_index(step_index)
-        return original + noise * self.sigmas[step_index].item()
+        return original + noise * float(self._sigmas_for(self._math(original))[step_index])
 
-    def _denoised(self, model_output, i, sample):
-        s = self._sigma[i]
+    def _denoised(self, model_output, s, sample, math):
         if self.schedule.prediction_type == "epsilon":
-            return sample - s.item() * model_output
-        return model_output * (-s / (s**2 + 1) ** 0.5).item() + sample / (s**2 + 1).item()
+            return sample - float(s) * model_output
+        return model_output * float(-s / math.sqrt(s * s + 1)) + sample / float(s * s + 1)
 
-    def _derivative(self, model_output, i, sample):
-        return (sample - self._denoised(model_output, i, sample)) / self.sigmas[i].item()
+    def _derivative(self, model_output, sigmas, i, sample, math):
+        return (sample - self._denoised(model_output, sigmas[i], sample, math)) / float(sigmas[i])
 
 
 class Euler(_SigmaSampler):
@@ -336,8 +405,10 @@ class Euler(_SigmaSampler):
     supports_karras = True
 
     def _step(self, model_output, i, sample, noise):
-        d = self._derivative(model_output, i, sample)
-        return sample + d * (self._sigma[i + 1] - self._sigma[i]).item()
+        math = self._math(sample)
+        sigmas = self._sigmas_for(math)
+        d = self._derivative(model_output, sigmas, i, sample, math)
+        return sample + d * float(sigmas[i + 1] - sigmas[i])
 
 
 class EulerAncestral(_SigmaSampler):
@@ -351,11 +422,13 @@ class EulerAncestral(_SigmaSampler):
         return True  # every step, the last included (where sigma_up = 0), as the reference draws it
 
     def _step(self, model_output, i, sample, noise):
-        s, s_next = self._sigma[i], self._sigma[i + 1]
-        s_up = (s_next**2 * (s**2 - s_next**2) / s**2) ** 0.5
-        s_down = (s_next**2 - s_up**2) ** 0.5
-        d = self._derivative(model_output, i, sample)
-        return sample + d * (s_down - s).item() + noise * s_up.item()
+        math = self._math(sample)
+        sigmas = self._sigmas_for(math)
+        s, s_next = sigmas[i], sigmas[i + 1]
+        s_up = math.sqrt(s_next * s_next * (s * s - s_next * s_next) / (s * s))
+        s_down = math.sqrt(s_next * s_next - s_up * s_up)
+        d = self._derivative(model_output, sigmas, i, sample, math)
+        return sample + d * float(s_down - s) + noise * float(s_up)
 
 
 # QUADPACK's 21-point Gauss-Kronrod rule (Piessens et al. 1983, qk21): the positive nodes, the Kronrod
@@ -403,9 +476,7 @@ class LMS(_SigmaSampler):
     supports_karras = True
     max_order = 4
 
-    def _coefficient(self, order: int, i: int, j: int) -> float:
-        s = self.sigmas
-
+    def _coefficient(self, s: np.ndarray, order: int, i: int, j: int) -> float:
         def basis(tau):
             tau = tau.astype(np.float32)
             value = np.ones_like(tau)
@@ -417,11 +488,13 @@ class LMS(_SigmaSampler):
         return gauss_kronrod21(basis, float(s[i]), float(s[i + 1]))
 
     def _step(self, model_output, i, sample, noise):
-        self._history = self._history[-(self.max_order - 1):] + [self._derivative(model_output, i, sample)]
+        math = self._math(sample)
+        sigmas = self._sigmas_for(math)
+        self._history = self._history[-(self.max_order - 1):] + [self._derivative(model_output, sigmas, i, sample, math)]
         # The order follows the absolute step index, not the history length, as the reference does: an
         # img2img run's first steps then use a higher-order weight on fewer derivatives.
         order = min(i + 1, self.max_order)
-        weights = [self._coefficient(order, i, j) for j in range(order)]
+        weights = [self._coefficient(sigmas, order, i, j) for j in range(order)]
         return sample + sum(w * d for w, d in zip(weights, reversed(self._history)))
 
 
@@ -435,11 +508,15 @@ class DPMSolverPP2M(Sampler):
 
     def __init__(self, config, num_inference_steps, *, eta=0.0, karras=None):
         super().__init__(config, num_inference_steps, eta=eta, karras=karras)
+        self.timesteps, self.sigmas = self._derive(NUMPY_F32)
+        self._sigmas_by_math[NUMPY_F32.name] = self.sigmas
+
+    def _derive(self, math):
         n = self.num_inference_steps
         # Spaced over steps + 1 points with the last (t ~ 0) dropped: the final step goes to sigma = 0.
         trailing = self.schedule.timestep_spacing == "trailing"
         timesteps = (self.schedule.spaced(n) if trailing else self.schedule.spaced(n + 1)[:-1]).round()
-        train = self.schedule.train_sigmas()
+        train = self.schedule.train_sigmas(math)
         if self.karras:
             sigmas = karras_sigmas(train[0], train[-1], n)
             timesteps = sigma_to_t(sigmas, np.log(train))
@@ -447,37 +524,40 @@ class DPMSolverPP2M(Sampler):
                 timesteps = timesteps.round()
         else:
             sigmas = np.interp(timesteps, np.arange(len(train)), train)
-        self.timesteps = timesteps.astype(np.int64)
-        self.sigmas = np.append(sigmas, 0.0).astype(np.float32)
-        self._sigma = torch.from_numpy(self.sigmas)
+        return timesteps.astype(np.int64), np.append(sigmas, 0.0).astype(np.float32)
 
-    def _alpha_sigma(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """VP alpha_t, sigma_t for the VE sigma of step i."""
-        alpha = 1 / (self._sigma[i] ** 2 + 1) ** 0.5
-        return alpha, self._sigma[i] * alpha
+    @staticmethod
+    def _alpha_sigma(s: np.float32, math) -> tuple[np.float32, np.float32]:
+        """VP alpha_t, sigma_t for the VE sigma `s`."""
+        alpha = 1 / math.sqrt(s * s + 1)
+        return alpha, s * alpha
 
-    def _lambda(self, i: int) -> torch.Tensor:
-        alpha, sigma = self._alpha_sigma(i)
-        return torch.log(alpha) - torch.log(sigma)  # +inf at the final sigma = 0, where exp(-h) = 0
+    def _lambda(self, s: np.float32, math) -> np.float32:
+        alpha, sigma = self._alpha_sigma(s, math)
+        return math.log(alpha) - math.log(sigma)  # +inf at the final sigma = 0, where exp(-h) = 0
 
     def add_noise(self, original, noise, step_index):
         self._check_index(step_index)
-        alpha, sigma = self._alpha_sigma(step_index)
-        return alpha.item() * original + sigma.item() * noise
+        math = self._math(original)
+        alpha, sigma = self._alpha_sigma(self._sigmas_for(math)[step_index], math)
+        return float(alpha) * original + float(sigma) * noise
 
     def _step(self, model_output, i, sample, noise):
-        alpha_s, sigma_s = self._alpha_sigma(i)
-        alpha_t, sigma_t = self._alpha_sigma(i + 1)
+        math = self._math(sample)
+        sigmas = self._sigmas_for(math)
+        alpha_s, sigma_s = self._alpha_sigma(sigmas[i], math)
+        alpha_t, sigma_t = self._alpha_sigma(sigmas[i + 1], math)
         if self.schedule.prediction_type == "epsilon":
-            x0 = (sample - sigma_s.item() * model_output) / alpha_s.item()
+            x0 = (sample - float(sigma_s) * model_output) / float(alpha_s)
         else:
-            x0 = alpha_s.item() * sample - sigma_s.item() * model_output
-        h = self._lambda(i + 1) - self._lambda(i)
-        c = alpha_t * (torch.exp(-h) - 1.0)
-        prev = (sigma_t / sigma_s).item() * sample - c.item() * x0
+            x0 = float(alpha_s) * sample - float(sigma_s) * model_output
+        lambda_s = self._lambda(sigmas[i], math)
+        h = self._lambda(sigmas[i + 1], math) - lambda_s
+        c = alpha_t * (math.exp(-h) - 1)
+        prev = float(sigma_t / sigma_s) * sample - float(c) * x0
         if self._history and i + 1 < len(self.timesteps):
-            r = (self._lambda(i) - self._lambda(i - 1)) / h
-            prev = prev - (0.5 * c).item() * ((1.0 / r).item() * (x0 - self._history[-1]))
+            r = (lambda_s - self._lambda(sigmas[i - 1], math)) / h
+            prev = prev - float(F32(0.5) * c) * (float(1 / r) * (x0 - self._history[-1]))
         self._history = [x0]
         return prev
 

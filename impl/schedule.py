@@ -1,11 +1,23 @@
-"""Noise-schedule math shared by the samplers in impl/samplers.py.
+"""Noise-schedule math shared by the samplers in impl/samplers.py. NumPy only: torch need not be installed.
 
 A schedule is read from the fields of a diffusers `scheduler_config.json` dict. Everything the
-samplers derive from it (betas, alphas_cumprod, sigmas) is computed in float32 with the same torch
-primitives and in the same order as the reference: torch.linspace's float32 algorithm is not
-numpy.linspace's, and torch's CPU cumprod accumulates float32 in double, so a numpy re-derivation
-would be off by an ulp here and there and float32 steps could no longer be bit-identical.
-Per-step scalar coefficients are computed the same way, as 0-dim float32 tensors (`scalar`).
+samplers derive from it (betas, alphas_cumprod, sigmas) is computed in float32 with the same float32
+operations, in the same order, as the reference computes it with torch, so float32 steps stay
+bit-identical. Two torch primitives compute something other than their NumPy namesakes and are
+re-implemented here:
+
+- `linspace32` is torch's CPU float32 `linspace`: step = (end - start) / (steps - 1) in float32, the
+  first steps // 2 elements start + step * i, the rest end - step * (steps - 1 - i), each a fused
+  multiply-add (one rounding), as torch's kernel is compiled for x86-64 CPUs with AVX2 or AVX-512.
+- `cumprod32` is torch's CPU float32 `cumprod`: the running product is kept in float64 and each
+  prefix product rounded to float32 (a float32 running product, numpy's cumprod, differs in ~90% of
+  the entries of SD's schedule).
+
+Per-step coefficients are float32 NumPy scalars (`scalar`) combined with IEEE float32 + - * /, which
+NumPy and torch round identically, and with square roots, logs and exps taken from a float32 "math"
+(`NUMPY_F32` here): NumPy's are correctly rounded, while the reference's float32 torch.sqrt (what
+`x ** 0.5` runs), torch.log and torch.exp on CPU are Intel MKL's and are not always (off by one ulp for
+~0.6% of sqrt, ~1% of exp and ~0.1% of log arguments). impl/samplers.py explains what that costs.
 """
 from __future__ import annotations
 
@@ -15,9 +27,10 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 
 import numpy as np
-import torch
 
 from impl.errors import ModelInputError
+
+F32 = np.float32
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
@@ -54,22 +67,109 @@ def read_field(config: Mapping, name: str, default, *, allowed=None, kind=None):
     return value
 
 
-def scalar(value) -> torch.Tensor:
-    """A float32 0-dim tensor: per-step coefficients are computed in float32, as the reference does."""
-    return torch.tensor(value, dtype=torch.float32)
+# --- float32 primitives, bit-identical to torch's CPU kernels -------------------------------------------
+
+def scalar(value) -> np.float32:
+    """A float32 scalar: per-step coefficients are computed in float32, as the reference does."""
+    return F32(value)
 
 
-def _cosine_betas(n: int) -> torch.Tensor:
+def fma32(a, b, c) -> np.ndarray:
+    """float32 a * b + c rounded once (IEEE fusedMultiplyAdd), elementwise, in NumPy.
+
+    The product of two float32 values is exact in float64 and TwoSum gives the float64 sum's exact
+    error, so the only way rounding the float64 sum to float32 can go wrong is a sum that lands exactly
+    halfway between two float32 values while the exact value does not: the error's sign decides it.
+    """
+    a, b, c = (np.asarray(v, dtype=F32) for v in (a, b, c))
+    p = a.astype(np.float64) * b.astype(np.float64)
+    c64 = c.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = p + c64
+        v = s - p
+        err = (p - (s - v)) + (c64 - v)
+        r = s.astype(F32)
+        r64 = r.astype(np.float64)
+        other = np.nextafter(r, np.where(s > r64, F32(np.inf), F32(-np.inf)))
+        halfway = (s != r64) & ((r64 + other.astype(np.float64)) * 0.5 == s)
+        return np.where(halfway & (err * (s - r64) > 0), other, r)
+
+
+def linspace32(start: float, end: float, steps: int) -> np.ndarray:
+    """torch.linspace(start, end, steps, dtype=torch.float32) on CPU, bit for bit (see the module doc).
+
+    torch's serial kernel computes start + step * i and end - step * (steps - 1 - i) in float32;
+    GCC contracts them to fused multiply-adds in the AVX2 and AVX-512 builds torch dispatches to on
+    x86-64 (its build for CPUs without AVX2, ATEN_CPU_CAPABILITY=default, rounds the product first).
+    """
+    if steps < 1:
+        return np.zeros(0, dtype=F32)
+    s, e = F32(start), F32(end)
+    if steps == 1:
+        return np.array([s], dtype=F32)
+    if steps >= 1 << 24:
+        raise ValueError("linspace32: steps must be < 2**24 (the step count must be exact in float32)")
+    step = (e - s) / F32(steps - 1)
+    index = np.arange(steps)
+    half = steps // 2
+    low = fma32(step, index[:half].astype(F32), s)
+    high = fma32(-step, (steps - 1 - index[half:]).astype(F32), e)
+    return np.concatenate([low, high])
+
+
+def cumprod32(values) -> np.ndarray:
+    """torch.cumprod of a float32 vector on CPU: a float64 running product, each prefix rounded to float32."""
+    return np.cumprod(np.asarray(values, dtype=F32).astype(np.float64)).astype(F32)
+
+
+class NumpyF32:
+    """float32 sqrt, log and exp, correctly rounded, in NumPy alone. `sqrt` takes scalars or arrays;
+    `log` and `exp` take scalars (all the samplers need)."""
+
+    name = "numpy"
+
+    @staticmethod
+    def sqrt(x):
+        return np.sqrt(np.asarray(x, dtype=F32))[()]
+
+    @staticmethod
+    def log(x) -> np.float32:
+        return log32(x)
+
+    @staticmethod
+    def exp(x) -> np.float32:
+        return exp32(x)
+
+
+def log32(x) -> np.float32:
+    """Correctly rounded float32 natural log of a float32 scalar (log(0) = -inf)."""
+    x = float(x)
+    if x > 0:
+        return F32(math.log(x))
+    return F32(-math.inf) if x == 0 else F32(math.nan)
+
+
+def exp32(x) -> np.float32:
+    """Correctly rounded float32 exp of a float32 scalar (exp(-inf) = 0)."""
+    x = float(x)
+    return F32(math.exp(x)) if x < 89.0 else F32(math.inf)
+
+
+NUMPY_F32 = NumpyF32()
+
+
+# --- the schedule -----------------------------------------------------------------------------------------
+
+def _cosine_betas(n: int) -> np.ndarray:
     # Improved DDPM's squared-cosine alpha_bar, discretised and capped at 0.999. math.cos, not np.cos:
     # numpy's SIMD cos may differ in the last bit, which float32 rounding occasionally keeps.
     def alpha_bar(t):
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    return torch.tensor([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
-                        dtype=torch.float32)
+    return np.array([min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)], dtype=F32)
 
 
-def _betas(config: Mapping, n: int) -> tuple[torch.Tensor, str]:
+def _betas(config: Mapping, n: int) -> tuple[np.ndarray, str]:
     trained = config.get("trained_betas")
     schedule = read_field(config, "beta_schedule", "linear", allowed=BETA_SCHEDULES)
     if trained is not None:
@@ -77,16 +177,17 @@ def _betas(config: Mapping, n: int) -> tuple[torch.Tensor, str]:
                 or not all(isinstance(b, Real) and not isinstance(b, bool) and 0 < b < 1 for b in trained)):
             raise ModelInputError(f"scheduler config field trained_betas must be null or a list of "
                                   f"num_train_timesteps={n} numbers in (0, 1)")
-        return torch.tensor(trained, dtype=torch.float32), schedule
+        return np.array([float(b) for b in trained], dtype=F32), schedule
     start = read_field(config, "beta_start", 0.0001, kind=Real)
     end = read_field(config, "beta_end", 0.02, kind=Real)
     if not 0 <= start <= end < 1:
         raise ModelInputError(f"scheduler config fields beta_start={start}, beta_end={end} must satisfy "
                               f"0 <= beta_start <= beta_end < 1")
     if schedule == "linear":
-        return torch.linspace(start, end, n, dtype=torch.float32), schedule
+        return linspace32(start, end, n), schedule
     if schedule == "scaled_linear":
-        return torch.linspace(start**0.5, end**0.5, n, dtype=torch.float32) ** 2, schedule
+        root = linspace32(start**0.5, end**0.5, n)
+        return root * root, schedule  # torch's x ** 2 is x * x
     return _cosine_betas(n), schedule
 
 
@@ -95,7 +196,7 @@ class Schedule:
     """The training noise schedule plus how inference timesteps are spaced over it."""
 
     num_train_timesteps: int
-    alphas_cumprod: torch.Tensor  # float32, index = training timestep
+    alphas_cumprod: np.ndarray  # float32, index = training timestep
     timestep_spacing: str
     steps_offset: int
     prediction_type: str
@@ -117,9 +218,11 @@ class Schedule:
         if not 0 <= offset < n:
             raise ModelInputError(f"scheduler config field steps_offset={offset} must be in [0, num_train_timesteps)")
         betas, beta_schedule = _betas(config, n)
+        alphas_cumprod = cumprod32(F32(1.0) - betas)
+        alphas_cumprod.flags.writeable = False
         return cls(
             num_train_timesteps=n,
-            alphas_cumprod=torch.cumprod(1.0 - betas, dim=0),
+            alphas_cumprod=alphas_cumprod,
             timestep_spacing=read_field(config, "timestep_spacing", default_spacing, allowed=SPACINGS),
             steps_offset=offset,
             prediction_type=read_field(config, "prediction_type", "epsilon", allowed=PREDICTION_TYPES),
@@ -137,10 +240,11 @@ class Schedule:
             return (np.arange(steps) * (n // steps))[::-1] + float(self.steps_offset)
         return np.round(np.arange(n, 0, -n / steps)) - 1
 
-    def train_sigmas(self) -> np.ndarray:
-        """float32 sigma(t) = sqrt((1 - alphas_cumprod) / alphas_cumprod) for every training timestep."""
+    def train_sigmas(self, math=NUMPY_F32) -> np.ndarray:
+        """float32 sigma(t) = sqrt((1 - alphas_cumprod) / alphas_cumprod) for every training timestep,
+        with the square root of `math`."""
         ac = self.alphas_cumprod
-        return (((1 - ac) / ac) ** 0.5).numpy()
+        return math.sqrt((F32(1.0) - ac) / ac)
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:

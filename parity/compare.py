@@ -173,6 +173,7 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
                         unmatched_names=list(mapped.unmatched), dropped_names=list(mapped.dropped))
     results: list[TensorResult] = []
     used: set[str] = set()
+    dropped = set(mapped.dropped)
     bytes_read = 0
     total = len(ref_entries)
     for position, entry in enumerate(ref_entries):
@@ -186,7 +187,7 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
         results.append(result)
 
     for entry in cand_entries:
-        if entry.key in used or entry.key in mapped.dropped:
+        if entry.key in used or entry.key in dropped:
             continue
         key = mapped.mapping.get(entry.key, entry.key)
         component, invocation, name = key.split("/", 2)

@@ -103,7 +103,7 @@ def load_impl(config: RunConfig, backend: str) -> StableDiffusion:
 
 def request_for(config: RunConfig, sd: StableDiffusion, x_t: np.ndarray, noise) -> Request:
     image, mask = config.load_images()
-    return Request(prompt=config.prompt, negative_prompt=config.negative_prompt, steps=config.steps,
+    return Request(prompt=config.prompts(), negative_prompt=config.negative_prompts(), steps=config.steps,
                    sampler=config.scheduler, guidance=config.guidance, eta=config.eta, karras=config.karras,
                    x_T=x_t, images_per_prompt=config.images_per_prompt, height=config.height, width=config.width,
                    init_image=image, mask=mask, strength=config.strength if image is not None else 1.0, noise=noise)
@@ -157,7 +157,7 @@ def _has(sd: StableDiffusion, component: str) -> bool:
 def _inputs_of(ref: RunReader, entries: list[Entry], block: str) -> dict[str, np.ndarray]:
     """The captured `block@argument` tensors among `entries`, keyed by `argument` (flattened names kept)."""
     prefix = f"{block}@"
-    return {e.name[len(prefix):]: ref.read(e) for e in entries
+    return {e.name[len(prefix):]: ref.read(e, restore_layout=True) for e in entries
             if e.name.startswith(prefix) and "#" not in e.name[len(prefix):]}
 
 

@@ -1,8 +1,10 @@
 """Error metrics for one pair of tensors (reference, candidate), computed in chunks.
 
-Pure numpy (+ ml_dtypes for bfloat16): no torch, no model code. `tensor_metrics` never makes a
-full-size temporary: both inputs are walked in chunks of `CHUNK` elements, with a fixed set of
-per-worker scratch buffers, so the extra memory is a few MiB whatever the tensor size.
+Pure numpy (+ ml_dtypes for bfloat16): no torch, no model code. `tensor_metrics` makes no full-size
+temporary: both inputs are walked in chunks of `CHUNK` elements with a fixed set of per-worker scratch
+buffers. Extra memory is a few MiB plus the ULP tail kept for the exact p99 (the ~1.5% largest ULP
+distances as uint64, i.e. about 3% of an fp32 tensor's bytes). One pass over the data computes
+everything; a second pass happens only if the sampled p99 guess was too high (see _Tail).
 
 Float tensors (`FloatMetrics`):
   max_abs, mean_abs        over elements finite on both sides
@@ -42,9 +44,10 @@ CHUNK = 1 << 15
 FP16_MAX = 65504.0
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
-# Parallel workers for large tensors (numpy and BLAS release the GIL inside each call). Half the cores,
-# at most 4: on a shared 2-core machine one worker was faster than two. PARITY_THREADS overrides.
-DEFAULT_THREADS = int(os.environ.get("PARITY_THREADS", 0)) or max(1, min(4, (os.cpu_count() or 1) // 2))
+# Workers per tensor (opt-in with PARITY_THREADS=N). One by default: the per-chunk numpy calls are a
+# few microseconds each, and on the 2-core development machine two workers were no faster than one
+# (1.00 vs 1.00 GB/s at 32K-element chunks; slower with larger chunks) because of GIL hand-offs.
+DEFAULT_THREADS = max(1, int(os.environ.get("PARITY_THREADS", 1) or 1))
 _PARALLEL_MIN_CHUNKS = 8
 _GUESS_MIN = 1 << 19  # below this many elements the exact top-K costs nothing worth a sample
 _GUESS_SAMPLE = 1 << 16
@@ -150,6 +153,16 @@ class OracleError:
 # exact p99 of a stream: keep the K largest values seen so far
 
 
+_INT_MAX: dict[np.dtype, int] = {}
+
+
+def _int_max(dtype: np.dtype) -> int:
+    top = _INT_MAX.get(dtype)
+    if top is None:
+        top = _INT_MAX[dtype] = int(np.iinfo(dtype).max)
+    return top
+
+
 class _TopK:
     """The K largest values of a stream (exactly), using a threshold so most chunks cost one compare."""
 
@@ -164,7 +177,7 @@ class _TopK:
         if self.k <= 0 or values.size == 0:
             return
         if self.threshold is not None:
-            if self.threshold >= np.iinfo(values.dtype).max:
+            if self.threshold >= _int_max(values.dtype):
                 return
             out = mask_buffer[: values.size] if mask_buffer is not None else None
             mask = np.greater(values, self.threshold, out=out)
@@ -218,7 +231,7 @@ class _Tail:
         if self.guess is None:
             self.top.add(values, mask_buffer)
             return
-        if values.size == 0 or self.guess > np.iinfo(values.dtype).max:
+        if values.size == 0 or self.guess > _int_max(values.dtype):
             return
         out = mask_buffer[: values.size] if mask_buffer is not None else None
         mask = np.greater_equal(values, self.guess, out=out)
@@ -349,7 +362,7 @@ def _fast_chunk(acc: _Acc, r: np.ndarray, c: np.ndarray, base: int, rtol: float,
     """
     n = r.size
     d = np.subtract(c, r, out=acc.b_d[:n])
-    dd = float(np.dot(d, d))
+    dd = float(np.dot(d, d))  # sdot stays single-threaded in OpenBLAS here (measured); see _dot for ddot
     dr = float(np.dot(d, r))
     rr = float(np.dot(r, r))
     if not (math.isfinite(dd) and math.isfinite(dr) and math.isfinite(rr)):
@@ -388,21 +401,25 @@ def _fast_chunk(acc: _Acc, r: np.ndarray, c: np.ndarray, base: int, rtol: float,
     elif qmax > acc.max_rel or acc.worst_index is None:
         i = int(np.argmax(np.equal(q, np.float32(qmax), out=m)))
         acc.note_rel(qmax, base + i, r[i], c[i])
+    # ULP distance from the integer bits. Same-sign pairs: |bits_r - bits_c| < 2^(w-1) for w-bit floats.
+    # qmax < 1 rules out opposite signs, except +-0 vs -+0, which shows up as exactly 2^(w-1); both
+    # cases go through the general formula.
     if ulp_source is None:
-        # Same-sign pairs: |bits_r - bits_c| < 2^31. qmax < 1 rules out opposite signs, except
-        # +-0 vs -+0, which shows up as 2^31 in the unsigned view; both cases go the general way.
-        u = np.subtract(r.view(np.int32), c.view(np.int32), out=acc.b_i[:n])
-        np.abs(u, out=u)
-        umax = int(u.view(np.uint32).max())
-        if qmax < 1.0 and umax < 2 ** 31:
-            acc.ulp_max = max(acc.ulp_max, umax)
-            acc.ulp_sum += int(u.sum(dtype=np.int32 if umax * n < 2 ** 31 else np.int64))
-            acc.topk.add(u, acc.b_m)
-            return True
-        dist = ulp_distance(r, c, "float32")
+        rb, cb, half = r.view(np.int32), c.view(np.int32), 2 ** 31
     else:
-        dist = ulp_distance(*ulp_source)
-    _add_ulps(acc, dist)
+        ref_chunk, cand_chunk, ulp_dtype = ulp_source
+        target = BFLOAT16 if ulp_dtype == "bfloat16" else np.dtype(ulp_dtype)
+        rounded = ref_chunk if ref_chunk.dtype == target else ref_chunk.astype(target)
+        rb, cb, half = rounded.view(np.int16), cand_chunk.view(np.int16), 2 ** 15
+    u = np.subtract(rb, cb, out=acc.b_i[:n], dtype=np.int32)  # int32 bits wrap; 16-bit ones cannot
+    np.abs(u, out=u)
+    umax = int(u.view(np.uint32).max())
+    if qmax < 1.0 and umax < half:
+        acc.ulp_max = max(acc.ulp_max, umax)
+        acc.ulp_sum += int(u.sum(dtype=np.int32 if umax * n < 2 ** 31 else np.int64))
+        acc.topk.add(u, acc.b_m)
+        return True
+    _add_ulps(acc, ulp_distance(r, c, "float32") if ulp_source is None else ulp_distance(*ulp_source))
     return True
 
 
@@ -443,9 +460,9 @@ def _general_chunk(acc: _Acc, r: np.ndarray, c: np.ndarray, base: int, rtol: flo
         return
     acc.finite += n
     d = c64 - r64
-    acc.dd += float(np.dot(d, d))
-    acc.dr += float(np.dot(d, r64))
-    acc.rr += float(np.dot(r64, r64))
+    acc.dd += _dot(d, d)
+    acc.dr += _dot(d, r64)
+    acc.rr += _dot(r64, r64)
     ad = np.abs(d)
     ar = np.abs(r64)
     acc.max_abs = max(acc.max_abs, float(ad.max()))
@@ -458,6 +475,19 @@ def _general_chunk(acc: _Acc, r: np.ndarray, c: np.ndarray, base: int, rtol: flo
     where = base + (int(index[i]) if index is not None else i)
     acc.note_rel(float(q[i]), where, r64[i], c64[i])
     _add_ulps(acc, ulp_distance(r, c, ulp_dtype))
+
+
+# OpenBLAS runs ddot on its thread pool above 10000 elements; waking those threads for every chunk cost
+# milliseconds per call on a busy machine (fp64 metrics ran 6x slower). sdot measured single-threaded.
+_DOT_PIECE = 8192
+
+
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """Dot product in pieces small enough for OpenBLAS to stay on the calling thread."""
+    if a.size <= _DOT_PIECE:
+        return float(np.dot(a, b))
+    return float(sum(np.dot(a[i:i + _DOT_PIECE], b[i:i + _DOT_PIECE]) for i in range(0, a.size, _DOT_PIECE)))
+
 
 
 def _widen(array: np.ndarray) -> np.ndarray:
@@ -673,14 +703,14 @@ def oracle_error(x: np.ndarray, oracle: np.ndarray, chunk: int = CHUNK * 4) -> O
             o = of[start:start + chunk].astype(np.float64)
             v = xf[start:start + chunk].astype(np.float64)
             d = v - o
-            sd, so = float(np.dot(d, d)), float(np.dot(o, o))
+            sd, so = _dot(d, d), _dot(o, o)
             if not (math.isfinite(sd) and math.isfinite(so)):
                 fo = np.isfinite(o)
                 bad = fo & ~np.isfinite(v)
                 nonfinite += int(bad.sum())
                 keep = fo & ~bad
                 d, o = d[keep], o[keep]
-                sd, so = float(np.dot(d, d)), float(np.dot(o, o))
+                sd, so = _dot(d, d), _dot(o, o)
             if d.size:
                 kept += d.size
                 dd += sd

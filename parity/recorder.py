@@ -22,6 +22,21 @@ def _is_tensor(value: Any) -> bool:
     return isinstance(value, np.ndarray) or type(value).__name__ == "Tensor"
 
 
+def layout_of(value: Any) -> str | None:
+    """channels_last for a 4-D array whose channels are innermost in memory but which is not contiguous."""
+    if getattr(value, "ndim", 0) != 4 or value.shape[1] == 1:
+        return None
+    if isinstance(value, np.ndarray):
+        strides = value.strides
+        dense_nhwc = strides[1] == value.itemsize and strides[3] == value.itemsize * value.shape[1]
+        return "channels_last" if dense_nhwc and not value.flags.c_contiguous else None
+    import torch
+
+    if value.is_contiguous() or not value.is_contiguous(memory_format=torch.channels_last):
+        return None
+    return "channels_last"
+
+
 def to_numpy(value: Any) -> np.ndarray:
     """A host NumPy array for a NumPy array or torch tensor (bfloat16 kept as ml_dtypes.bfloat16)."""
     if isinstance(value, np.ndarray):
@@ -100,4 +115,4 @@ class Recorder:
     def _write_nested(self, component: str, invocation: str, name: str, value: Any) -> None:
         for leaf, tensor in flatten(name, value, _is_tensor):
             if self.spec.wants(component, leaf):
-                self.writer.write(component, invocation, leaf, to_numpy(tensor))
+                self.writer.write(component, invocation, leaf, to_numpy(tensor), layout=layout_of(tensor))

@@ -23,8 +23,8 @@ MODEL_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "
 @dataclass
 class RunConfig:
     model: str
-    prompt: str = "a red cube"
-    negative_prompt: str | None = None
+    prompt: str | list[str] = "a red cube"
+    negative_prompt: str | list[str] | None = None
     steps: int = 4
     scheduler: str = "ddim"
     guidance: float = 7.5
@@ -57,6 +57,12 @@ class RunConfig:
                 raise BadInput(f"--{side} {value} is not a positive multiple of 8; SD's VAE downsamples by 8")
         if self.steps < 1:
             raise BadInput(f"--steps {self.steps} must be at least 1")
+        if self.images_per_prompt < 1:
+            raise BadInput(f"--images-per-prompt {self.images_per_prompt} must be at least 1")
+        negatives = self.negative_prompts()
+        if negatives is not None and len(negatives) != len(self.prompts()):
+            raise BadInput(f"{len(negatives)} negative prompts for {len(self.prompts())} prompts; "
+                           "give one --negative-prompt, or one per --prompt")
         if self.scheduler not in SCHEDULERS:
             raise BadInput(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
         if self.dtype not in DTYPES:
@@ -114,10 +120,15 @@ class RunConfig:
         return self.model if self.model in FIXTURES else Path(self.model).resolve().name
 
     def prompts(self) -> list[str]:
-        return [self.prompt]
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
     def negative_prompts(self) -> list[str] | None:
-        return None if self.negative_prompt is None else [self.negative_prompt]
+        """One negative prompt per prompt (a single one applies to all), or None for the empty prompt."""
+        if self.negative_prompt is None:
+            return None
+        if isinstance(self.negative_prompt, str):
+            return [self.negative_prompt] * len(self.prompts())
+        return list(self.negative_prompt)
 
     def initial_noise(self, latent_channels: int = 4, scale: int = 8) -> np.ndarray:
         return fixed_noise(self.model_label(), self.height, self.width, self.seed,

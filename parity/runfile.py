@@ -26,6 +26,8 @@ import ml_dtypes
 import numpy as np
 
 FORMAT = "sd-parity-run"
+INDEX = "index"  # optional root dataset: the tensor list as JSON, so readers need not visit every dataset
+CHUNK_BYTES = 16 << 20  # as fast to read as contiguous storage, and small enough to compress
 FORMAT_VERSION = 1
 COMPONENTS = ("pipeline", "text_encoder", "unet", "vae_encoder", "vae_decoder")
 INVOCATION_RE = re.compile(r"^(main|call_\d+|step_\d{3,})$")
@@ -77,6 +79,7 @@ class Entry:
     dtype: str
     shape: tuple[int, ...]
     kind: str
+    layout: str | None = None
 
     @property
     def key(self) -> str:
@@ -108,6 +111,7 @@ class RunWriter:
             raise RunFileError(f"output folder {parent} is not writable; choose another --output")
         self._tmp = parent / f".{self.path.name}.tmp-{os.getpid()}"
         self._compression = compression
+        self._index: list[list] = []
         self._order = 0
         self._bytes = 0
         try:
@@ -135,7 +139,10 @@ class RunWriter:
         merged.update(fields)
         self._file.attrs["metadata"] = json.dumps(merged, sort_keys=True, default=str)
 
-    def write(self, component: str, invocation: str, name: str, array: np.ndarray) -> None:
+    def write(self, component: str, invocation: str, name: str, array: np.ndarray, layout: str | None = None) -> None:
+        """Store one tensor. `layout="channels_last"` notes that the producer held a 4-D tensor with its
+        channels innermost in memory: values are stored NCHW all the same, but a re-run that wants the
+        producer's exact rounding must restore that layout (convolution kernels choose by it)."""
         if component not in COMPONENTS:
             raise RunFileError(f"unknown component {component!r}; expected one of {COMPONENTS}")
         if not INVOCATION_RE.match(invocation):
@@ -148,18 +155,21 @@ class RunWriter:
         order = self._order
         self._order += 1
         self._bytes += stored.nbytes
+        if layout not in (None, "channels_last"):
+            raise RunFileError(f"unknown layout {layout!r} for {name}; only channels_last is recorded")
         if self._worker is not None:
-            self._worker.put((component, invocation, name, stored.copy(), dtype, order))
+            self._worker.put((component, invocation, name, stored.copy(), dtype, order, layout))
         else:
-            self._store(component, invocation, name, stored, dtype, order)
+            self._store(component, invocation, name, stored, dtype, order, layout)
 
-    def _store(self, component: str, invocation: str, name: str, stored: np.ndarray, dtype: str, order: int) -> None:
+    def _store(self, component: str, invocation: str, name: str, stored: np.ndarray, dtype: str, order: int,
+               layout: str | None) -> None:
         group = self._file.require_group(f"{component}/{invocation}")
         if name in group:
             raise RunFileError(f"tensor {component}/{invocation}/{name} written twice")
         options: dict[str, Any] = {}
         if stored.ndim and stored.size:
-            options["chunks"] = True
+            options["chunks"] = chunk_shape(stored.shape, stored.itemsize)
             if self._compression:
                 options["compression"] = self._compression
         try:
@@ -167,9 +177,13 @@ class RunWriter:
             dataset.attrs["order"] = np.int64(order)
             dataset.attrs["dtype"] = dtype
             dataset.attrs["kind"] = kind_of(component, name)
+            if layout:
+                dataset.attrs["layout"] = layout
         except OSError as exc:
             raise RunFileError(f"writing {component}/{invocation}/{name} to {self._tmp} failed: {exc} "
                                "(is the disk full?)") from exc
+        self._index.append([component, invocation, name, order, dtype, list(stored.shape),
+                            kind_of(component, name), layout])
 
     def close(self) -> Path:
         """Mark the file complete and move it into place; only now does `path` exist."""
@@ -180,6 +194,7 @@ class RunWriter:
             self._discard()
             raise
         try:
+            self._file.create_dataset(INDEX, data=json.dumps(self._index))
             self._file.attrs["complete"] = np.int8(1)
             self._file.close()
             os.replace(self._tmp, self.path)
@@ -211,6 +226,20 @@ class RunWriter:
             self.close()
         else:
             self.abort()
+
+
+def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    """Chunks of at most CHUNK_BYTES, cut along the leading axes (h5py's automatic chunks are ~1 MB and
+    make reading large tensors several times slower)."""
+    chunk = list(shape)
+    for axis in range(len(chunk)):
+        inner = int(np.prod(chunk[axis + 1:], dtype=np.int64)) * itemsize
+        if inner * chunk[axis] <= CHUNK_BYTES:
+            break
+        chunk[axis] = max(1, CHUNK_BYTES // max(inner, 1))
+        if inner * chunk[axis] <= CHUNK_BYTES:
+            break
+    return tuple(max(1, c) for c in chunk)
 
 
 class _BackgroundWrites:
@@ -274,7 +303,7 @@ class RunReader:
             raise RunFileError(f"{self.path} is not a valid run file: " + "; ".join(problems[:5]))
         self._file = h5py.File(self.path, "r")
         self.metadata: dict[str, Any] = json.loads(self._file.attrs["metadata"])
-        self._entries = sorted(_scan(self._file), key=lambda e: e.order)
+        self._entries = sorted(_read_index(self._file) or _scan(self._file), key=lambda e: e.order)
         self._by_key = {e.key: e for e in self._entries}
 
     def entries(self) -> list[Entry]:
@@ -287,12 +316,15 @@ class RunReader:
     def __contains__(self, key: str) -> bool:
         return key in self._by_key
 
-    def read(self, key: str | Entry) -> np.ndarray:
+    def read(self, key: str | Entry, restore_layout: bool = False) -> np.ndarray:
+        """One tensor, NCHW; with `restore_layout`, a channels_last tensor comes back as a channels-last view."""
         entry = key if isinstance(key, Entry) else self._by_key[key]
-        data = self._file[entry.key][()]
+        data = np.asarray(self._file[entry.key][()])
         if entry.dtype == "bfloat16":
-            return np.asarray(data).view(ml_dtypes.bfloat16)
-        return np.asarray(data)
+            data = data.view(ml_dtypes.bfloat16)
+        if restore_layout and entry.layout == "channels_last":
+            data = np.ascontiguousarray(data.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+        return data
 
     def components(self) -> list[str]:
         return sorted({e.component for e in self._entries}, key=COMPONENTS.index)
@@ -310,16 +342,25 @@ class RunReader:
         self.close()
 
 
+def _read_index(file: h5py.File) -> list[Entry] | None:
+    dataset = file.get(INDEX)
+    if not isinstance(dataset, h5py.Dataset):
+        return None
+    return [Entry(c, i, n, int(o), d, tuple(shape), k, layout)
+            for c, i, n, o, d, shape, k, layout in json.loads(dataset[()])]
+
+
 def _scan(file: h5py.File) -> Iterator[Entry]:
     for component, comp_group in file.items():
-        if not isinstance(comp_group, h5py.Group):
+        if component == INDEX or not isinstance(comp_group, h5py.Group):
             continue
         for invocation, inv_group in comp_group.items():
             if not isinstance(inv_group, h5py.Group):
                 continue
             for name, dataset in inv_group.items():
-                yield Entry(component, invocation, name, int(dataset.attrs["order"]),
-                            str(dataset.attrs["dtype"]), tuple(dataset.shape), str(dataset.attrs["kind"]))
+                layout = dataset.attrs.get("layout")
+                yield Entry(component, invocation, name, int(dataset.attrs["order"]), str(dataset.attrs["dtype"]),
+                            tuple(dataset.shape), str(dataset.attrs["kind"]), None if layout is None else str(layout))
 
 
 def validate(path: str | os.PathLike, deep: bool = True) -> list[str]:
@@ -357,10 +398,26 @@ def validate(path: str | os.PathLike, deep: bool = True) -> list[str]:
     return problems
 
 
+def _validate_index(file: h5py.File) -> list[str]:
+    try:
+        indexed = {e.key: e for e in _read_index(file) or []}
+    except (ValueError, TypeError) as exc:
+        return [f"/{INDEX}: not a JSON list of [component, invocation, name, order, dtype, shape, kind, layout] ({exc})"]
+    stored = {e.key: e for e in _scan(file)}
+    problems = [f"/{INDEX} lists {key}, which is not stored" for key in indexed.keys() - stored.keys()]
+    problems += [f"/{INDEX} omits {key}" for key in stored.keys() - indexed.keys()]
+    problems += [f"/{INDEX} disagrees with the attributes of {key}" for key in indexed.keys() & stored.keys()
+                 if indexed[key] != stored[key]]
+    return problems[:20]
+
+
 def _validate_tensors(file: h5py.File) -> list[str]:
     problems: list[str] = []
     orders: dict[int, str] = {}
     for component, comp_group in file.items():
+        if component == INDEX:
+            problems.extend(_validate_index(file))
+            continue
         if component not in COMPONENTS or not isinstance(comp_group, h5py.Group):
             problems.append(f"/{component}: unknown component (expected one of {COMPONENTS})")
             continue
@@ -391,4 +448,6 @@ def _validate_tensors(file: h5py.File) -> list[str]:
                         problems.append(f"{key}: stored as {dataset.dtype}, expected {expected} for {dtype}")
                 if str(dataset.attrs.get("kind", "")) not in KINDS:
                     problems.append(f"{key}: kind must be one of {KINDS}")
+                if "layout" in dataset.attrs and (dataset.attrs["layout"] != "channels_last" or dataset.ndim != 4):
+                    problems.append(f"{key}: layout may only be channels_last, on a 4-D tensor")
     return problems

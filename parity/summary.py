@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .compare import DIVERGENT, Comparison, TensorResult
+from .compare import Comparison, TensorResult
 from .verdict import Culprit, Verdict, describe_location, verdict_dict
 
 SCHEMA_VERSION = 1
@@ -290,7 +290,7 @@ def metric_line(row: dict) -> str:
             + (f", nonfinite_mismatch {m['nonfinite_mismatch']}" if m["nonfinite_mismatch"] else ""))
 
 
-def threshold_line(row: dict) -> str:
+def threshold_line(row: dict, with_reason: bool = True) -> str:
     t = row["threshold"]
     if t is None:
         return "-"
@@ -302,10 +302,10 @@ def threshold_line(row: dict) -> str:
         text = (f"calibrated {s['statistic']} <= {_num(s['k'])} x ref {_num(s['ref_error'])} + floor "
                 f"{_num(s['floor'])} = {_num(s['limit'])} (candidate {_num(s['cand_error'])})")
     else:
-        text = "exact equality"
+        text = "exact equality" if not s.get("atol") else f"integers within {_num(s['atol'])}"
     if t.get("override"):
         text += f" [override {t['override']['pattern']!r}: {t['override']['reason']}]"
-    if not t["passed"]:
+    if with_reason and not t["passed"]:
         text += f"; failed: {t['reason']}"
     return text
 
@@ -382,7 +382,8 @@ def format_table(summary: dict[str, Any], top: int = 10, width: int | None = Non
                          f"{dtype:<17} {_num(m.get('max_abs')):>9} {_num(m.get('rel_l2')):>9} "
                          f"{_num(m.get('ulp_max')):>9}")
             if row["status"] == "fail" and row["threshold"]:
-                lines.append(f"  {'':<14} {'':>8}  {_clip(threshold_line(row), width - 30)}")
+                detail = f"failed {row['threshold']['reason']} | {threshold_line(row, with_reason=False)}"
+                lines.append(f"  {'':<14} {'':>8}  {_clip_right(detail, max(40, width - 28))}")
     for warning in summary["warnings"]:
         lines.append(f"warning: {warning}")
     return "\n".join(lines)
@@ -398,6 +399,10 @@ def _sortable(value) -> float:
 
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else "…" + text[-(width - 1):]
+
+
+def _clip_right(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _list(items: list[str], limit: int = 6) -> str:

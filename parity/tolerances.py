@@ -12,7 +12,7 @@ Calibrated mode ("calibrated"), with an fp64 oracle run of the reference:
   1. e(c) <= k * e(r) + floor, e(x) = ||x - o|| / ||o|| and floor = floor_ulps * eps(dtype);
   2. max |c - o| <= outlier_factor * max |r - o| + floor * max |o|;
   3. the candidate has no more non-finite values where the oracle is finite than the reference.
-Integer and bool tensors ("exact") must be equal.
+Integer and bool tensors ("exact") must be equal (or within an override's atol, e.g. 1 for the image).
 
 Each decision carries `ratio`: the largest criterion value / its limit, so pass <=> ratio <= 1.
 """
@@ -195,7 +195,7 @@ class Tolerances:
         if unknown:
             raise ToleranceConfigError(f"{where}: unknown keys in [tolerances]: {sorted(unknown)}; allowed: "
                                        f"{sorted(allowed)}")
-        changed = [key for key in settings if key != "reason"]
+        changed = [key for key in ("quantile", "outlier_factor", "floor_ulps") if key in settings]
         if changed:
             tol.reason = _require_reason(settings, f"{where}: [tolerances] sets {', '.join(sorted(changed))}")
         for key in ("quantile", "outlier_factor", "floor_ulps"):
@@ -260,9 +260,24 @@ def judge(metrics: FloatMetrics | ExactMetrics, rule: Rule, *, ref_vs_oracle: Or
     """Pass or fail for one compared tensor. Oracle errors given -> calibrated mode."""
     source = "override" if rule.override is not None else "default"
     override = rule.override.describe() if rule.override is not None else None
+    if isinstance(metrics, ExactMetrics) and rule.dtype == "uint8":
+        # An 8-bit image is round(pixel * 255) of a float image: float differences far below one level
+        # still flip the rounding of pixels that sit on a half-level boundary, so a pixel may be one
+        # level off, in at most the rule's quantile share of the image (the impl floor: >= 99.9% equal).
+        levels = max(rule.atol, 1.0)
+        allowed = metrics.numel * (1.0 - rule.quantile)
+        criteria = [_criterion("levels", metrics.max_abs, levels, "max |c-r| in 8-bit levels"),
+                    _criterion("quantile", metrics.mismatches, allowed,
+                               f"pixels that differ (at most {(1 - rule.quantile):.3g} of {metrics.numel})")]
+        settings = {"dtype": rule.dtype, "atol": levels, "quantile": rule.quantile, "mismatches": metrics.mismatches}
+        return _decide("image_levels", criteria, settings, source, override)
     if isinstance(metrics, ExactMetrics):
-        criteria = [_criterion("mismatches", metrics.mismatches, 0, "elements that differ (must be 0)")]
-        return _decide("exact", criteria, {}, source, override)
+        # Other integer/bool tensors (token ids, ...) must be equal; an override's atol allows that
+        # much |c - r| per element.
+        criteria = [_criterion("exact", metrics.max_abs, rule.atol,
+                               "max |c-r| (0 unless an override sets atol)")]
+        settings = {"dtype": rule.dtype, "atol": rule.atol, "mismatches": metrics.mismatches}
+        return _decide("exact", criteria, settings, source, override)
     if ref_vs_oracle is not None and cand_vs_oracle is not None:
         return _calibrated(metrics, rule, ref_vs_oracle, cand_vs_oracle, source, override)
     n = metrics.finite

@@ -27,3 +27,21 @@ def reference_run():
         return cached_run(config, "reference", lambda cfg, path: run_reference(cfg, path, progress=False))
 
     return get
+
+
+@pytest.fixture(scope="session")
+def impl_run():
+    """Factory: the cached impl run file for (backend, RunConfig fields), replaying the reference's noise."""
+    from parity.impl_runner import run_impl, run_impl_isolated
+    from reference.runner import run_reference
+
+    def get(backend, isolated=False, **fields):
+        config = RunConfig(**{"model": "tiny-sd1", **fields})
+        reference = cached_run(config, "reference", lambda cfg, path: run_reference(cfg, path, progress=False))
+        if isolated:
+            produce = lambda cfg, path: run_impl_isolated(cfg, reference, path, backend)  # noqa: E731
+        else:
+            produce = lambda cfg, path: run_impl(cfg, path, backend, reference=reference)  # noqa: E731
+        return reference, cached_run(config, backend, produce, mode="isolated" if isolated else "free")
+
+    return get

@@ -147,13 +147,14 @@ def _naive_ulps_positive_fp32(r, c):
     return np.abs(r.view(np.int32).astype(np.int64) - c.view(np.int32).astype(np.int64))
 
 
-@pytest.mark.parametrize("n", [1, 99, 100, 101, 5_000, 1 << 20])
-def test_p99_is_the_exact_inverted_cdf_percentile(n):
+@pytest.mark.parametrize("n, threads", [(1, 1), (99, 1), (100, 1), (101, 1), (5_000, 1), (1 << 20, 1),
+                                        (1 << 20, 2)])
+def test_p99_is_the_exact_inverted_cdf_percentile(n, threads):
     rng = np.random.default_rng(n)
     r = rng.uniform(1, 2, n).astype(np.float32)
     c = (r + rng.standard_exponential(n).astype(np.float32) * 1e-6).astype(np.float32)
     naive = _naive_ulps_positive_fp32(r, c)
-    m = float_metrics(r, c)
+    m = float_metrics(r, c, threads=threads)
     assert m.ulp_p99 == int(np.percentile(naive, 99, method="inverted_cdf"))
     assert m.ulp_max == naive.max()
     assert m.ulp_mean == pytest.approx(naive.mean(), rel=1e-12)

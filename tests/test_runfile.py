@@ -168,3 +168,39 @@ def test_metadata_is_json(tmp_path):
     _write_sample(path)
     with h5py.File(path) as file:
         assert json.loads(file.attrs["metadata"])["seed"] == 1
+
+
+def test_index_lists_every_tensor_and_the_validator_checks_it(tmp_path):
+    path = tmp_path / "run.h5"
+    _write_sample(path)
+    with h5py.File(path, "r") as file:
+        indexed = json.loads(file["index"][()])
+    assert [row[2] for row in indexed] == ["x_T", "conv_in", "down_blocks.0[1][0]", "mid_block@temb", "image_uint8"]
+    with h5py.File(path, "a") as file:
+        del file["index"]
+        file.create_dataset("index", data=json.dumps(indexed[:-1]))
+    assert any("omits pipeline/main/image_uint8" in p for p in validate(path))
+
+
+def test_files_without_an_index_are_read_by_scanning(tmp_path):
+    path = tmp_path / "run.h5"
+    tensors = _write_sample(path)
+    with h5py.File(path, "a") as file:
+        del file["index"]
+    assert validate(path) == []
+    with RunReader(path) as reader:
+        assert [(e.component, e.invocation, e.name) for e in reader.entries()] == list(tensors)
+
+
+@pytest.mark.parametrize("shape, itemsize, expected", [
+    ((2, 4, 8, 8), 4, (2, 4, 8, 8)),                 # small: one chunk
+    ((2, 4096, 2560), 4, (1, 1638, 2560)),           # 84 MB: rows of one sample
+    ((8, 64, 256, 256), 4, (1, 64, 256, 256)),       # exactly 16 MiB per sample
+    ((3, 3000, 3000), 2, (1, 2796, 3000)),
+])
+def test_chunks_stay_under_16_mib(shape, itemsize, expected):
+    from parity.runfile import CHUNK_BYTES, chunk_shape
+
+    chunk = chunk_shape(shape, itemsize)
+    assert chunk == expected
+    assert np.prod(chunk) * itemsize <= CHUNK_BYTES

@@ -1,44 +1,61 @@
 """impl.samplers against diffusers' own scheduler classes, built with from_config(tiny-sd1's scheduler config).
 
-Floors: constants equal to 1e-12 in float64; every step, fed identical float32 inputs, bit-identical
-(stricter than the 1e-6 relative-L2 floor); 20 free-running steps bit-identical on torch and on numpy
-(stricter than numpy's 1e-4 floor). Stochastic samplers get the same noise on both sides: diffusers'
-randn_tensor is patched to hand out the tensors our sampler is given, in order.
+impl.samplers and impl.schedule need NumPy alone (test_numpy_alone_suffices runs every sampler with torch,
+scipy and diffusers made unimportable). The reference's float32 sqrt (`x ** 0.5`), log and exp are torch's
+CPU kernels (Intel MKL), which are not always correctly rounded; impl uses NumPy's correctly rounded ones
+on numpy arrays and torch's own on torch tensors (impl.samplers.TorchF32). Floors:
 
-diffusers' LMSDiscreteScheduler integrates its weights with scipy.integrate.quad; where scipy is not
-installed (this venv) its module gets a stand-in quad that applies our qk21 rule to diffusers' own
-float32 integrand, and test_gauss_kronrod21_is_scipy_quad checks that rule against scipy where it exists.
+- torch tensors: every step and 20 free-running steps bit-identical (max |d| == 0); the constants the
+  torch path uses (timesteps, sigmas) equal, as do alphas_cumprod and the bit-exact linspace/cumprod.
+- numpy arrays: bit-identical (max |d| == 0) whenever none of the sqrt/log/exp the step (or, for
+  multistep samplers, any earlier step) used is rounded differently by MKL, which the test detects by
+  evaluating both (WatchedNumpyF32); otherwise within the project's floors (1e-6 relative L2 per step,
+  1e-4 after 20 free-running steps). The same numpy-array code with torch's sqrt/log/exp substituted is
+  bit-identical in every case, so nothing but those roundings differs.
+
+Stochastic samplers get the same noise on both sides: diffusers' randn_tensor is patched to hand out the
+tensors our sampler is given, in order. diffusers' LMSDiscreteScheduler integrates with the real
+scipy.integrate.quad.
 """
 from __future__ import annotations
 
-import importlib
 import json
+import math
+import os
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, PNDMScheduler)
+                       EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
+from scipy import integrate
 
 from impl.errors import ModelInputError
-from impl.samplers import SAMPLERS, gauss_kronrod21, make_sampler
+from impl.samplers import SAMPLERS, TorchF32, gauss_kronrod21, make_sampler
+from impl.schedule import NUMPY_F32, Schedule, cumprod32, exp32, fma32, linspace32, log32
 
-LMS_MODULE = importlib.import_module("diffusers.schedulers.scheduling_lms_discrete")
+REPO = Path(__file__).resolve().parents[1]
 REFERENCE = {
     "ddim": (DDIMScheduler, {}),
     "pndm": (PNDMScheduler, {}),
     "ddpm": (DDPMScheduler, {}),
     "euler": (EulerDiscreteScheduler, {}),
     "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
-    "lms": (LMS_MODULE.LMSDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
     "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
 }
 NOISE_MODULES = ("scheduling_ddim", "scheduling_ddpm", "scheduling_euler_ancestral_discrete")
 KARRAS = ("euler", "lms", "dpmpp_2m")
+MULTISTEP = ("pndm", "lms", "dpmpp_2m")
 SPACINGS = ("leading", "trailing", "linspace")
 SHAPE = (2, 4, 8, 8)
+TORCH_F32 = TorchF32(torch)
 
 
 @pytest.fixture(scope="module")
@@ -46,13 +63,49 @@ def sd_config(tiny_model):
     return json.loads((tiny_model / "scheduler" / "scheduler_config.json").read_text())
 
 
-@pytest.fixture(autouse=True)
-def lms_quad(monkeypatch):
-    if not hasattr(LMS_MODULE, "integrate"):
-        def quad(f, a, b, **_):
-            return gauss_kronrod21(lambda taus: [float(f(float(tau))) for tau in taus], float(a), float(b)), 0.0
+def same_bits(a, b) -> bool:
+    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+    return a.shape == b.shape and np.array_equal(a.view(np.int32), b.view(np.int32))
 
-        monkeypatch.setattr(LMS_MODULE, "integrate", SimpleNamespace(quad=quad), raising=False)
+
+class WatchedNumpyF32:
+    """NumPy's float32 math, exactly what impl uses on numpy arrays, noting whether torch's kernels (the
+    reference's) would have rounded any result differently."""
+
+    name = NUMPY_F32.name
+
+    def __init__(self):
+        self.disagreed = False
+
+    def _watch(self, op, x):
+        ours = getattr(NUMPY_F32, op)(x)
+        self.disagreed |= not same_bits(ours, getattr(TORCH_F32, op)(x))
+        return ours
+
+    def sqrt(self, x):
+        return self._watch("sqrt", x)
+
+    def log(self, x):
+        return self._watch("log", x)
+
+    def exp(self, x):
+        return self._watch("exp", x)
+
+
+def constants_disagree(sampler) -> bool:
+    """Whether NumPy's and torch's square roots give the sampler different sigmas."""
+    return hasattr(sampler, "sigmas") and not same_bits(sampler._sigmas_for(NUMPY_F32), sampler._sigmas_for(TORCH_F32))
+
+
+def watch_numpy_math(sampler) -> WatchedNumpyF32:
+    watched = WatchedNumpyF32()
+    sampler._math = lambda sample: TORCH_F32 if isinstance(sample, torch.Tensor) else watched
+    return watched
+
+
+def force_torch_math(sampler) -> None:
+    """Test-only: the reference's sqrt/log/exp on numpy arrays too (impl itself never does this)."""
+    sampler._math = lambda sample: TORCH_F32
 
 
 @pytest.fixture

@@ -6,13 +6,22 @@ Storage dtype (what arrays between ops hold) and compute dtype (what each op com
 Each op converts its operands to the compute dtype, computes, and rounds its result once to the
 storage dtype (round to nearest even). docs/precision.md has the details and measured errors.
 
-Convolutions are im2col + one GEMM per image, done in bands of output rows so the column buffer
-never exceeds `chunk_bytes`; attention is computed in blocks of query tokens under the same budget.
+Convolutions are im2col + GEMM in bands of output rows, so the column buffer never exceeds
+`chunk_bytes`; attention runs per (batch, head) in blocks of query rows whose scores fit in
+`attention_block_bytes`. Work is spread over `threads` worker threads (NumPy's kernels and BLAS
+release the GIL); during a model call (`inference()`) BLAS itself is held to one thread so the two
+levels of threading do not fight over the cores. Scratch buffers are reused between calls, so one
+NumpyOps serves one model call at a time.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import math
-from typing import Sequence
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -21,6 +30,7 @@ from . import Ops
 _STORAGE = {"fp32": np.dtype(np.float32), "fp64": np.dtype(np.float64), "fp16": np.dtype(np.float16)}
 _SQRT_HALF = math.sqrt(0.5)
 _TWO_OVER_SQRT_PI = 2.0 / math.sqrt(math.pi)
+_GRAIN = 1 << 15  # elements (or multiply-adds / 16) below which an op is not worth splitting
 
 # erf(x) ~ x * P(x^2) / Q(x^2) on [-4, 4] (clamped outside): a float32 rational approximation,
 # max abs error 4.2e-7 over [-6, 6] measured against math.erf (relative 2.7e-7 for |x| < 1.5).
@@ -28,6 +38,13 @@ _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5
           -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
 _ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
           -1.42647390514189e-02)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _bfloat16():
@@ -83,19 +100,78 @@ def _erf_f64(x: np.ndarray) -> np.ndarray:
     return np.copysign(out, x)
 
 
+class _BlasThreads:
+    """Get/set the thread count of the OpenBLAS NumPy is linked against (as threadpoolctl does:
+    the library found among the loaded shared objects). Absent or unknown BLAS: a no-op."""
+
+    _NAMES = (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+              ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+              ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
+              ("openblas_get_num_threads", "openblas_set_num_threads"))
+    _lock = threading.Lock()
+    _functions: tuple | None = None
+    _searched = False
+
+    @classmethod
+    def _find(cls):
+        if cls._searched:
+            return cls._functions
+        cls._searched = True
+        try:
+            with open("/proc/self/maps") as maps:
+                paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}
+        except OSError:
+            paths = set()
+        for path in sorted(paths):
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for get_name, set_name in cls._NAMES:
+                get_fn, set_fn = getattr(lib, get_name, None), getattr(lib, set_name, None)
+                if get_fn is not None and set_fn is not None:
+                    get_fn.restype = ctypes.c_int
+                    set_fn.argtypes = [ctypes.c_int]
+                    cls._functions = (get_fn, set_fn)
+                    return cls._functions
+        return None
+
+    @classmethod
+    @contextlib.contextmanager
+    def limit(cls, count: int):
+        functions = cls._find()
+        if functions is None:
+            yield
+            return
+        get_fn, set_fn = functions
+        with cls._lock:
+            previous = get_fn()
+            set_fn(count)
+        try:
+            yield
+        finally:
+            with cls._lock:
+                set_fn(previous)
+
+
 class NumpyOps(Ops):
     backend = "numpy"
 
-    def __init__(self, dtype: str = "fp32", chunk_bytes: int = 64 << 20):
+    def __init__(self, dtype: str = "fp32", chunk_bytes: int = 64 << 20, attention_block_bytes: int = 512 << 10,
+                 threads: int | None = None):
         self.dtype = dtype
         self.storage = storage_dtype(dtype)
         self.compute = np.dtype(np.float64) if dtype == "fp64" else np.dtype(np.float32)
         self.chunk_bytes = int(chunk_bytes)
+        self.attention_block_bytes = int(attention_block_bytes)
+        self.threads = max(1, int(threads if threads is not None else _usable_cpus()))
         self._exact = self.storage == self.compute
+        self._pool: ThreadPoolExecutor | None = None
         self._buffers: dict[str, np.ndarray] = {}
+        self._depth = 0
 
     def __repr__(self) -> str:
-        return f"NumpyOps({self.dtype!r})"
+        return f"NumpyOps({self.dtype!r}, threads={self.threads})"
 
     # --- helpers -------------------------------------------------------------------------------
     def _c(self, x: np.ndarray) -> np.ndarray:
@@ -105,6 +181,46 @@ class NumpyOps(Ops):
     def _s(self, y: np.ndarray) -> np.ndarray:
         """y rounded to the storage dtype (no copy when it already is)."""
         return y if y.dtype == self.storage else y.astype(self.storage)
+
+    def _parallel(self, fn: Callable[[int, int, int], None], count: int, work: int | None = None) -> None:
+        """fn(worker, first, last) over [0, count) in contiguous ranges, one per worker thread;
+        run inline when `work` (elements touched) is too small to be worth splitting."""
+        workers = min(self.threads, count)
+        if work is not None:
+            workers = min(workers, max(1, work // _GRAIN))
+        if workers <= 1:
+            fn(0, 0, count)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="impl-numpy")
+        bounds = [count * w // workers for w in range(workers + 1)]
+        futures = [self._pool.submit(fn, w, bounds[w], bounds[w + 1]) for w in range(1, workers)]
+        try:
+            fn(0, bounds[0], bounds[1])
+        finally:
+            for future in futures:
+                future.result()
+
+    def _workspace(self, name: str, size: int) -> np.ndarray:
+        """A reusable flat scratch buffer of `size` compute-dtype elements (grown when needed), so big
+        temporaries (im2col columns, attention scores) are not freshly page-faulted on every call."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = np.empty(size, self.compute)
+            self._buffers[name] = buf
+        return buf[:size]
+
+    def _rows(self, x2d: np.ndarray, fn: Callable[[np.ndarray, np.ndarray], None], out_cols: int | None = None):
+        """out[r0:r1] = fn(x2d[r0:r1]) over row ranges in the worker threads (fn writes into `out`)."""
+        rows, cols = x2d.shape
+        out = np.empty((rows, cols if out_cols is None else out_cols), self.compute)
+
+        def run(worker, first, last):
+            if first < last:
+                fn(x2d[first:last], out[first:last])
+
+        self._parallel(run, rows, rows * cols)
+        return out
 
     # --- conversion ----------------------------------------------------------------------------
     def asarray(self, value, dtype=None):
@@ -126,146 +242,224 @@ class NumpyOps(Ops):
     def is_array(self, value) -> bool:
         return isinstance(value, np.ndarray)
 
+    @contextlib.contextmanager
     def inference(self):
-        return np.errstate(over="ignore", under="ignore")
+        """Floating point warnings off (exp overflow in silu of large negatives is expected); BLAS
+        held to one thread while the worker threads split the work (outermost call only)."""
+        self._depth += 1
+        try:
+            with np.errstate(over="ignore", under="ignore"):
+                if self._depth == 1 and self.threads > 1:
+                    with _BlasThreads.limit(1):
+                        yield
+                else:
+                    yield
+        finally:
+            self._depth -= 1
 
     # --- layers ------------------------------------------------------------------------------
     def linear(self, x, w, b=None):
         xc = self._c(x)
-        lead = xc.shape[:-1]
-        y = np.matmul(xc.reshape(-1, xc.shape[-1]), self._c(w).T)
-        if b is not None:
-            y += self._c(b)
+        lead, k = xc.shape[:-1], xc.shape[-1]
+        x2d = xc.reshape(-1, k)
+        wt = self._c(w).T
+        bias = None if b is None else self._c(b)
+
+        def rows(xr, out):
+            np.matmul(xr, wt, out=out)
+            if bias is not None:
+                out += bias
+
+        y = self._rows(x2d, rows, out_cols=wt.shape[1]) if x2d.shape[0] * k * wt.shape[1] >= 16 * _GRAIN \
+            else self._linear_inline(x2d, wt, bias)
         return self._s(y.reshape(*lead, y.shape[-1]))
 
-    def _workspace(self, name: str, size: int) -> np.ndarray:
-        """A reusable flat scratch buffer of at least `size` compute-dtype elements. Reusing it keeps
-        the big temporaries (im2col columns, attention scores) from being freshly page-faulted on
-        every call; the buffers never exceed `chunk_bytes` each (plus the padded input)."""
-        buf = self._buffers.get(name)
-        if buf is None or buf.size < size:
-            buf = np.empty(size, self.compute)
-            self._buffers[name] = buf
-        return buf[:size]
+    @staticmethod
+    def _linear_inline(x2d, wt, bias):
+        y = np.matmul(x2d, wt)
+        if bias is not None:
+            y += bias
+        return y
 
     def conv2d(self, x, w, b=None, stride: int = 1, padding: int = 0):
         xc = self._c(x)
         wc = self._c(w)
         n, c, h, width = xc.shape
         out_c, in_c, kh, kw = wc.shape
-        if kh == kw == 1 and stride == 1 and padding == 0:
-            y = np.matmul(wc.reshape(out_c, in_c), xc.reshape(n, c, h * width)).reshape(n, out_c, h, width)
+        bias = None if b is None else self._c(b)[:, None]
+        if padding:
+            p = padding
+            xp = self._workspace("pad", n * c * (h + 2 * p) * (width + 2 * p)).reshape(n, c, h + 2 * p, width + 2 * p)
+            xp[:, :, :p, :] = 0
+            xp[:, :, h + p:, :] = 0
+            xp[:, :, p:h + p, :p] = 0
+            xp[:, :, p:h + p, width + p:] = 0
+            xp[:, :, p:h + p, p:width + p] = xc
         else:
-            if padding:
-                p = padding
-                xp = self._workspace("pad", n * c * (h + 2 * p) * (width + 2 * p)).reshape(n, c, h + 2 * p, width + 2 * p)
-                xp[:, :, :p, :] = 0
-                xp[:, :, h + p:, :] = 0
-                xp[:, :, p:h + p, :p] = 0
-                xp[:, :, p:h + p, width + p:] = 0
-                xp[:, :, p:h + p, p:width + p] = xc
-            else:
-                xp = np.ascontiguousarray(xc)
-            hp, wp = xp.shape[2:]
-            ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+            xp = np.ascontiguousarray(xc)
+        hp, wp = xp.shape[2:]
+        ho, wo = (hp - kh) // stride + 1, (wp - kw) // stride + 1
+        depth = in_c * kh * kw
+        w2 = wc.reshape(out_c, depth)
+        y = np.empty((n, out_c, ho, wo), self.compute)
+        pointwise = kh == kw == 1 and stride == 1
+        if not pointwise:
             sn, sc, sh, sw = xp.strides
             windows = np.lib.stride_tricks.as_strided(
                 xp, shape=(n, c, kh, kw, ho, wo), strides=(sn, sc, sh, sw, sh * stride, sw * stride), writeable=False)
-            depth = in_c * kh * kw
-            w2 = wc.reshape(out_c, depth)
-            y = np.empty((n, out_c, ho, wo), self.compute)
-            row_bytes = n * depth * wo * self.compute.itemsize
-            band = max(1, min(ho, self.chunk_bytes // max(row_bytes, 1)))
-            cols_buf = self._workspace("cols", n * depth * band * wo)
-            for r0 in range(0, ho, band):
+        # tasks: (image, band of output rows); a band's columns stay under chunk_bytes / threads
+        row_bytes = depth * wo * self.compute.itemsize
+        band = max(1, min(ho, self.chunk_bytes // max(self.threads * row_bytes, 1)))
+        if n * -(-ho // band) < self.threads and ho > 1:  # too few tasks to keep the workers busy
+            band = max(1, -(-ho // -(-self.threads // n)))
+        bands = -(-ho // band)
+
+        def run(worker, first, last):
+            for task in range(first, last):
+                image, r0 = divmod(task, bands)
+                r0 *= band
                 rows = min(ho, r0 + band) - r0
-                cols = cols_buf[:n * depth * rows * wo].reshape(n, c, kh, kw, rows, wo)
-                np.copyto(cols, windows[:, :, :, :, r0:r0 + rows, :])  # im2col
-                # output rows r0..r0+rows of each (image, channel) are contiguous: a flat view of them
+                if pointwise:
+                    cols = xp[image, :, r0:r0 + rows, :].reshape(depth, rows * wo)
+                else:
+                    buf = self._workspace(f"cols{worker}", depth * band * wo)
+                    cols = buf[:depth * rows * wo].reshape(c, kh, kw, rows, wo)
+                    np.copyto(cols, windows[image, :, :, :, r0:r0 + rows, :])  # im2col
+                    cols = cols.reshape(depth, rows * wo)
+                # output rows r0..r0+rows of each channel are contiguous: a flat (out_c, rows*wo) view
                 target = np.lib.stride_tricks.as_strided(
-                    y[:, :, r0:r0 + rows, :], shape=(n, out_c, rows * wo),
-                    strides=(y.strides[0], y.strides[1], y.strides[3]))
-                np.matmul(w2, cols.reshape(n, depth, rows * wo), out=target)
-        if b is not None:
-            y += self._c(b)[:, None, None]
+                    y[image, :, r0:r0 + rows, :], shape=(out_c, rows * wo), strides=(y.strides[1], y.strides[3]))
+                np.matmul(w2, cols, out=target)
+                if bias is not None:
+                    target += bias
+
+        self._parallel(run, n * bands, n * out_c * ho * wo * depth // 16)
         return self._s(y)
 
     def group_norm(self, x, groups, w, b, eps):
         xc = self._c(x)
         n, c = xc.shape[:2]
-        grouped = xc.reshape(n, groups, -1)
-        centered = grouped - grouped.mean(axis=-1, keepdims=True)
-        var = np.square(centered).mean(axis=-1)
-        rstd = 1.0 / np.sqrt(var + eps)  # (n, groups)
-        scale = np.repeat(rstd, c // groups, axis=1) * self._c(w)[None, :]  # (n, c)
-        out = centered.reshape(n, c, -1)
-        out *= scale[:, :, None].astype(self.compute, copy=False)
-        out += self._c(b)[None, :, None]
+        per = c // groups
+        grouped = xc.reshape(n * groups, -1)  # one row per (image, group)
+        wg = self._c(w).reshape(groups, per)
+        bg = self._c(b).reshape(groups, per)
+
+        out = np.empty_like(grouped, dtype=self.compute)
+
+        def run(worker, first, last):
+            if first >= last:
+                return
+            xr = grouped[first:last]
+            o = out[first:last]
+            np.subtract(xr, xr.mean(axis=-1, keepdims=True), out=o)
+            var = np.square(o).mean(axis=-1)
+            rstd = 1.0 / np.sqrt(var + eps)
+            g = np.arange(first, last) % groups
+            scale = (rstd[:, None] * wg[g]).astype(self.compute, copy=False)  # (rows, per)
+            o3 = o.reshape(last - first, per, -1)
+            o3 *= scale[:, :, None]
+            o3 += bg[g][:, :, None]
+
+        self._parallel(run, n * groups, grouped.size)
         return self._s(out.reshape(xc.shape))
 
     def layer_norm(self, x, w, b, eps):
         xc = self._c(x)
-        centered = xc - xc.mean(axis=-1, keepdims=True)
-        var = np.square(centered).mean(axis=-1, keepdims=True)
-        centered *= (1.0 / np.sqrt(var + eps)).astype(self.compute, copy=False)
-        centered *= self._c(w)
-        centered += self._c(b)
-        return self._s(centered)
+        wc, bc = self._c(w), self._c(b)
+
+        def rows(xr, out):
+            np.subtract(xr, xr.mean(axis=-1, keepdims=True), out=out)
+            var = np.square(out).mean(axis=-1, keepdims=True)
+            out *= (1.0 / np.sqrt(var + eps)).astype(self.compute, copy=False)
+            out *= wc
+            out += bc
+
+        return self._s(self._rows(xc.reshape(-1, xc.shape[-1]), rows).reshape(xc.shape))
 
     def embedding(self, ids, w):
         return self._s(np.asarray(w)[np.asarray(ids)])
 
     def attention(self, q, k, v, scale=None, causal=False):
+        """Per (batch, head), in blocks of query rows whose scores fit in `attention_block_bytes`
+        (the scores of a whole head are never materialised), heads spread over the worker threads.
+        The usual max subtraction is skipped when a Cauchy-Schwarz bound proves that no score can
+        overflow exp(); the softmax normalisation is applied to the (rows x dim) output."""
         batch, heads, nq, dim = q.shape
         nk = k.shape[2]
         scale = dim ** -0.5 if scale is None else scale
-        qs = np.multiply(self._c(q), self.compute.type(scale))  # contiguous (B, H, Nq, D)
-        kt = np.ascontiguousarray(self._c(k).swapaxes(-1, -2))  # (B, H, D, Nk): BLAS is far faster on it
-        vc = np.ascontiguousarray(self._c(v))
-        out = np.empty((batch, heads, nq, vc.shape[-1]), self.compute)
-        per_query = batch * heads * nk * self.compute.itemsize
-        block = max(1, min(nq, self.chunk_bytes // max(per_query, 1)))
-        scores_buf = self._workspace("scores", batch * heads * block * nk)
+        qs = np.multiply(self._c(q), self.compute.type(scale)).reshape(batch * heads, nq, dim)
+        kt = np.ascontiguousarray(self._c(k).swapaxes(-1, -2)).reshape(batch * heads, dim, nk)  # BLAS-friendly
+        vc = np.ascontiguousarray(self._c(v)).reshape(batch * heads, nk, -1)
+        out = np.empty((batch * heads, nq, vc.shape[-1]), self.compute)
+        # |q_i . k_j| <= |q_i| |k_j|: below the limit exp() cannot overflow (nor leave the normal range)
+        limit = 60.0 if self.compute == np.float32 else 600.0
+        bound = float(np.sqrt(np.square(qs).sum(-1).max(initial=0.0)) * np.sqrt(np.square(kt).sum(-2).max(initial=0.0)))
+        shift = not bound < limit
+        rows_per_block = max(1, min(nq, self.attention_block_bytes // max(nk * self.compute.itemsize, 1)))
         mask = np.triu(np.full((nq, nk), -np.inf, self.compute), 1) if causal else None
-        for q0 in range(0, nq, block):
-            rows = min(nq, q0 + block) - q0
-            scores = scores_buf[:batch * heads * rows * nk].reshape(batch, heads, rows, nk)
-            np.matmul(qs[:, :, q0:q0 + rows], kt, out=scores)
-            if mask is not None:
-                scores += mask[q0:q0 + rows]
-            scores -= scores.max(axis=-1, keepdims=True)
-            np.exp(scores, out=scores)
-            total = scores.sum(axis=-1, keepdims=True)
-            o = out[:, :, q0:q0 + rows]
-            np.matmul(scores, vc, out=o)
-            o /= total  # normalise the (rows x dim) output instead of the (rows x keys) weights
-        return self._s(out)
+        ones = np.ones(nk, self.compute)
+
+        def run(worker, first, last):
+            scores_buf = self._workspace(f"scores{worker}", rows_per_block * nk)
+            for i in range(first, last):
+                for q0 in range(0, nq, rows_per_block):
+                    rows = min(nq, q0 + rows_per_block) - q0
+                    scores = scores_buf[:rows * nk].reshape(rows, nk)
+                    np.matmul(qs[i, q0:q0 + rows], kt[i], out=scores)
+                    if mask is not None:
+                        scores += mask[q0:q0 + rows]
+                    if shift:
+                        scores -= scores.max(axis=-1, keepdims=True)
+                    np.exp(scores, out=scores)
+                    total = np.matmul(scores, ones)[:, None]  # row sums as a BLAS matvec
+                    o = out[i, q0:q0 + rows]
+                    np.matmul(scores, vc[i], out=o)
+                    o /= total
+
+        self._parallel(run, batch * heads, batch * heads * nq * nk)
+        return self._s(out.reshape(batch, heads, nq, -1))
 
     # --- activations ---------------------------------------------------------------------------
-    def _sigmoid_times(self, x, z):
-        """x * sigmoid(z) = x / (1 + exp(-z)), computed in place in one buffer."""
-        y = np.negative(z)
-        np.exp(y, out=y)
-        y += 1.0
-        np.divide(x, y, out=y)
-        return y
+    def _elementwise(self, x, fn: Callable[[np.ndarray, np.ndarray], None]):
+        xc = self._c(x)
+        flat = np.ascontiguousarray(xc).reshape(-1)
+        out = np.empty(flat.shape, self.compute)
+        step = max(_GRAIN, -(-flat.size // self.threads))
+
+        def run(worker, first, last):
+            for chunk in range(first, last):
+                lo, hi = chunk * step, min(flat.size, (chunk + 1) * step)
+                fn(flat[lo:hi], out[lo:hi])
+
+        self._parallel(run, -(-flat.size // step))
+        return self._s(out.reshape(xc.shape))
+
+    @staticmethod
+    def _sigmoid_times(x, z, out):
+        """out = x * sigmoid(z) = x / (1 + exp(-z)), in place in `out`."""
+        np.negative(z, out=out)
+        np.exp(out, out=out)
+        out += 1.0
+        np.divide(x, out, out=out)
 
     def silu(self, x):
-        xc = self._c(x)
-        return self._s(self._sigmoid_times(xc, xc))
+        return self._elementwise(x, lambda xs, out: self._sigmoid_times(xs, xs, out))
 
     def quick_gelu(self, x):
-        xc = self._c(x)
-        return self._s(self._sigmoid_times(xc, xc * self.compute.type(1.702)))
+        factor = self.compute.type(1.702)
+        return self._elementwise(x, lambda xs, out: self._sigmoid_times(xs, xs * factor, out))
 
     def gelu(self, x):
-        xc = self._c(x)
-        z = xc * self.compute.type(_SQRT_HALF)
-        e = _erf_f64(z) if self.compute == np.float64 else _erf_f32(z)
-        e += 1.0
-        e *= xc
-        e *= 0.5
-        return self._s(e)
+        erf = _erf_f64 if self.compute == np.float64 else _erf_f32
+        half = self.compute.type(_SQRT_HALF)
+
+        def fn(xs, out):
+            e = erf(xs * half)
+            e += 1.0
+            e *= xs
+            np.multiply(e, 0.5, out=out)
+
+        return self._elementwise(x, fn)
 
     # --- elementwise ---------------------------------------------------------------------------
     def add(self, a, b):

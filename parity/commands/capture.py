@@ -16,8 +16,11 @@ def add_run_arguments(parser, pipeline: str | None = None) -> None:
 
     Commands named after one pipeline (txt2img, ...) pass it; the others get a --pipeline option."""
     parser.add_argument("--model", required=True, help="fixture name (e.g. tiny-sd1) or diffusers model folder")
-    parser.add_argument("--prompt", default="a red cube")
-    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="prompt (repeat for several prompts in one batch; default 'a red cube')")
+    parser.add_argument("--negative-prompt", action="append", default=None,
+                        help="negative prompt (one for all, or one per --prompt)")
+    parser.add_argument("--images-per-prompt", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--scheduler", default="ddim", choices=SCHEDULERS,
                         help="sampler (default ddim; pndm is SD 1.5's own and calls the UNet steps+1 times)")
@@ -40,12 +43,18 @@ def add_run_arguments(parser, pipeline: str | None = None) -> None:
 
 def config_from_args(args) -> RunConfig:
     return RunConfig(
-        model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps,
+        model=args.model, prompt=_one_or_list(args.prompt or ["a red cube"]),
+        negative_prompt=_one_or_list(args.negative_prompt) if args.negative_prompt else None,
+        images_per_prompt=args.images_per_prompt, steps=args.steps,
         scheduler=args.scheduler, guidance=args.guidance, seed=args.seed, height=args.height,
         width=args.width, dtype=args.dtype, capture=getattr(args, "capture", None), eta=args.eta,
         karras=args.karras, compression=getattr(args, "compress", None), device=args.device,
         pipeline=args.pipeline, init_image=getattr(args, "init_image", None), mask_image=getattr(args, "mask", None),
         strength=getattr(args, "strength", 0.75))
+
+
+def _one_or_list(values: list[str]) -> str | list[str]:
+    return values[0] if len(values) == 1 else values
 
 
 def register(subparsers) -> None:

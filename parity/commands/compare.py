@@ -13,6 +13,7 @@ from pathlib import Path
 from ..bad_input import BadInput
 from ..compare import compare_runs
 from ..namemap import NameMap, NameMapError
+from ..runfile import RunReader
 from ..summary import build_summary, format_table, render_outputs
 from ..tolerances import ToleranceConfigError, Tolerances
 from ..verdict import make_verdict
@@ -47,6 +48,13 @@ def run(args) -> int:
         if path is not None and not path.is_file():
             raise BadInput(f"{label} {path} does not exist or is not a file")
     _check_output_dir(args.output_dir)
+    isolated_mode = None
+    if args.isolated is not None:
+        with RunReader(args.isolated) as reader:  # a bad file is bad input before any work is done
+            isolated_mode = reader.metadata.get("mode")
+        if isolated_mode == "free":
+            raise BadInput(f"--isolated {args.isolated} is a free-mode run (metadata mode=free); pass the "
+                           "candidate run made in isolated mode")
     try:
         tolerances = Tolerances.load(args.config) if args.config is not None else Tolerances.discover(Path.cwd())
         name_map = NameMap.load(args.map) if args.map is not None else None
@@ -61,11 +69,7 @@ def run(args) -> int:
         if args.isolated is not None:
             isolated = compare_runs(args.reference, args.isolated, oracle_path=args.oracle, name_map=name_map,
                                     tolerances=tolerances, progress=progress)
-            mode = isolated.cand_metadata.get("mode")
-            if mode == "free":
-                raise BadInput(f"--isolated {args.isolated} is a free-mode run (metadata mode=free); pass the "
-                               "candidate run made in isolated mode")
-            if mode is None:
+            if isolated_mode is None:
                 isolated.warnings.append(f"{args.isolated} does not record mode=isolated; treated as isolated")
     except (ToleranceConfigError, NameMapError) as exc:
         raise BadInput(str(exc)) from exc
