@@ -118,7 +118,7 @@ class ClipTextModel(Component):
 
     # --- forward -------------------------------------------------------------------------------
     def __call__(self, input_ids, taps=None, output_hidden_states: bool = False) -> dict:
-        ids = input_ids if self.ops.is_array(input_ids) else self.ops.asarray(np.asarray(input_ids, dtype=np.int64))
+        ids = self.ops.asarray(input_ids if self.ops.is_array(input_ids) else np.asarray(input_ids, dtype=np.int64))
         with self.scope.bind(taps), self.ops.inference():
             return self._root_block(ids, output_hidden_states=output_hidden_states)
 

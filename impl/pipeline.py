@@ -103,6 +103,15 @@ class StableDiffusion:
         models = load_models(folder, get_ops(backend, dtype, **ops_options))
         return cls(models, Tokenizer.from_folder(folder / "tokenizer"), json.loads(config_path.read_text()))
 
+    def sampler(self, name: str, steps: int, eta: float = 0.0, karras: bool = False):
+        """The sampler for a run, configured from the model's scheduler config."""
+        return make_sampler(name, self.scheduler_config, steps, eta=eta, karras=karras)
+
+    @staticmethod
+    def guide(uncond, text, scale: float):
+        """Classifier-free guidance, in the reference's order of operations."""
+        return uncond + scale * (text - uncond)
+
     @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.models.vae.config.block_out_channels) - 1)
@@ -129,8 +138,7 @@ class _Run:
             raise ModelInputError(f"this UNet takes {self.in_channels} input channels (an inpainting model); "
                                   "run it with an init image and a mask")
         self.posterior_draws = 0
-        self.sampler = make_sampler(request.sampler, sd.scheduler_config, request.steps,
-                                    eta=request.eta, karras=request.karras)
+        self.sampler = sd.sampler(request.sampler, request.steps, eta=request.eta, karras=request.karras)
 
     # --- stages ----------------------------------------------------------------------------------
     def execute(self) -> np.ndarray:
@@ -252,7 +260,7 @@ class _Run:
             uncond, text = ops.chunk(prediction, 2, 0)
             observe("noise_pred_uncond", uncond, step=loop)
             observe("noise_pred_text", text, step=loop)
-            prediction = uncond + self.request.guidance * (text - uncond)
+            prediction = self.sd.guide(uncond, text, self.request.guidance)
         observe("noise_pred", prediction, step=loop)
         noise = None
         if sampler.needs_noise(index):

@@ -490,7 +490,8 @@ class LMS(_SigmaSampler):
     def _step(self, model_output, i, sample, noise):
         math = self._math(sample)
         sigmas = self._sigmas_for(math)
-        self._history = self._history[-(self.max_order - 1):] + [self._derivative(model_output, sigmas, i, sample, math)]
+        derivative = self._derivative(model_output, sigmas, i, sample, math)
+        self._history = self._history[-(self.max_order - 1):] + [derivative]
         # The order follows the absolute step index, not the history length, as the reference does: an
         # img2img run's first steps then use a higher-order weight on fewer derivatives.
         order = min(i + 1, self.max_order)

@@ -67,7 +67,7 @@ def read_field(config: Mapping, name: str, default, *, allowed=None, kind=None):
     return value
 
 
-# --- float32 primitives, bit-identical to torch's CPU kernels -------------------------------------------
+# --- float32 primitives ------------------------------------------------------------------------------
 
 def scalar(value) -> np.float32:
     """A float32 scalar: per-step coefficients are computed in float32, as the reference does."""
@@ -119,7 +119,8 @@ def linspace32(start: float, end: float, steps: int) -> np.ndarray:
 
 def cumprod32(values) -> np.ndarray:
     """torch.cumprod of a float32 vector on CPU: a float64 running product, each prefix rounded to float32."""
-    return np.cumprod(np.asarray(values, dtype=F32).astype(np.float64)).astype(F32)
+    with np.errstate(over="ignore"):  # overflows to inf, as torch's does
+        return np.cumprod(np.asarray(values, dtype=F32).astype(np.float64)).astype(F32)
 
 
 class NumpyF32:
@@ -142,7 +143,8 @@ class NumpyF32:
 
 
 def log32(x) -> np.float32:
-    """Correctly rounded float32 natural log of a float32 scalar (log(0) = -inf)."""
+    """float32 natural log of a float32 scalar, log(0) = -inf: the float64 log rounded to float32, which
+    is the correctly rounded result unless the float64 one lies within an ulp of a float32 halfway point."""
     x = float(x)
     if x > 0:
         return F32(math.log(x))
@@ -150,9 +152,12 @@ def log32(x) -> np.float32:
 
 
 def exp32(x) -> np.float32:
-    """Correctly rounded float32 exp of a float32 scalar (exp(-inf) = 0)."""
+    """float32 exp of a float32 scalar, exp(-inf) = 0, rounded from float64 as log32 is."""
     x = float(x)
-    return F32(math.exp(x)) if x < 89.0 else F32(math.inf)
+    if x != x or x >= 89.0:
+        return F32(x if x != x else math.inf)
+    with np.errstate(over="ignore"):
+        return F32(math.exp(x))
 
 
 NUMPY_F32 = NumpyF32()

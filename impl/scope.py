@@ -70,6 +70,11 @@ class Scope:
     def ops(self):
         return self._root.ops
 
+    @property
+    def store(self):
+        """The component's WeightStore (the file's tensors by name)."""
+        return self._root.store
+
     def key(self, name: str) -> str:
         return f"{self._root.weight_prefix}{self.path}.{name}" if self.path else f"{self._root.weight_prefix}{name}"
 
@@ -236,11 +241,21 @@ def unflatten_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 class Component:
-    """A network whose blocks can run alone: `block_names()`, `block(path)`, `run_block(path, inputs)`.
+    """A network whose blocks can run alone.
+
+    `block_names()`                 the block paths, in execution order
+    `block(path)(**inputs, taps=None)`
+    `run_block(path, inputs, taps=None)`
+                                    run block `path` ("" = the whole component) on inputs named like
+                                    the reference's captured `path@argument` tensors (flattened
+                                    `res_hidden_states_tuple[0]`... or nested tuples; NumPy arrays or
+                                    tensors, converted to the backend and storage dtype) and return
+                                    its output in the reference's structure
+    `module(path)`                  the block object itself (backend arrays in and out, no conversion)
 
     Subclasses set `self.scope` (the root scope), `self.ops`, and `self._blocks` (path -> callable
-    taking the reference's argument names as keywords and returning the reference's output structure;
-    the path "" is the component itself)."""
+    taking the reference's argument names as keywords and returning the reference's output
+    structure; the path "" is the component itself)."""
 
     name = "component"
     _float32_inputs: tuple[str, ...] = ()  # float inputs kept at float32 whatever the storage dtype
@@ -253,12 +268,22 @@ class Component:
         """Paths of the blocks that run in isolation, in execution order ("" is not included)."""
         return [path for path in self._blocks if path]
 
-    def block(self, path: str) -> Callable:
+    def module(self, path: str) -> Callable:
         try:
             return self._blocks[path]
         except KeyError:
             raise ModelInputError(f"{self.name} has no block {path!r}; blocks: "
                                   f"{', '.join(repr(p) for p in self._blocks)}") from None
+
+    def block(self, path: str) -> Callable:
+        """Block `path` as a function of its captured inputs: `block(path)(**inputs, taps=None)`."""
+        self.module(path)
+
+        def call(taps: Taps | None = None, **inputs):
+            return self.run_block(path, inputs, taps)
+
+        call.__name__ = call.__qualname__ = f"{self.name}:{path or '<root>'}"
+        return call
 
     def convert_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Captured inputs (NumPy arrays, tensors, tuples of them) as backend arrays."""
@@ -276,7 +301,7 @@ class Component:
     def run_block(self, path: str, inputs: dict[str, Any], taps: Taps | None = None):
         """Run block `path` ("" = the whole component) on `inputs` named like the reference's captured
         `path@argument` tensors; returns the output in the reference's structure."""
-        fn = self.block(path)
+        fn = self.module(path)
         args = self.convert_inputs(inputs)
         try:
             inspect.signature(fn).bind(**args)

@@ -530,12 +530,8 @@ class UNet(Component):
         """The predicted noise for `sample` (B, in_channels, h, w) at `timestep` (scalar, (1,) or (B,);
         integer or float), conditioned on `encoder_hidden_states` (B, 77, cross_attention_dim)."""
         ops = self.ops
-        if not ops.is_array(sample):
-            sample = ops.asarray(sample)
-        if not ops.is_array(encoder_hidden_states):
-            encoder_hidden_states = ops.asarray(encoder_hidden_states)
-        if not ops.is_array(timestep):
-            timestep = ops.asarray(timestep, "fp32")
+        sample, encoder_hidden_states = ops.asarray(sample), ops.asarray(encoder_hidden_states)
+        timestep = ops.asarray(timestep, "fp32")  # integers stay int64; floats go through float32 anyway
         with self.scope.bind(taps), ops.inference():
             return self._root_block(sample, timestep, encoder_hidden_states)[0]
 

@@ -88,7 +88,7 @@ class VaeDecoder(Component):
                         **{b.s.path: b for b in self.up_blocks}}
 
     def __call__(self, z, taps=None):
-        z = z if self.ops.is_array(z) else self.ops.asarray(z)
+        z = self.ops.asarray(z)
         with self.scope.bind(taps), self.ops.inference():
             return self._root_block(z)[0]
 
@@ -136,7 +136,7 @@ class VaeEncoder(Component):
                         self.mid_block.s.path: self.mid_block}
 
     def __call__(self, x, taps=None):
-        x = x if self.ops.is_array(x) else self.ops.asarray(x)
+        x = self.ops.asarray(x)
         with self.scope.bind(taps), self.ops.inference():
             out = self._root_block(x)
         return out["mean"], out["logvar"]
@@ -160,7 +160,7 @@ class VaeEncoder(Component):
     def sample(self, mean, logvar, noise):
         """A posterior sample with caller-provided standard normal `noise` (the shape of `mean`)."""
         ops = self.ops
-        noise = noise if ops.is_array(noise) else ops.asarray(noise)
+        noise = ops.asarray(noise)
         if tuple(noise.shape) != tuple(mean.shape):
             raise ModelInputError(f"vae: noise has shape {tuple(noise.shape)}; the latent is {tuple(mean.shape)}")
         with ops.inference():

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .metrics import ExactMetrics, FloatMetrics, is_float, oracle_error, tensor_metrics
+from .metrics import ExactMetrics, FloatMetrics, exact_metrics, is_float, oracle_error, tensor_metrics
 from .namemap import MappedNames, NameMap, identity_map
 from .naming import block_of, module_path
 from .runfile import Entry, RunReader
@@ -260,6 +260,10 @@ def _compare_one(ref: RunReader, cand: RunReader, oracle: RunReader | None, entr
         else:
             reason = "not in the oracle run" if entry.key not in oracle else "has another shape in the oracle run"
             result.notes.append(f"{reason}: judged with the {judge_dtype} default tolerance instead")
+    elif oracle is not None and entry.dtype == "uint8" and entry.key in oracle:
+        # an 8-bit image: calibrate on how far the reference's own image is from the fp64 run's
+        oracle_array = oracle.read(oracle.entry(entry.key)).reshape(ref_array.shape)
+        ref_err, cand_err = exact_metrics(oracle_array, ref_array), exact_metrics(oracle_array, cand_array)
     del cand_array
     result.metrics = metrics
     result.decision = judge(metrics, rule, ref_vs_oracle=ref_err, cand_vs_oracle=cand_err)

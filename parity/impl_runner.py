@@ -7,14 +7,13 @@ reference's latents and noise prediction), so each tensor's error is the block's
 from __future__ import annotations
 
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from impl.pipeline import Observer, Request, StableDiffusion, seeded_noise
-from impl.samplers import make_sampler
 
 from .capture_spec import CaptureSpec
 from collections import defaultdict
@@ -29,17 +28,20 @@ BACKENDS = ("numpy", "torch")
 
 
 class _Taps:
-    """impl's taps contract, forwarded to the recorder for one component."""
+    """impl's taps contract, forwarded to the recorder for one component.
 
-    def __init__(self, recorder: Recorder, component: str, keep=None):
-        self.recorder, self.component, self.keep = recorder, component, keep
+    `outside_blocks` keeps only the outputs of modules outside every block (the whole-component pass of
+    an isolated run, whose block tensors come from the block-by-block passes) and none of the inputs."""
+
+    def __init__(self, recorder: Recorder, component: str, outside_blocks: bool = False):
+        self.recorder, self.component, self.outside_blocks = recorder, component, outside_blocks
 
     def output(self, path: str, value: Any) -> None:
-        if self.keep is None or self.keep(path):
+        if not self.outside_blocks or block_of(self.component, path) is None:
             self.recorder.module_output(self.component, path, value)
 
     def inputs(self, path: str, args: dict[str, Any]) -> None:
-        if self.keep is None or self.keep(path):
+        if not self.outside_blocks:
             self.recorder.module_inputs(self.component, path, args)
 
 
@@ -101,6 +103,16 @@ def load_impl(config: RunConfig, backend: str) -> StableDiffusion:
                                        **({"device": config.device} if backend == "torch" else {}))
 
 
+def injected_fault(sd: StableDiffusion, config: RunConfig):
+    """The fault named by the run's config (`--inject-fault`), applied for the duration of the run."""
+    name = config.extra.get("fault")
+    if name is None:
+        return nullcontext()
+    from .faults import fault
+
+    return fault(name).apply(sd)
+
+
 def request_for(config: RunConfig, sd: StableDiffusion, x_t: np.ndarray, noise) -> Request:
     image, mask = config.load_images()
     return Request(prompt=config.prompts(), negative_prompt=config.negative_prompts(), steps=config.steps,
@@ -121,7 +133,8 @@ def run_impl(config: RunConfig, output: Path, backend: str, progress: bool = Fal
     with RunWriter(output, metadata, compression=config.compression, background_bytes=WRITE_QUEUE_BYTES) as writer:
         recorder = Recorder(writer, spec, total_steps=config.steps)
         observer = _RecordingObserver(recorder, progress, config.steps, f"impl {backend} {config.dtype}")
-        pixels = sd(request_for(config, sd, x_t, noise), observer)
+        with injected_fault(sd, config):
+            pixels = sd(request_for(config, sd, x_t, noise), observer)
         recorder.pipeline("image", pixels)
         recorder.pipeline("image_uint8", (pixels * 255).round().astype(np.uint8))
     return output
@@ -134,12 +147,12 @@ def run_impl_isolated(config: RunConfig, reference: Path, output: Path, backend:
         x_t = ref.read("pipeline/main/x_T")
         metadata = run_metadata(config, impl=backend, model_dir=config.model_dir(), x_t=x_t,
                                 scheduler_config=sd.scheduler_config, mode="isolated")
+        by_invocation: dict[tuple[str, str], list[Entry]] = defaultdict(list)
+        for entry in ref.entries():
+            by_invocation[(entry.component, entry.invocation)].append(entry)
         with RunWriter(output, metadata, compression=config.compression,
-                       background_bytes=WRITE_QUEUE_BYTES) as writer:
+                       background_bytes=WRITE_QUEUE_BYTES) as writer, injected_fault(sd, config):
             recorder = Recorder(writer, CaptureSpec.parse("all"), total_steps=config.steps)
-            by_invocation: dict[tuple[str, str], list[Entry]] = defaultdict(list)
-            for entry in ref.entries():
-                by_invocation[(entry.component, entry.invocation)].append(entry)
             for component in ("text_encoder", "vae_encoder", "unet", "vae_decoder"):
                 model = sd.models.component(component) if _has(sd, component) else None
                 for invocation in ref.invocations(component) if model is not None else []:
@@ -167,12 +180,11 @@ def _isolate_invocation(ref: RunReader, entries: list[Entry], recorder: Recorder
     with recorder.invocation(component, invocation):
         root_inputs = _inputs_of(ref, entries, "")
         if root_inputs:
-            outside = lambda path: block_of(component, path) is None  # noqa: E731 - a one-line filter
-            model.run_block("", model.convert_inputs(root_inputs), _Taps(recorder, component, keep=outside))
+            model.run_block("", root_inputs, _Taps(recorder, component, outside_blocks=True))
         for block in model.block_names():
             inputs = _inputs_of(ref, entries, block)
             if inputs:
-                model.run_block(block, model.convert_inputs(inputs), _Taps(recorder, component))
+                model.run_block(block, inputs, _Taps(recorder, component))
 
 
 def _isolate_sampler_steps(ref: RunReader, recorder: Recorder, sd: StableDiffusion, config: RunConfig) -> None:
@@ -182,7 +194,7 @@ def _isolate_sampler_steps(ref: RunReader, recorder: Recorder, sd: StableDiffusi
     if not steps:
         return
     ops = sd.ops
-    sampler = make_sampler(config.scheduler, sd.scheduler_config, config.steps, eta=config.eta, karras=config.karras)
+    sampler = sd.sampler(config.scheduler, config.steps, eta=config.eta, karras=config.karras)
     start = 0 if config.pipeline == "txt2img" else sampler.img2img_start(config.strength)
     names = {e.key for e in ref.entries() if e.component == "pipeline"}
     if config.pipeline == "txt2img":
@@ -198,17 +210,22 @@ def _isolate_sampler_steps(ref: RunReader, recorder: Recorder, sd: StableDiffusi
         index = start + loop
         model_input = ops.cat([latents, latents], 0) if key + "noise_pred_uncond" in names else latents
         model_input = sampler.scale_model_input(model_input, index)
+        recorder.pipeline("timestep", np.asarray([sampler.timesteps[index]]), step=loop)
         if sd.models.unet.in_channels == 9:
             model_input = ops.cat([model_input, ops.asarray(ref.read("pipeline/main/mask")),
                                    ops.asarray(ref.read("pipeline/main/masked_image_latents"))], 1)
         recorder.pipeline("latent_model_input", model_input, step=loop)
         if key + "noise_pred_uncond" in names:
             uncond, text = (ops.asarray(ref.read(key + part)) for part in ("noise_pred_uncond", "noise_pred_text"))
-            recorder.pipeline("noise_pred", uncond + config.guidance * (text - uncond), step=loop)
+            recorder.pipeline("noise_pred", sd.guide(uncond, text, config.guidance), step=loop)
         noise = ops.asarray(ref.read(key + "noise")) if key + "noise" in names else None
         output = sampler.step(ops.asarray(ref.read(key + "noise_pred")), index, latents, noise=noise)
         recorder.pipeline("step_output", output, step=loop)
         latents = ops.asarray(ref.read(key + "latents"))
+    if "vae_decoder" in ref.components():
+        # the decoder's input is the last latents over the VAE's scaling factor: a pipeline stage too
+        with recorder.invocation("vae_decoder", "call_0"):
+            recorder.module_inputs("vae_decoder", "", {"z": latents / sd.models.vae.scaling_factor})
 
 
 __all__ = ["BACKENDS", "ProgressObserver", "load_impl", "recorded_noise", "run_impl", "run_impl_isolated"]

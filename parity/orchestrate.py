@@ -47,8 +47,10 @@ class CaseResult:
 
 
 def _reference(config: RunConfig) -> Path:
+    """The reference run for `config`; an injected fault belongs to the candidate only."""
     from reference.runner import run_reference
 
+    config = dataclasses.replace(config, extra={k: v for k, v in config.extra.items() if k != "fault"})
     return cached_run(config, "reference", lambda cfg, path: run_reference(cfg, path, progress=False))
 
 
@@ -79,6 +81,8 @@ def run_case(case: Case, out_dir: Path, tolerances: Tolerances | None = None,
     summary = build_summary(comparison, make_verdict(comparison, isolated), isolated)
     summary["case"] = {"name": case.name, "backend": case.backend, "mode": case.mode,
                        "calibrated": "oracle" in runs, "repro": repro_command(case)}
+    from .report.drilldown import add_drilldowns  # tensor data the HTML report drills into
+    add_drilldowns(summary)
     render_outputs(summary, out_dir)
     return CaseResult(case, summary, out_dir, time.perf_counter() - started, runs)
 
@@ -97,6 +101,8 @@ def repro_command(case: Case) -> str:
         parts.append(f"--capture {_quote(c.capture)}")
     if not case.calibrated:
         parts.append("--no-calibrate")
+    if "fault" in c.extra:
+        parts.append(f"--inject-fault {c.extra['fault']}")
     return " ".join(parts + [f"--output-dir reports/{case.name}"])
 
 

@@ -415,14 +415,14 @@ def _list(items: list[str], limit: int = 6) -> str:
 
 
 def render_outputs(summary: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
-    """Write every output file of a comparison into out_dir and return their paths.
+    """Write every output file of a comparison into out_dir and return their paths: summary.json,
+    junit.xml and the HTML report (rendered from the same summary dict that summary.json holds)."""
+    from .report import REPORT_FILE, write_report  # the report package imports this module
 
-    HOOK: the HTML report is added here (e.g. `written.append(write_html(summary, out / "report.html"))`);
-    it gets the same summary dict that summary.json holds.
-    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [write_summary_json(summary, out / SUMMARY_FILE), write_junit(summary, out / JUNIT_FILE)]
+    written = [write_summary_json(summary, out / SUMMARY_FILE), write_junit(summary, out / JUNIT_FILE),
+               write_report(summary, out / REPORT_FILE)]
     return written
 
 

@@ -266,10 +266,19 @@ def judge(metrics: FloatMetrics | ExactMetrics, rule: Rule, *, ref_vs_oracle: Or
         # level off, in at most the rule's quantile share of the image (the impl floor: >= 99.9% equal).
         levels = max(rule.atol, 1.0)
         allowed = metrics.numel * (1.0 - rule.quantile)
-        criteria = [_criterion("levels", metrics.max_abs, levels, "max |c-r| in 8-bit levels"),
-                    _criterion("quantile", metrics.mismatches, allowed,
-                               f"pixels that differ (at most {(1 - rule.quantile):.3g} of {metrics.numel})")]
-        settings = {"dtype": rule.dtype, "atol": levels, "quantile": rule.quantile, "mismatches": metrics.mismatches}
+        if isinstance(ref_vs_oracle, ExactMetrics) and isinstance(cand_vs_oracle, ExactMetrics):
+            # Calibrated: at half precision the reference's own image is several levels off the fp64
+            # run's; the candidate's may be k times as far, in k times as many pixels.
+            levels = max(levels, rule.k * ref_vs_oracle.max_abs)
+            allowed = max(allowed, rule.k * ref_vs_oracle.mismatches)
+            value, count, what = cand_vs_oracle.max_abs, cand_vs_oracle.mismatches, "the oracle's"
+        else:
+            value, count, what = metrics.max_abs, metrics.mismatches, "the reference's"
+        criteria = [_criterion("levels", value, levels, f"max |c - {what} image| in 8-bit levels"),
+                    _criterion("quantile", count, allowed,
+                               f"pixels that differ from {what} image (at most {allowed:.4g} of {metrics.numel})")]
+        settings = {"dtype": rule.dtype, "atol": levels, "quantile": rule.quantile, "mismatches": count,
+                    "calibrated": what == "the oracle's"}
         return _decide("image_levels", criteria, settings, source, override)
     if isinstance(metrics, ExactMetrics):
         # Other integer/bool tensors (token ids, ...) must be equal; an override's atol allows that

@@ -60,7 +60,9 @@ def find_culprits(isolated: Comparison) -> tuple[list[Culprit], list[TensorResul
     groups: dict[tuple[str, str], list[TensorResult]] = {}
     outside: list[TensorResult] = []
     for result in isolated.results:
-        if not result.divergent or result.kind == "input":
+        # A block's inputs in an isolated run are the reference's own; a component's inputs (@z, ...)
+        # are what the candidate's pipeline stage computed from the reference's tensors, so they count.
+        if not result.divergent or (result.kind == "input" and result.block is not None):
             continue
         block = result.block
         if block is None:

@@ -481,7 +481,7 @@ def test_summary_json_and_junit(tmp_path):
     comparison, iso = compare_runs(ref, free), compare_runs(ref, isolated)
     summary = build_summary(comparison, make_verdict(comparison, iso), iso)
     written = render_outputs(summary, tmp_path / "out")
-    assert [p.name for p in written] == ["summary.json", "junit.xml"]
+    assert [p.name for p in written] == ["summary.json", "junit.xml", "report.html"]
     data = _strict_json(tmp_path / "out" / "summary.json")
     assert data["schema_version"] == SCHEMA_VERSION
     for key in ("verdict", "first_divergence", "culprits", "runs", "mode", "config", "coverage", "warnings",
@@ -618,3 +618,23 @@ def test_uint8_images_may_be_one_level_off_in_a_thousandth_of_pixels():
     candidate = reference.copy()
     candidate.flat[0] = 2
     assert not judge(exact_metrics(reference, candidate), rule).passed
+
+
+def test_uint8_images_calibrate_on_the_reference_distance_from_the_oracle():
+    from parity.metrics import exact_metrics
+    from parity.tolerances import Tolerances, judge
+
+    oracle = np.full((1, 50, 50, 3), 100, np.uint8)
+    reference = oracle.copy()
+    reference.flat[:600] = 104  # a half-precision reference: 4 levels off in 8% of the pixels
+    rule = Tolerances().rule_for("pipeline", "main", "image_uint8", "float16")
+    rule = type(rule)(**{**rule.__dict__, "dtype": "uint8", "k": 3.0})
+    candidate = oracle.copy()
+    candidate.flat[:1500] = 110  # 10 levels (<= 3 * 4) in 20% (<= 3 * 8%) of the pixels
+    metrics = exact_metrics(reference, candidate)
+    assert judge(metrics, rule, ref_vs_oracle=exact_metrics(oracle, reference),
+                 cand_vs_oracle=exact_metrics(oracle, candidate)).passed
+    assert not judge(metrics, rule).passed  # without the oracle: the fixed one-level rule
+    candidate.flat[:1500] = 113  # 13 levels > 3 * 4
+    assert not judge(exact_metrics(reference, candidate), rule, ref_vs_oracle=exact_metrics(oracle, reference),
+                     cand_vs_oracle=exact_metrics(oracle, candidate)).passed

@@ -82,6 +82,8 @@ def run(args) -> int:
 
     verdict = make_verdict(comparison, isolated)
     summary = build_summary(comparison, verdict, isolated, config_source=tolerances.source)
+    from ..report.drilldown import add_drilldowns  # tensor data the HTML report drills into
+    add_drilldowns(summary)
     written = render_outputs(summary, args.output_dir)
     print(format_table(summary, top=args.top))
     print("written: " + ", ".join(str(p) for p in written))

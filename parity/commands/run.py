@@ -28,8 +28,23 @@ def register(subparsers) -> None:
     parser.add_argument("--no-calibrate", dest="calibrated", action="store_false",
                         help="judge by dtype tolerances only, without an fp64 oracle run")
     parser.add_argument("--config", type=Path, default=None, help="parity.toml with tolerance overrides")
+    add_fault_argument(parser)
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.set_defaults(handler=run)
+
+
+def add_fault_argument(parser) -> None:
+    from ..faults import FAULTS
+
+    parser.add_argument("--inject-fault", default=None, choices=sorted(FAULTS), metavar="FAULT",
+                        help="inject a known porting bug into impl (to see the harness catch it): "
+                             + ", ".join(sorted(FAULTS)))
+
+
+def with_fault(cases: list[Case], name: str | None) -> list[Case]:
+    if name is None:
+        return cases
+    return [replace(case, config=replace(case.config, extra={**case.config.extra, "fault": name})) for case in cases]
 
 
 def run(args) -> int:
@@ -41,8 +56,8 @@ def run(args) -> int:
     args.scheduler, args.dtype = schedulers[0], dtypes[0]
     base = config_from_args(args)
     backends = BACKENDS if args.backend == "both" else (args.backend,)
-    cases = [Case(replace(base, scheduler=s, dtype=d), b, args.mode, args.calibrated)
-             for s, d, b in itertools.product(schedulers, dtypes, backends)]
+    cases = with_fault([Case(replace(base, scheduler=s, dtype=d), b, args.mode, args.calibrated)
+                        for s, d, b in itertools.product(schedulers, dtypes, backends)], args.inject_fault)
     return execute(cases, args.output_dir, args.config, title=f"parity run on {base.model}")
 
 

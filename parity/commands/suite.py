@@ -5,7 +5,7 @@ from pathlib import Path
 
 from ..orchestrate import Case
 from ..runconfig import RunConfig
-from .run import execute
+from .run import add_fault_argument, execute, with_fault
 
 INIT = "fixtures/images/init_64.png"
 MASK = "fixtures/images/mask_64.png"
@@ -25,8 +25,10 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("suite", help="the CI parity suite on tiny-sd1 (make parity)")
     parser.add_argument("--output-dir", type=Path, default=Path("reports"))
     parser.add_argument("--config", type=Path, default=None, help="parity.toml with tolerance overrides")
+    add_fault_argument(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
-    return execute(suite_cases(), args.output_dir, args.config, title="parity suite (tiny-sd1)")
+    title = "parity suite (tiny-sd1)" + (f" with fault {args.inject_fault}" if args.inject_fault else "")
+    return execute(with_fault(suite_cases(), args.inject_fault), args.output_dir, args.config, title=title)

@@ -1,14 +1,14 @@
-"""HTML reports (placeholder until the report renderer lands: a plain index so `make parity` links something)."""
+"""HTML reports: one self-contained page per case (report.html) and an index over cases (parity.html).
+
+`write_report(summary, path)` renders a summary (docs/summary-format.md, plus the drill-down data
+of `drilldown.add_drilldowns`); `write_index_html(index, path)` renders `aggregate.index_dict`.
+docs/report.md describes what the pages show.
+"""
 from __future__ import annotations
 
-import html
-from pathlib import Path
+from .render import write_index as write_index_html
+from .render import write_report
 
+REPORT_FILE = "report.html"
 
-def write_index_html(index: dict, path: Path) -> Path:
-    rows = "".join(
-        f"<tr><td>{html.escape(c['name'])}</td><td>{html.escape(c['status'])}</td><td>{html.escape(c['verdict'])}</td></tr>"
-        for c in index["cases"])
-    path.write_text(f"<!doctype html><meta charset=utf-8><title>{html.escape(index['title'])}</title>"
-                    f"<h1>{html.escape(index['title'])}</h1><table>{rows}</table>")
-    return path
+__all__ = ["REPORT_FILE", "write_index_html", "write_report"]

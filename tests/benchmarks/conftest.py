@@ -1,0 +1,40 @@
+"""Benchmarks: every test here is marked `bench` (run by `make bench`, never by `make test`).
+
+Each benchmark records its best time; at the end the session prints, and writes to
+reports/benchmarks.json, every implementation's time as a ratio to diffusers' measured in the same run.
+"""
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+RESULTS: dict = defaultdict(dict)
+REPORT = Path(__file__).resolve().parents[2] / "reports" / "benchmarks.json"
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if Path(str(item.fspath)).parent == Path(__file__).parent:
+            item.add_marker(pytest.mark.bench)
+
+
+def record(case: str, impl: str, seconds: float, **extra) -> None:
+    RESULTS[case][impl] = {"seconds": seconds, **extra}
+
+
+def pytest_sessionfinish(session):
+    if not RESULTS:
+        return
+    rows = []
+    for case, impls in sorted(RESULTS.items()):
+        base = impls.get("diffusers", {}).get("seconds")
+        for impl, values in sorted(impls.items()):
+            ratio = values["seconds"] / base if base else None
+            rows.append({"case": case, "impl": impl, **values, "ratio_to_diffusers": ratio})
+    REPORT.parent.mkdir(exist_ok=True)
+    REPORT.write_text(json.dumps(rows, indent=1) + "\n")
+    print("\n\nbenchmark                          impl        seconds   x diffusers")
+    for row in rows:
+        ratio = f"{row['ratio_to_diffusers']:.2f}" if row["ratio_to_diffusers"] is not None else "-"
+        print(f"{row['case']:34s} {row['impl']:10s} {row['seconds']:9.4f}   {ratio}")

@@ -1,0 +1,90 @@
+"""The three networks of each implementation as zero-argument callables over fixed inputs.
+
+Used by the benchmarks in-process (timings) and as a script in a fresh process (peak memory):
+    python -m tests.benchmarks.networks MODEL_DIR IMPL COMPONENT LATENT [BATCH]
+prints JSON: seconds of one call after a warm-up, peak RSS, RSS after loading.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+IMPLS = ("diffusers", "torch", "numpy")
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
+def inputs(config: dict, component: str, latent: int, batch: int) -> tuple:
+    rng = np.random.default_rng(0)
+    if component == "text_encoder":
+        return (rng.integers(0, 49407, (batch, 77)).astype(np.int64),)
+    if component == "unet":
+        sample = rng.standard_normal((batch, config["in_channels"], latent, latent)).astype(np.float32)
+        context = rng.standard_normal((batch, 77, config["cross_attention_dim"])).astype(np.float32)
+        return sample, np.array([500], np.int64), context
+    return (rng.standard_normal((1, 4, latent, latent)).astype(np.float32),)
+
+
+def network(model_dir: Path, impl: str, component: str, latent: int, batch: int = 2):
+    """(call, weight_bytes): a callable running one forward pass of `component` with `impl`."""
+    part = "vae" if component == "vae_decoder" else component
+    config = json.loads((model_dir / part / "config.json").read_text())
+    args = inputs(config, component, latent, batch)
+    if impl == "diffusers":
+        return _diffusers(model_dir, component, args)
+    from impl.models import load_text_encoder, load_unet, load_vae
+    from impl.ops import get_ops
+
+    ops = get_ops(impl, "fp32")
+    if component == "text_encoder":
+        model = load_text_encoder(model_dir, ops)
+        return (lambda: model.encode(args[0])), _weight_bytes(model_dir / part)
+    if component == "unet":
+        model = load_unet(model_dir, ops)
+        return (lambda: model(*args)), _weight_bytes(model_dir / part)
+    model = load_vae(model_dir, ops, parts=("decoder",))
+    return (lambda: model.decode(args[0])), _weight_bytes(model_dir / part)
+
+
+def _diffusers(model_dir: Path, component: str, args: tuple):
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.set_grad_enabled(False)
+    tensors = [torch.from_numpy(a) for a in args]
+    if component == "text_encoder":
+        model = CLIPTextModel.from_pretrained(model_dir / "text_encoder", local_files_only=True).eval()
+        call = lambda: model(tensors[0])[0]  # noqa: E731
+    elif component == "unet":
+        model = UNet2DConditionModel.from_pretrained(model_dir / "unet", local_files_only=True).eval()
+        call = lambda: model(*tensors).sample  # noqa: E731
+    else:
+        model = AutoencoderKL.from_pretrained(model_dir / "vae", local_files_only=True).eval()
+        call = lambda: model.decode(tensors[0]).sample  # noqa: E731
+    return call, sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _weight_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def main() -> None:
+    model_dir, impl, component, latent = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
+    batch = int(sys.argv[5]) if len(sys.argv) > 5 else 2
+    call, weights = network(model_dir, impl, component, latent, batch)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    call()
+    started = time.perf_counter()
+    call()
+    seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                      "rss_after_load": loaded, "weight_bytes": weights}))
+
+
+if __name__ == "__main__":
+    main()
