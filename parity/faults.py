@@ -105,9 +105,9 @@ def _patched(obj, attribute: str, value) -> Iterator[None]:
 
 def _host(ops, fn):
     """Run a NumPy function on backend arrays (faults need not be fast or exact, only wrong)."""
-    def call(*arrays, **kwargs):
-        result = fn(*(np.asarray(ops.to_numpy(a), dtype=np.float64) for a in arrays), **kwargs)
-        return ops.asarray(result.astype(np.float32))
+    def call(*args, **kwargs):
+        host = (np.asarray(ops.to_numpy(a), dtype=np.float64) if ops.is_array(a) else a for a in args)
+        return ops.asarray(fn(*host, **kwargs).astype(np.float32))
     return call
 
 

@@ -34,7 +34,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import ml_dtypes
@@ -113,7 +113,8 @@ class FloatMetrics:
     kind: str = field(default="float")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # shallow: the values are plain numbers, lists and dicts already (asdict's deep copy is slow)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
@@ -130,7 +131,8 @@ class ExactMetrics:
     kind: str = field(default="exact")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # shallow: the values are plain numbers, lists and dicts already (asdict's deep copy is slow)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 @dataclass
@@ -146,7 +148,8 @@ class OracleError:
     numel: int
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # shallow: the values are plain numbers, lists and dicts already (asdict's deep copy is slow)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -215,7 +215,8 @@ def jsonable(value: Any) -> Any:
 
 
 def write_summary_json(summary: dict[str, Any], path: str | os.PathLike) -> Path:
-    text = json.dumps(jsonable(summary), indent=1, allow_nan=False)
+    # compact: with indent, json falls back to its pure-Python encoder (seconds for a big capture)
+    text = json.dumps(jsonable(summary), separators=(",", ":"), allow_nan=False)
     return _atomic_write(Path(path), text)
 
 

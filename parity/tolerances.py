@@ -22,7 +22,7 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +110,8 @@ class Decision:
     override: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # shallow: the values are plain numbers, lists and dicts already (asdict's deep copy is slow)
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def _ratio(value: float, limit: float) -> float:

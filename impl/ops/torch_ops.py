@@ -18,7 +18,11 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.floa
 
 
 def _numpy_to_torch(array: np.ndarray) -> torch.Tensor:
-    """torch.from_numpy, also for ml_dtypes.bfloat16 and read-only (memory-mapped) arrays."""
+    """torch.from_numpy, also for ml_dtypes.bfloat16 and read-only (memory-mapped) arrays.
+
+    The strides are kept: an NCHW view of NHWC memory (what the reference's image processor makes of
+    an image) becomes a channels_last tensor, and torch's convolutions round differently on the two
+    memory formats, so bit-identity needs the same one."""
     if array.dtype.name == "bfloat16":
         array = array.view(np.int16)
         bf16 = True
@@ -26,11 +30,19 @@ def _numpy_to_torch(array: np.ndarray) -> torch.Tensor:
         bf16 = False
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("="))
-    if not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # read-only memory maps: the tensor is never written to
-        tensor = torch.from_numpy(array)
+        if array.ndim == 4 and not array.flags.c_contiguous and array.transpose(0, 2, 3, 1).flags.c_contiguous:
+            # channels-last memory: rebuilt with torch's canonical strides (a size-1 batch of a
+            # `[None]` view has stride 0, which torch's convolutions do not take for channels_last)
+            n, c, h, w = array.shape
+            flat = torch.from_numpy(array.transpose(0, 2, 3, 1).reshape(-1))
+            tensor = flat.view(n, h, w, c).permute(0, 3, 1, 2)
+        else:
+            try:
+                tensor = torch.from_numpy(array)
+            except ValueError:  # negative strides
+                tensor = torch.from_numpy(np.ascontiguousarray(array))
     return tensor.view(torch.bfloat16) if bf16 else tensor
 
 

@@ -22,7 +22,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--capture", type=Path, default=None)
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--queue-mib", type=int, default=512, help="background write queue; 0 writes inline")
+    parser.add_argument("--queue-mib", type=int, default=192, help="background write queue; 0 writes inline")
+    parser.add_argument("--keep", action="store_true", help="keep the run files (for the compare benchmark)")
     args = parser.parse_args()
 
     from diffusers import UNet2DConditionModel
@@ -59,7 +60,8 @@ def main() -> None:
             written = writer.bytes_written
             with __import__("h5py").File(writer.path) as file:
                 largest = max(ds.nbytes for ds in _datasets(file))
-            writer.path.unlink()
+            if not args.keep:
+                writer.path.unlink()
     print(json.dumps({"seconds": min(timings), "timings": timings, "peak_rss": resource.getrusage(
         resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_after_warmup": baseline_rss, "weight_bytes": weight_bytes,
         "largest_activation": largest, "captured_bytes": written}))

@@ -1,0 +1,92 @@
+"""Issue 2: capturing every module output of one sd15-arch UNet call (64x64 latents, batch 2) adds at most
+25% to the uncaptured time, with peak memory within weights + 2x the largest activation + 1 GB.
+Issue 5: comparing two such all-tensor captures runs at >= 1 GB/s of tensor data per side, with peak
+memory under 2x the largest tensor + 500 MB.
+Issue 4: impl txt2img on sd15-arch at 256x256, 2 steps, stays under 8 GB on either backend.
+Each measurement runs in a fresh process, so its peak RSS is its own."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from parity.fixtures import ensure_fixture
+
+from .conftest import record
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def _run(*args: str) -> dict:
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=REPO, env=ENV)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def captures(tmp_path_factory):
+    folder = ensure_fixture("sd15-arch")
+    out = tmp_path_factory.mktemp("captures")
+    plain = _run("-m", "tests.benchmarks.unet_call", str(folder), "--latent", "64", "--batch", "2", "--repeat", "2")
+    captured = _run("-m", "tests.benchmarks.unet_call", str(folder), "--latent", "64", "--batch", "2", "--repeat", "2",
+                    "--capture", str(out / "run.h5"), "--keep")
+    return folder, plain, captured, out
+
+
+def test_capture_overhead_and_memory(captures):
+    _, plain, captured, _ = captures
+    overhead = captured["seconds"] / plain["seconds"] - 1
+    budget = captured["weight_bytes"] + 2 * captured["largest_activation"] + 2**30
+    record("sd15-arch/unet-capture-all/64", "reference", captured["seconds"], plain_seconds=plain["seconds"],
+           overhead=overhead, peak_rss=captured["peak_rss"], memory_budget=budget,
+           captured_bytes=captured["captured_bytes"])
+    assert overhead <= 0.25, f"capture adds {overhead:.0%}"
+    assert captured["peak_rss"] <= budget, f"peak {captured['peak_rss'] / 2**30:.2f} GiB > {budget / 2**30:.2f} GiB"
+
+
+def test_compare_throughput_and_memory(captures):
+    _, _, captured, out = captures
+    first, second = sorted(out.glob("run.*.h5"))[:2]
+    measured = _run("-c", f"""
+import json, resource, time
+from parity.compare import compare_runs
+from parity.runfile import RunReader
+with RunReader({str(first)!r}) as r:
+    nbytes = sum(e.nbytes for e in r.entries()); largest = max(e.nbytes for e in r.entries())
+started = time.perf_counter()
+comparison = compare_runs({str(first)!r}, {str(second)!r})
+seconds = time.perf_counter() - started
+print(json.dumps({{"seconds": seconds, "bytes_per_side": nbytes, "largest": largest,
+                  "tensors": len(comparison.results), "status": comparison.first_divergence() is None,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+""")
+    rate = measured["bytes_per_side"] / measured["seconds"]
+    baseline = _run("-c", "import json, resource, parity.compare; "
+                          "print(json.dumps({'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))")
+    beyond = measured["peak_rss"] - baseline["rss"]
+    record("sd15-arch/compare-all/64", "parity", measured["seconds"], gb_per_s_per_side=rate / 1e9,
+           peak_beyond_imports=beyond, largest_tensor=measured["largest"], tensors=measured["tensors"])
+    assert measured["status"], "two captures of the same call must be at parity"
+    assert rate >= 1e9, f"{rate / 1e9:.2f} GB/s per side"
+    assert beyond <= 2 * measured["largest"] + 500e6
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_txt2img_256_two_steps_memory(backend):
+    ensure_fixture("sd15-arch")
+    started = time.perf_counter()
+    measured = _run("-c", f"""
+import json, resource
+from parity.runconfig import RunConfig
+from parity.impl_runner import load_impl, request_for
+from impl.pipeline import seeded_noise
+config = RunConfig(model="sd15-arch", height=256, width=256, steps=2)
+sd = load_impl(config, {backend!r})
+sd(request_for(config, sd, config.initial_noise(), seeded_noise(0)))
+print(json.dumps({{"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+""")
+    record("sd15-arch/txt2img-256-2steps", backend, time.perf_counter() - started, peak_rss=measured["peak_rss"])
+    assert measured["peak_rss"] <= 8e9, f"{measured['peak_rss'] / 1e9:.2f} GB"
