@@ -9,6 +9,14 @@
 Weights come memory-mapped through impl.tensor_files; when the file dtype is the storage dtype they
 are used in place (NumPy views / torch.from_numpy of those views), otherwise converted once to the
 storage dtype (no float32 copy of a half-precision model is ever made).
+
+Calling a component: `text_encoder(ids)` -> {"last_hidden_state", "pooler_output"},
+`text_encoder.encode(ids, clip_skip=0)` -> the UNet's conditioning, `unet(sample, t, context)` ->
+noise prediction, `vae.decode(z)` -> image, `vae.encode(x)` -> (mean, logvar),
+`vae.encoder.sample(mean, logvar, noise)`. Every call takes `taps=` (impl.scope.Taps) and every
+component has the block API of impl.scope.Component (`block_names()`, `block(path)(**inputs)`,
+`run_block(path, inputs, taps)`). A loaded model serves one call at a time (the taps binding and the
+NumPy scratch buffers are per model).
 """
 from __future__ import annotations
 
