@@ -207,7 +207,9 @@ class _Run:
         full_strength = request.strength == 1.0
         extra: dict[str, Any] = {"noise": x_t}
         if self.in_channels == 4 or not full_strength:
-            extra["image_latents"] = self._encode_image(image)
+            # the reference repeats these latents per image, which also makes them contiguous; the
+            # layout decides which convolution kernels (and roundings) the torch backend gets later
+            extra["image_latents"] = ops.contiguous(self._encode_image(image))
         if full_strength:
             latents = x_t * sampler.init_noise_sigma
         else:

@@ -72,22 +72,21 @@ def _clip(hidden, intermediate, layers, heads, projection):
 
 SD1_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 SD1_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
-TINY_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
-TINY_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 
 FIXTURES = {
-    # The SD 1.x architecture shrunk: three resolution levels, cross-attention in down, mid and up
-    # blocks, the last down / first up block plain as in SD 1.5, two layers per block.
+    # The SD 1.x architecture shrunk: SD 1.5's four resolution levels and block types (cross-attention
+    # in three down blocks, the mid block and three up blocks; the last down / first up block plain),
+    # two layers per block, 32-64 channels, a 3-layer CLIP with the full vocabulary.
     "tiny-sd1": {
         "seed": 1, "default_size": 64,
-        "unet": _unet((32, 64, 64), TINY_DOWN, TINY_UP, 2, 32, 4, 8),
+        "unet": _unet((32, 32, 64, 64), SD1_DOWN, SD1_UP, 2, 32, 4, 8),
         "vae": _vae((32, 32, 64, 64), 1, 64),
         "text_encoder": _clip(32, 64, 3, 4, 32),
     },
     # tiny-sd1 with the 9-channel UNet input of SD inpainting models (latents, mask, masked-image latents).
     "tiny-sd1-inpaint": {
         "seed": 2, "default_size": 64,
-        "unet": _unet((32, 64, 64), TINY_DOWN, TINY_UP, 2, 32, 4, 8, in_channels=9),
+        "unet": _unet((32, 32, 64, 64), SD1_DOWN, SD1_UP, 2, 32, 4, 8, in_channels=9),
         "vae": _vae((32, 32, 64, 64), 1, 64),
         "text_encoder": _clip(32, 64, 3, 4, 32),
     },
@@ -120,10 +119,16 @@ def ensure_fixture(name: str) -> Path:
         raise FixtureError(f"unknown fixture {name!r}; available: {', '.join(fixture_names())}")
     folder = fixture_path(name)
     stamp = folder / ".generated"
-    if stamp.exists() and stamp.read_text() == FORMAT_TAG:
+    if stamp.exists() and stamp.read_text() == _stamp(name):
         return folder
     generate(name, folder)
     return folder
+
+
+def _stamp(name: str) -> str:
+    """What generated a fixture folder: the generator's version and the fixture's own spec."""
+    spec = hashlib.sha256(json.dumps(FIXTURES[name], sort_keys=True).encode()).hexdigest()[:16]
+    return f"{FORMAT_TAG}:{spec}"
 
 
 def generate(name: str, folder: Path) -> Path:
@@ -150,7 +155,7 @@ def generate(name: str, folder: Path) -> Path:
             _write_json(tmp / component / "config.json", config)
             shapes = _parameter_shapes(component, config)
             _write_weights(tmp / component / weights_file, shapes, seed, component)
-        (tmp / ".generated").write_text(FORMAT_TAG)
+        (tmp / ".generated").write_text(_stamp(name))
         shutil.rmtree(folder, ignore_errors=True)
         folder.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, folder)

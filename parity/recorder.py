@@ -23,16 +23,16 @@ def _is_tensor(value: Any) -> bool:
 
 
 def layout_of(value: Any) -> str | None:
-    """channels_last for a 4-D array whose channels are innermost in memory but which is not contiguous."""
-    if getattr(value, "ndim", 0) != 4 or value.shape[1] == 1:
-        return None
-    if isinstance(value, np.ndarray):
-        strides = value.strides
-        dense_nhwc = strides[1] == value.itemsize and strides[3] == value.itemsize * value.shape[1]
-        return "channels_last" if dense_nhwc and not value.flags.c_contiguous else None
-    import torch
+    """channels_last for a torch tensor that torch's kernels treat as channels-last (and is not contiguous).
 
-    if value.is_contiguous() or not value.is_contiguous(memory_format=torch.channels_last):
+    Only torch picks kernels by memory layout; NumPy arrays carry no such meaning. torch's own rule is
+    used, since a batch-1 tensor can have channels-last strides yet count as contiguous to its kernels."""
+    if isinstance(value, np.ndarray) or getattr(value, "ndim", 0) != 4:
+        return None
+    import torch
+    from torch._prims_common import suggest_memory_format
+
+    if value.is_contiguous() or suggest_memory_format(value) != torch.channels_last:
         return None
     return "channels_last"
 

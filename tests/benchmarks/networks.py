@@ -7,7 +7,6 @@ prints JSON: seconds of one call after a warm-up, peak RSS, RSS after loading.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -69,6 +68,15 @@ def _diffusers(model_dir: Path, component: str, args: tuple):
     return call, sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def peak_rss() -> int:
+    """This process's peak resident memory (VmHWM). Not ru_maxrss: Linux carries that over from the
+    parent through fork and exec, so a child of a big pytest process would report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def _weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
@@ -77,12 +85,12 @@ def main() -> None:
     model_dir, impl, component, latent = Path(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
     batch = int(sys.argv[5]) if len(sys.argv) > 5 else 2
     call, weights = network(model_dir, impl, component, latent, batch)
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    loaded = peak_rss()
     call()
     started = time.perf_counter()
     call()
     seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    print(json.dumps({"seconds": seconds, "peak_rss": peak_rss(),
                       "rss_after_load": loaded, "weight_bytes": weights}))
 
 

@@ -51,8 +51,9 @@ def test_compare_throughput_and_memory(captures):
     _, _, captured, out = captures
     first, second = sorted(out.glob("run.*.h5"))[:2]
     measured = _run("-c", f"""
-import json, resource, time
+import json, time
 from parity.compare import compare_runs
+from tests.benchmarks.networks import peak_rss
 from parity.runfile import RunReader
 with RunReader({str(first)!r}) as r:
     nbytes = sum(e.nbytes for e in r.entries()); largest = max(e.nbytes for e in r.entries())
@@ -61,11 +62,11 @@ comparison = compare_runs({str(first)!r}, {str(second)!r})
 seconds = time.perf_counter() - started
 print(json.dumps({{"seconds": seconds, "bytes_per_side": nbytes, "largest": largest,
                   "tensors": len(comparison.results), "status": comparison.first_divergence() is None,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+                  "peak_rss": peak_rss()}}))
 """)
     rate = measured["bytes_per_side"] / measured["seconds"]
-    baseline = _run("-c", "import json, resource, parity.compare; "
-                          "print(json.dumps({'rss': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))")
+    baseline = _run("-c", "import json, parity.compare; from tests.benchmarks.networks import peak_rss; "
+                          "print(json.dumps({'rss': peak_rss()}))")
     beyond = measured["peak_rss"] - baseline["rss"]
     record("sd15-arch/compare-all/64", "parity", measured["seconds"], gb_per_s_per_side=rate / 1e9,
            peak_beyond_imports=beyond, largest_tensor=measured["largest"], tensors=measured["tensors"])
@@ -79,14 +80,15 @@ def test_txt2img_256_two_steps_memory(backend):
     ensure_fixture("sd15-arch")
     started = time.perf_counter()
     measured = _run("-c", f"""
-import json, resource
+import json
 from parity.runconfig import RunConfig
+from tests.benchmarks.networks import peak_rss
 from parity.impl_runner import load_impl, request_for
 from impl.pipeline import seeded_noise
 config = RunConfig(model="sd15-arch", height=256, width=256, steps=2)
 sd = load_impl(config, {backend!r})
 sd(request_for(config, sd, config.initial_noise(), seeded_noise(0)))
-print(json.dumps({{"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+print(json.dumps({{"peak_rss": peak_rss()}}))
 """)
     record("sd15-arch/txt2img-256-2steps", backend, time.perf_counter() - started, peak_rss=measured["peak_rss"])
     assert measured["peak_rss"] <= 8e9, f"{measured['peak_rss'] / 1e9:.2f} GB"

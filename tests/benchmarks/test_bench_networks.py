@@ -47,7 +47,7 @@ def test_unet_peak_memory_beyond_weights(impl):
 
 def _runtime_bytes() -> int:
     """What the Python process holds before any model: interpreter, NumPy, torch (not the model's doing)."""
-    probe = subprocess.run([sys.executable, "-c", "import resource, numpy, torch, impl.models; "
-                            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
+    probe = subprocess.run([sys.executable, "-c", "import numpy, torch, impl.models; "
+                            "from tests.benchmarks.networks import peak_rss; print(peak_rss())"],
                            capture_output=True, text=True, cwd=REPO)
     return int(probe.stdout.strip())

@@ -6,7 +6,6 @@ Prints one JSON line: seconds per call (best of --repeat), peak RSS, weight byte
 """
 import argparse
 import json
-import resource
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -33,6 +32,8 @@ def main() -> None:
     from parity.runfile import RunWriter
     from reference.hooks import capture_module
 
+    from .networks import peak_rss
+
     torch.set_grad_enabled(False)
     unet = UNet2DConditionModel.from_pretrained(args.model_dir / "unet", local_files_only=True).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
@@ -42,7 +43,7 @@ def main() -> None:
         rng.standard_normal((args.batch, 77, unet.config.cross_attention_dim), dtype=np.float32))
     timestep = torch.tensor([500])
     unet(sample, timestep, context)  # warm-up: first-call allocations and kernel selection
-    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    baseline_rss = peak_rss()
 
     timings, largest, written = [], 0, 0
     for repeat in range(args.repeat):
@@ -62,8 +63,7 @@ def main() -> None:
                 largest = max(ds.nbytes for ds in _datasets(file))
             if not args.keep:
                 writer.path.unlink()
-    print(json.dumps({"seconds": min(timings), "timings": timings, "peak_rss": resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_after_warmup": baseline_rss, "weight_bytes": weight_bytes,
+    print(json.dumps({"seconds": min(timings), "timings": timings, "peak_rss": peak_rss(), "rss_after_warmup": baseline_rss, "weight_bytes": weight_bytes,
         "largest_activation": largest, "captured_bytes": written}))
 
 
