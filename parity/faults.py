@@ -144,7 +144,7 @@ UNET_UP_BLOCK = "up_blocks.1"
 FAULTS: dict[str, Fault] = {f.name: f for f in [
     Fault("groupnorm_eps", "GroupNorm eps 1e-2 instead of the config's 1e-5", (("unet", UNET_NORM),),
           _on_module("unet", UNET_NORM, group_norm=lambda ops: lambda x, g, w, b, eps: ops.group_norm(x, g, w, b, 1e-2))),
-    Fault("groupnorm_groups", "GroupNorm over 16 groups instead of 32", (("unet", UNET_NORM),),
+    Fault("groupnorm_groups", "GroupNorm over half the configured groups", (("unet", UNET_NORM),),
           _on_module("unet", UNET_NORM, group_norm=lambda ops: lambda x, g, w, b, eps: ops.group_norm(x, g // 2, w, b, eps))),
     Fault("attention_qk_swap", "self-attention with q and k swapped", (("unet", UNET_SELF_ATTENTION),),
           _on_module("unet", UNET_SELF_ATTENTION, attention=lambda ops: lambda q, k, v, **kw: ops.attention(k, q, v, **kw))),
