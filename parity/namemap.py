@@ -37,6 +37,19 @@ class NameMapError(ValueError):
     """A name map that cannot be read or used; the message says which rule and what to change."""
 
 
+def one_pattern(raw: dict, kinds: tuple[str, str], label: str, error: type[Exception]) -> tuple[str, str]:
+    """A rule's one pattern as (kind, text): exactly one of the two `kinds` keys, a non-empty string.
+    Shared by name maps and tolerance overrides, whose rules are written the same way."""
+    present = [k for k in kinds if k in raw]
+    if len(present) != 1:
+        raise error(f"{label}: give exactly one of {kinds[0]} = '...' or {kinds[1]} = '...'")
+    kind = present[0]
+    pattern = raw[kind]
+    if not isinstance(pattern, str) or not pattern:
+        raise error(f"{label}: {kind} must be a non-empty string")
+    return kind, pattern
+
+
 def glob_to_regex(pattern: str) -> str:
     """This project's glob dialect: `**` any run, `*` any run without '/', `?` one non-'/' character.
 
@@ -183,13 +196,7 @@ def _parse_rule(raw, index: int, where: str) -> Rule:
     if unknown:
         raise NameMapError(f"{label}: unknown keys {sorted(unknown)}; a rule has regex or glob, then to or "
                            "drop = true (and an optional note)")
-    kinds = [k for k in ("regex", "glob") if k in raw]
-    if len(kinds) != 1:
-        raise NameMapError(f"{label}: give exactly one of regex = '...' or glob = '...'")
-    kind = kinds[0]
-    pattern = raw[kind]
-    if not isinstance(pattern, str) or not pattern:
-        raise NameMapError(f"{label}: {kind} must be a non-empty string")
+    kind, pattern = one_pattern(raw, ("regex", "glob"), label, NameMapError)
     drop = raw.get("drop", False)
     if not isinstance(drop, bool):
         raise NameMapError(f"{label}: drop must be true or false")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .metrics import ExactMetrics, FloatMetrics, OracleError, eps, is_float
-from .namemap import glob_to_regex
+from .namemap import glob_to_regex, one_pattern
 
 # torch.testing.assert_close's defaults per dtype (rtol, atol).
 DTYPE_DEFAULTS: dict[str, tuple[float, float]] = {
@@ -385,13 +385,7 @@ def _parse_override(raw, index: int, where: str) -> Override:
     unknown = set(raw) - allowed
     if unknown:
         raise ToleranceConfigError(f"{label}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-    kinds = [k for k in ("pattern", "regex") if k in raw]
-    if len(kinds) != 1:
-        raise ToleranceConfigError(f"{label}: give exactly one of pattern = '<glob>' or regex = '<regex>'")
-    kind = kinds[0]
-    pattern = raw[kind]
-    if not isinstance(pattern, str) or not pattern:
-        raise ToleranceConfigError(f"{label}: {kind} must be a non-empty string")
+    kind, pattern = one_pattern(raw, ("pattern", "regex"), label, ToleranceConfigError)
     label = f"{where}: override {pattern!r}"
     reason = _require_reason(raw, label)
     skip = raw.get("skip", False)
