@@ -138,7 +138,7 @@ def _shifted_sampler(make):
 UNET_NORM = "down_blocks.1.resnets.0.norm1"
 UNET_SELF_ATTENTION = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
 UNET_CROSS_ATTENTION = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
-UNET_UPSAMPLER = "up_blocks.0.upsamplers.0"
+UNET_UPSAMPLER = "up_blocks.1.upsamplers.0"  # up_blocks.0 upsamples 1x1 maps at 64 px: any filter is nearest there
 UNET_UP_BLOCK = "up_blocks.1"
 
 FAULTS: dict[str, Fault] = {f.name: f for f in [

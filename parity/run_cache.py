@@ -16,7 +16,7 @@ from .runconfig import RunConfig, library_versions
 
 CACHE_DIR = Path(os.environ.get("SD_PARITY_CACHE", Path(__file__).resolve().parent.parent / "build" / "run-cache"))
 _CAPTURE_SOURCES = ("parity/recorder.py", "parity/naming.py", "parity/runfile.py", "parity/capture_spec.py",
-                    "parity/fixtures.py", "reference", "impl", "parity/impl_runner.py")
+                    "parity/fixtures.py", "reference", "impl", "parity/impl_runner.py", "parity/faults.py")
 
 
 def _source_hash() -> str:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -20,7 +21,9 @@ from parity.fixtures import FIXTURES, ensure_fixture
 TINY = ("tiny-sd1", "tiny-sd1-inpaint")
 # What tensor shapes cannot tell about the tiny fixtures; load_single_file fills these with SD 1.5's values.
 NOT_INFERRED = {"unet": {"attention_head_dim", "sample_size"}, "vae": {"sample_size"}, "text_encoder": set()}
-TINY_TEXT_HEADS = {"text_encoder": {"num_attention_heads": 4}}  # width 32 is not a multiple of 64-wide heads
+# What tensor shapes cannot tell: CLIP's head count (width 32 is not a multiple of 64-wide heads) and
+# the UNet's GroupNorm group count (tiny-sd1 uses 8, SD uses 32).
+TINY_TEXT_HEADS = {"text_encoder": {"num_attention_heads": 4}, "unet": {"norm_num_groups": 8}}
 
 
 def folder_config(folder: Path, component: str) -> dict:
@@ -226,8 +229,9 @@ def test_missing_unexpected_and_misshaped_keys_in_one_error(tmp_path, single_fil
 
 def test_wrong_user_config_is_reported_as_misshaped(single_files):
     with pytest.raises(ModelInputError, match="mis-shaped") as error:
-        load_single_file(single_files["tiny-sd1"], config={**TINY_TEXT_HEADS, "unet": {"cross_attention_dim": 48}})
-    assert "attn2.to_k.weight [64, 32] (expected [64, 48])" in str(error.value)
+        load_single_file(single_files["tiny-sd1"],
+                         config={**TINY_TEXT_HEADS, "unet": {"norm_num_groups": 8, "cross_attention_dim": 48}})
+    assert re.search(r"attn2\.to_k\.weight \[(\d+), 32\] \(expected \[\1, 48\]\)", str(error.value))
 
 
 def test_conversion_input_errors(tmp_path, single_files):

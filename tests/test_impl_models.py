@@ -340,7 +340,7 @@ def test_unet_config_variants(tmp_path, backend):
     from diffusers import UNet2DConditionModel
 
     config = {k: v for k, v in TINY["unet"].items() if not k.startswith("_")}
-    config.update(use_linear_projection=True, attention_head_dim=[2, 4, 4], transformer_layers_per_block=2)
+    config.update(use_linear_projection=True, attention_head_dim=[2, 4, 4, 4], transformer_layers_per_block=2)
     torch.manual_seed(0)
     module = UNet2DConditionModel.from_config(config).eval()
     with torch.no_grad():
@@ -474,11 +474,11 @@ def test_config_that_does_not_match_the_weights_is_one_clear_error(tmp_path):
     folder = ensure_fixture("tiny-sd1")
     shutil.copytree(folder / "unet", tmp_path / "unet")
     config = json.loads((tmp_path / "unet" / "config.json").read_text())
-    config["block_out_channels"] = [32, 64, 96]
+    config["block_out_channels"] = [32, 32, 64, 96]
     (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelInputError, match=r"mis-shaped: .*expected"):
         load_unet(tmp_path, get_ops("numpy", "fp32"))
-    config.update(block_out_channels=[32, 64, 64], addition_embed_type="text_time")
+    config.update(block_out_channels=[32, 32, 64, 64], addition_embed_type="text_time")
     (tmp_path / "unet" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelInputError, match="addition_embed_type"):
         load_unet(tmp_path, get_ops("numpy", "fp32"))
