@@ -58,3 +58,19 @@ def test_block(block, dtype, backend):
         pytest.fail(f"{block.test_id} ({backend} {dtype}): {len(failing)} of {len(rows)} tensors over their "
                     f"thresholds in isolation; worst {worst['key']}: {metric_line(worst)}; "
                     f"threshold {threshold_line(worst)}; open {report.as_uri()}", pytrace=False)
+
+
+def test_dash_k_selects_exactly_one_blocks_tests():
+    """`pytest -k unet_block_3` collects UNet down and up block 3 on every backend and dtype, nothing else."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    listing = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-k", "unet_block_3", "tests"],
+                             capture_output=True, text=True, cwd=root).stdout
+    ids = [line for line in listing.splitlines() if "::" in line]
+    assert ids and all("unet_block_3_down" in i or "unet_block_3_up" in i for i in ids), ids
+    for backend in BACKENDS:
+        for dtype in DTYPES:
+            for direction in ("down", "up"):
+                assert f"test_block[unet_block_3_{direction}-{dtype}-{backend}]" in listing

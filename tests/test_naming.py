@@ -30,7 +30,7 @@ def test_module_path_strips_suffixes(name, path):
     ("text_encoder", "encoder.layers.11.mlp.fc1", "clip_block_11"),
     ("vae_decoder", "decoder.up_blocks.1.upsamplers.0.conv", "vae_decoder_block_1_up"),
     ("vae_decoder", "decoder.mid_block.attentions.0.to_q", "vae_decoder_block_mid"),
-])
+], ids=lambda value: str(value).replace("_block_", "-"))  # keep `pytest -k unet_block_3` to block tests
 def test_block_of(component, name, block_id):
     assert block_of(component, name).test_id == block_id
 
