@@ -3,6 +3,7 @@ compare, and write the case's outputs. `parity run` and `parity suite` are lists
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,21 +93,15 @@ def repro_command(case: Case) -> str:
     c = case.config
     parts = ["parity run", f"--model {c.model}", f"--backend {case.backend}", f"--dtype {c.dtype}",
              f"--scheduler {c.scheduler}", f"--steps {c.steps}", f"--mode {case.mode}", f"--seed {c.seed}",
-             f"--prompt {_quote(c.prompt if isinstance(c.prompt, str) else c.prompt[0])}"]
+             f"--prompt {shlex.quote(c.prompt if isinstance(c.prompt, str) else c.prompt[0])}"]
     if c.pipeline != "txt2img":
         parts += [f"--pipeline {c.pipeline}", f"--init-image {c.init_image}", f"--strength {c.strength}"]
         if c.mask_image:
             parts.append(f"--mask {c.mask_image}")
     if c.capture:
-        parts.append(f"--capture {_quote(c.capture)}")
+        parts.append(f"--capture {shlex.quote(c.capture)}")
     if not case.calibrated:
         parts.append("--no-calibrate")
     if "fault" in c.extra:
         parts.append(f"--inject-fault {c.extra['fault']}")
     return " ".join(parts + [f"--output-dir reports/{case.name}"])
-
-
-def _quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)

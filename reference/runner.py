@@ -12,7 +12,7 @@ import torch
 from parity.capture_spec import CaptureSpec
 from parity.naming import with_call_index
 from parity.recorder import Recorder
-from parity.runconfig import RunConfig, run_metadata
+from parity.runconfig import RunConfig, run_metadata, unet_parameter_count
 from parity.runfile import RunWriter
 
 from .hooks import capture_module
@@ -217,7 +217,7 @@ def run_reference(config: RunConfig, output: Path, progress: bool = True) -> Pat
     pipe.set_progress_bar_config(disable=not progress, desc=f"reference {config.dtype}", leave=False)
     x_t = config.initial_noise(latent_channels=pipe.vae.config.latent_channels, scale=pipe.vae_scale_factor)
     x_t_tensor = torch.from_numpy(x_t).to(config.device, TORCH_DTYPES[config.dtype])
-    spec = CaptureSpec.parse(config.capture_spec(sum(p.numel() for p in pipe.unet.parameters())))
+    spec = CaptureSpec.parse(config.capture_spec(unet_parameter_count(model_dir)))
     metadata = run_metadata(config, impl="reference", model_dir=model_dir, x_t=x_t,
                             scheduler_config=dict(pipe.scheduler.config))
     guided = config.guidance > 1.0
