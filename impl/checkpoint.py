@@ -16,9 +16,9 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from impl.errors import ModelInputError
-from impl.ldm_keys import COMPONENTS, IGNORED_KEYS, LDM_PREFIX, key_map
-from impl.tensor_files import open_component, open_tensor_file, write_safetensors
+from .errors import ModelInputError
+from .ldm_keys import COMPONENTS, IGNORED_KEYS, LDM_PREFIX, key_map
+from .tensor_files import open_component, open_tensor_file, write_safetensors
 
 WEIGHT_FILE = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
                "text_encoder": "model.safetensors"}

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from impl.errors import ModelInputError
-from impl.scope import Activation, Component, LayerNorm, Linear, Scope
+from .errors import ModelInputError
+from .scope import Activation, Component, LayerNorm, Linear, Scope
 
 
 class ClipAttention:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from impl.errors import ModelInputError
+from .errors import ModelInputError
 
 
 def image_to_array(image, height: int, width: int) -> np.ndarray:

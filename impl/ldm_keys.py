@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-from impl.errors import ModelInputError
+from .errors import ModelInputError
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 LDM_PREFIX = {

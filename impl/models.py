@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from impl.clip import ClipTextModel
-from impl.errors import ModelInputError
-from impl.ops import Ops, get_ops
-from impl.unet import UNet
-from impl.vae import AutoencoderKL
-from impl.weights import WeightStore
+from .clip import ClipTextModel
+from .errors import ModelInputError
+from .ops import Ops, get_ops
+from .unet import UNet
+from .vae import AutoencoderKL
+from .weights import WeightStore
 
 
 def component_folder(folder: str | Path, component: str) -> Path:
@@ -56,7 +56,7 @@ def read_config(folder: Path) -> dict[str, Any]:
 
 
 def _store(folder: Path) -> WeightStore:
-    from impl.tensor_files import open_component
+    from .tensor_files import open_component
 
     return WeightStore(open_component(folder), source=str(folder))
 

@@ -19,12 +19,12 @@ from typing import Any, Callable, ContextManager, Iterator
 
 import numpy as np
 
-from impl.errors import ModelInputError
-from impl.images import image_to_array, mask_to_array, to_pixels
-from impl.models import StableDiffusionModels, load_models
-from impl.ops import get_ops
-from impl.samplers import make_sampler
-from impl.tokenizer import Tokenizer
+from .errors import ModelInputError
+from .images import image_to_array, mask_to_array, to_pixels
+from .models import StableDiffusionModels, load_models
+from .ops import get_ops
+from .samplers import make_sampler
+from .tokenizer import Tokenizer
 
 NoiseSource = Callable[[str, int, tuple], np.ndarray]
 

@@ -40,8 +40,8 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from impl.errors import ModelInputError
-from impl.schedule import F32, NUMPY_F32, Schedule, karras_sigmas, read_field, scalar, sigma_to_t
+from .errors import ModelInputError
+from .schedule import F32, NUMPY_F32, Schedule, karras_sigmas, read_field, scalar, sigma_to_t
 
 
 def _torch_module(x):

@@ -28,7 +28,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from impl.errors import ModelInputError
+from .errors import ModelInputError
 
 F32 = np.float32
 

@@ -24,7 +24,7 @@ import re
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Protocol
 
-from impl.errors import ModelInputError
+from .errors import ModelInputError
 
 
 class Taps(Protocol):

@@ -18,7 +18,7 @@ from typing import Iterator, Mapping
 import ml_dtypes
 import numpy as np
 
-from impl.errors import ModelInputError
+from .errors import ModelInputError
 
 SAFETENSORS_DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from impl.errors import ModelInputError
+from .errors import ModelInputError
 
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"

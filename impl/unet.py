@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from impl.errors import ModelInputError
-from impl.scope import Activation, Component, Conv2d, Dropout, GroupNorm, LayerNorm, Linear, Scope
+from .errors import ModelInputError
+from .scope import Activation, Component, Conv2d, Dropout, GroupNorm, LayerNorm, Linear, Scope
 
 
 # ---------------------------------------------------------------------------------------------

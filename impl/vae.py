@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from impl.errors import ModelInputError
-from impl.scope import Activation, Component, Conv2d, GroupNorm, Scope
-from impl.unet import Attention, DownBlock, Downsample2D, MidBlock, ResnetBlock2D, UpDecoderBlock, Upsample2D
+from .errors import ModelInputError
+from .scope import Activation, Component, Conv2d, GroupNorm, Scope
+from .unet import Attention, DownBlock, Downsample2D, MidBlock, ResnetBlock2D, UpDecoderBlock, Upsample2D
 
 _EPS = 1e-6  # the VAE's norms use eps 1e-6 whatever norm_eps says
 

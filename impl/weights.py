@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from impl.errors import ModelInputError
+from .errors import ModelInputError
 
 _SHOW = 5  # keys listed per kind of problem
 
@@ -28,7 +28,7 @@ class WeightStore:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "WeightStore":
-        from impl.tensor_files import open_tensor_file
+        from .tensor_files import open_tensor_file
 
         return cls(open_tensor_file(path), source=str(path))
 

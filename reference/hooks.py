@@ -7,8 +7,8 @@ from typing import Any, Iterator
 
 import torch
 
-from parity.naming import is_block
-from parity.recorder import Recorder
+from sd_parity.runs.naming import is_block
+from sd_parity.runs.recorder import Recorder
 
 
 def bind_arguments(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -9,11 +9,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from parity.capture_spec import CaptureSpec
-from parity.naming import with_call_index
-from parity.recorder import Recorder
-from parity.runconfig import RunConfig, run_metadata, unet_parameter_count
-from parity.runfile import RunWriter
+from sd_parity.runs.selection import CaptureSpec
+from sd_parity.runs.naming import with_call_index
+from sd_parity.runs.recorder import Recorder
+from sd_parity.runs.config import RunConfig, run_metadata, unet_parameter_count
+from sd_parity.runs.hdf5 import RunWriter
 
 from .hooks import capture_module
 

@@ -7,9 +7,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 
-from parity.fixtures import ensure_fixture  # noqa: E402
-from parity.runconfig import RunConfig  # noqa: E402
-from parity.run_cache import cached_run  # noqa: E402
+from sd_parity.fixtures import ensure_fixture  # noqa: E402
+from sd_parity.runs.config import RunConfig  # noqa: E402
+from sd_parity.runs.cache import cached_run  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +20,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def reference_run():
     """Factory: the cached reference run file for RunConfig(**fields) on tiny-sd1."""
-    from reference.runner import run_reference
+    from sd_parity.reference.runner import run_reference
 
     def get(**fields):
         config = RunConfig(**{"model": "tiny-sd1", **fields})
@@ -32,16 +32,19 @@ def reference_run():
 @pytest.fixture(scope="session")
 def impl_run():
     """Factory: the cached impl run file for (backend, RunConfig fields), replaying the reference's noise."""
-    from parity.impl_runner import run_impl, run_impl_isolated
-    from reference.runner import run_reference
+    from sd_parity.candidates.impl import ImplCandidate
+    from sd_parity.candidates.runner import run_free, run_isolated
+    from sd_parity.reference.runner import run_reference
 
     def get(backend, isolated=False, **fields):
         config = RunConfig(**{"model": "tiny-sd1", **fields})
         reference = cached_run(config, "reference", lambda cfg, path: run_reference(cfg, path, progress=False))
+        candidate = ImplCandidate(backend)
         if isolated:
-            produce = lambda cfg, path: run_impl_isolated(cfg, reference, path, backend)  # noqa: E731
+            produce = lambda cfg, path: run_isolated(candidate, cfg, reference, path)  # noqa: E731
         else:
-            produce = lambda cfg, path: run_impl(cfg, path, backend, reference=reference)  # noqa: E731
-        return reference, cached_run(config, backend, produce, mode="isolated" if isolated else "free")
+            produce = lambda cfg, path: run_free(candidate, cfg, path, reference=reference)  # noqa: E731
+        return reference, cached_run(config, backend, produce, mode="isolated" if isolated else "free",
+                                     fingerprint=candidate.fingerprint())
 
     return get

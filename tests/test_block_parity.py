@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from parity.fixtures import FIXTURES
-from parity.naming import Block
-from parity.orchestrate import Case, run_case
-from parity.runconfig import RunConfig
-from parity.summary import threshold_line, metric_line
+from sd_parity.fixtures import FIXTURES
+from sd_parity.runs.naming import Block
+from sd_parity.cases.case import Case, run_case
+from sd_parity.runs.config import RunConfig
+from sd_parity.reports.summary import threshold_line, metric_line
 
 REPORTS = Path(__file__).resolve().parent.parent / "reports" / "blocks"
 BACKENDS = ("torch", "numpy")

@@ -11,12 +11,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from impl import checkpoint
-from impl.checkpoint import folder_to_single_file, load_single_file, single_file_to_folder
-from impl.errors import ModelInputError
-from impl.ldm_keys import COMPONENTS, key_map
-from impl.tensor_files import component_weight_files, open_component, open_tensor_file, write_safetensors
-from parity.fixtures import FIXTURES, ensure_fixture
+from sd_parity.impl import checkpoint
+from sd_parity.impl.checkpoint import folder_to_single_file, load_single_file, single_file_to_folder
+from sd_parity.impl.errors import ModelInputError
+from sd_parity.impl.ldm_keys import COMPONENTS, key_map
+from sd_parity.impl.tensor_files import component_weight_files, open_component, open_tensor_file, write_safetensors
+from sd_parity.fixtures import FIXTURES, ensure_fixture
 
 TINY = ("tiny-sd1", "tiny-sd1-inpaint")
 # What tensor shapes cannot tell about the tiny fixtures; load_single_file fills these with SD 1.5's values.

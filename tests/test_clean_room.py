@@ -12,6 +12,7 @@ import pytest
 
 IMPL = Path(__file__).resolve().parent.parent / "impl"
 FORBIDDEN = ("diffusers", "transformers", "reference", "parity")
+OWN_PACKAGE = "sd_parity.impl"  # impl/'s installed name; the rest of sd_parity is the harness
 
 
 def _imported_modules(path: Path) -> list[tuple[int, str]]:
@@ -39,13 +40,16 @@ def _imported_modules(path: Path) -> list[tuple[int, str]]:
     return found
 
 
+def _forbidden(module: str) -> bool:
+    """A reference library, the harness (under any name), or a relative import leaving impl/."""
+    top = module.split(".", 1)[0]
+    harness = top == "sd_parity" and module != OWN_PACKAGE and not module.startswith(OWN_PACKAGE + ".")
+    return top in FORBIDDEN or harness or module.startswith(".")
+
+
 def _violations(path: Path) -> list[str]:
-    bad = []
-    for line, module in _imported_modules(path):
-        top = module.lstrip(".").split(".", 1)[0]
-        if top in FORBIDDEN or module.startswith("."):
-            bad.append(f"{path.relative_to(IMPL.parent)}:{line}: imports {module}")
-    return bad
+    return [f"{path.relative_to(IMPL.parent)}:{line}: imports {module}"
+            for line, module in _imported_modules(path) if _forbidden(module)]
 
 
 def test_impl_imports_no_reference_library_or_harness():
@@ -61,8 +65,18 @@ def test_impl_imports_no_reference_library_or_harness():
     ("def f():\n    import parity.naming", ["parity.naming"]),
     ("import importlib\nimportlib.import_module('reference.runner')", ["importlib", "reference.runner"]),
     ("from impl.ops import get_ops\nimport numpy", ["impl.ops", "numpy"]),
+    ("from sd_parity.runs import hdf5", ["sd_parity.runs"]),
 ])
 def test_scanner_sees_every_import_form(tmp_path, source, expected):
     module = tmp_path / "probe.py"
     module.write_text(source)
     assert [name for _, name in _imported_modules(module)] == expected
+
+
+
+@pytest.mark.parametrize("module, forbidden", [
+    ("sd_parity.judging.compare", True), ("sd_parity", True), ("sd_parity.impl.ops", False),
+    ("sd_parity.implx", True), ("numpy", False), ("..parity", True), ("parity.naming", True),
+])
+def test_installed_names_of_the_harness_are_forbidden(module, forbidden):
+    assert _forbidden(module) is forbidden

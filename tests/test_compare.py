@@ -12,15 +12,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from parity import compare as compare_module
-from parity.cli import main as cli_main
-from parity.compare import compare_runs
-from parity.metrics import tensor_metrics
-from parity.namemap import NameMap, NameMapError
-from parity.runfile import RunReader, RunWriter
-from parity.summary import SCHEMA_VERSION, build_summary, format_table, render_outputs
-from parity.tolerances import ToleranceConfigError, Tolerances, judge
-from parity.verdict import make_verdict
+from sd_parity.judging import compare as compare_module
+from sd_parity.cli import main as cli_main
+from sd_parity.judging.compare import compare_runs
+from sd_parity.judging.metrics import tensor_metrics
+from sd_parity.judging.name_map import NameMap, NameMapError
+from sd_parity.runs.hdf5 import RunReader, RunWriter
+from sd_parity.reports.summary import SCHEMA_VERSION, build_summary, format_table, render_outputs
+from sd_parity.judging.tolerances import ToleranceConfigError, Tolerances, judge
+from sd_parity.judging.verdict import make_verdict
 
 BF16 = ml_dtypes.bfloat16
 META = {"impl": "test", "prompt": "a red cube", "seed": 0, "steps": 2, "mode": "free"}
@@ -605,8 +605,8 @@ def test_peak_memory_is_about_two_tensors(tmp_path, monkeypatch):
 
 
 def test_uint8_images_may_be_one_level_off_in_a_thousandth_of_pixels():
-    from parity.metrics import exact_metrics
-    from parity.tolerances import Tolerances, judge
+    from sd_parity.judging.metrics import exact_metrics
+    from sd_parity.judging.tolerances import Tolerances, judge
 
     reference = np.zeros((1, 100, 100, 3), np.uint8)
     rule = Tolerances().rule_for("pipeline", "main", "image_uint8", "uint8")
@@ -621,8 +621,8 @@ def test_uint8_images_may_be_one_level_off_in_a_thousandth_of_pixels():
 
 
 def test_uint8_images_calibrate_on_the_reference_distance_from_the_oracle():
-    from parity.metrics import exact_metrics
-    from parity.tolerances import Tolerances, judge
+    from sd_parity.judging.metrics import exact_metrics
+    from sd_parity.judging.tolerances import Tolerances, judge
 
     oracle = np.full((1, 50, 50, 3), 100, np.uint8)
     reference = oracle.copy()

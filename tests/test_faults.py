@@ -1,6 +1,6 @@
 """The harness catches known porting bugs and names the faulted module; clean runs raise no alarm.
 
-Each fault (parity/faults.py) is injected into impl/ alone; the free-mode first divergence and the
+Each fault (sd_parity.candidates.faults) is injected into impl/ alone; the free-mode first divergence and the
 isolated-mode culprit must both point at the faulted module (or, for a pipeline-stage bug, the stage's
 tensor). Clean runs over several seeds and every dtype must come out at parity.
 `make test` runs every fault on the torch backend and one clean seed; `make test-all` adds the NumPy
@@ -8,16 +8,16 @@ backend's faults and a second seed (docs/faults.md has the full matrix's results
 """
 import pytest
 
-from parity.faults import FAULTS
-from parity.orchestrate import Case, run_case
-from parity.runconfig import RunConfig
+from sd_parity.candidates.faults import FAULTS
+from sd_parity.cases.case import Case, run_case
+from sd_parity.runs.config import RunConfig
 
 BASE = dict(model="tiny-sd1", steps=3, prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry")
 
 
 def _summary(tmp_path, backend, fault=None, **fields):
-    config = RunConfig(**{**BASE, **fields}, extra={"fault": fault} if fault else {})
-    return run_case(Case(config, backend), tmp_path / "case").summary
+    config = RunConfig(**{**BASE, **fields})
+    return run_case(Case(config, backend, fault=fault), tmp_path / "case").summary
 
 
 def _component_and_name(key: str) -> tuple[str, str]:

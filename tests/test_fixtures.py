@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from parity.fixtures import (FIXTURES, FIXTURES_DIR, FixtureError, bpe_merges, ensure_fixture, fixed_noise, generate,
+from sd_parity.fixtures import (FIXTURES, DATA_DIR, FixtureError, bpe_merges, ensure_fixture, fixed_noise, generate,
                              load_prompts, noise_path)
 
 ASTRONAUT = [49406, 320, 8853, 539, 550, 18376, 6765, 320, 4558, 49407]
@@ -32,7 +32,7 @@ def test_tiny_fixture_has_the_published_sd_layout(tiny_model):
 
 @pytest.mark.parametrize("name", ["tiny-sd1", "tiny-sd1-inpaint"])
 def test_generation_is_byte_identical_to_the_committed_hashes(tmp_path, name):
-    committed = json.loads((FIXTURES_DIR / "hashes.json").read_text())[name]
+    committed = json.loads((DATA_DIR / "hashes.json").read_text())[name]
     assert _hashes(generate(name, tmp_path / name)) == committed
     assert _hashes(ensure_fixture(name)) == committed
 
@@ -74,20 +74,22 @@ def test_prompts_cover_the_edge_cases():
 
 
 def test_fixed_noise_is_a_file_that_is_never_redrawn(tmp_path, monkeypatch):
-    monkeypatch.setattr("parity.fixtures.NOISE_DIR", tmp_path)
-    noise = fixed_noise("tiny-sd1", 64, 64, seed=3)
-    path = noise_path("tiny-sd1", 64, 64, 3)
+    monkeypatch.setenv("SD_PARITY_CACHE_DIR", str(tmp_path))
+    noise = fixed_noise("my-model", 64, 64, seed=3)
+    path = noise_path("my-model", 64, 64, 3)
+    assert path.parent == tmp_path / "noise", "x_T files of other models go to the user cache"
     assert path.exists() and noise.shape == (1, 4, 8, 8) and noise.dtype == np.float32
     np.save(path, np.full((1, 4, 8, 8), 7, np.float32))
-    assert (fixed_noise("tiny-sd1", 64, 64, seed=3) == 7).all()
-    assert fixed_noise("tiny-sd1", 64, 64, seed=3, batch=2).shape == (2, 4, 8, 8)
-    np.save(noise_path("tiny-sd1", 64, 64, 4), np.zeros((2, 4, 8, 8), np.float32))
+    assert (fixed_noise("my-model", 64, 64, seed=3) == 7).all()
+    assert fixed_noise("my-model", 64, 64, seed=3, batch=2).shape == (2, 4, 8, 8)
+    np.save(noise_path("my-model", 64, 64, 4), np.zeros((2, 4, 8, 8), np.float32))
     with pytest.raises(FixtureError, match="shape"):
-        fixed_noise("tiny-sd1", 64, 64, seed=4)
+        fixed_noise("my-model", 64, 64, seed=4)
+    assert noise_path("tiny-sd1", 64, 64, 0).parent == DATA_DIR / "noise", "shipped x_T files are read in place"
 
 
 def test_committed_noise_files_match_their_names():
-    files = sorted((FIXTURES_DIR / "noise").glob("*.npy"))
+    files = sorted((DATA_DIR / "noise").glob("*.npy"))
     assert files, "the standard x_T files are committed"
     for path in files:
         noise = np.load(path)

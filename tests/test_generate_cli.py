@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from parity.cli import main
-from parity.runfile import RunReader
+from sd_parity.cli import main
+from sd_parity.runs.hdf5 import RunReader
 
 INIT, MASK = "fixtures/images/init_64.png", "fixtures/images/mask_64.png"
 

@@ -22,15 +22,15 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from impl.errors import ModelInputError
-from impl.models import load_models, load_unet
-from impl.ops import get_ops
-from impl.ops.numpy_ops import NumpyOps
-from impl.weights import WeightStore
-from parity.fixtures import FIXTURES, ensure_fixture
-from parity.naming import Block, flatten, module_path, with_call_index
-from parity.recorder import to_numpy
-from parity.runfile import RunReader
+from sd_parity.impl.errors import ModelInputError
+from sd_parity.impl.models import load_models, load_unet
+from sd_parity.impl.ops import get_ops
+from sd_parity.impl.ops.numpy_ops import NumpyOps
+from sd_parity.impl.weights import WeightStore
+from sd_parity.fixtures import FIXTURES, ensure_fixture
+from sd_parity.runs.naming import Block, flatten, module_path, with_call_index
+from sd_parity.runs.recorder import to_numpy
+from sd_parity.runs.hdf5 import RunReader
 
 BACKENDS = ("torch", "numpy")
 DTYPES = ("fp32", "fp64", "fp16", "bf16")
@@ -233,9 +233,9 @@ def _capture(component: str, module, call, include=()):
     """Run `call()` under the reference hooks; {name: array} as the run file would hold them."""
     import torch
 
-    from parity.capture_spec import CaptureSpec
-    from parity.recorder import Recorder
-    from reference.hooks import capture_module
+    from sd_parity.runs.selection import CaptureSpec
+    from sd_parity.runs.recorder import Recorder
+    from sd_parity.reference.hooks import capture_module
 
     writer = _DictWriter()
     recorder = Recorder(writer, CaptureSpec.parse("all"), total_steps=1)
@@ -435,7 +435,7 @@ def test_fp32_weights_are_the_memory_mapped_file():
     """fp32 files at fp32 are used in place (no copy); other dtypes are converted once."""
     import mmap
 
-    from impl.tensor_files import open_component
+    from sd_parity.impl.tensor_files import open_component
 
     folder = ensure_fixture("tiny-sd1")
     stored = open_component(folder / "unet")["conv_in.weight"]

@@ -5,8 +5,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from parity import metrics
-from parity.metrics import (ExactMetrics, FloatMetrics, _Tail, _TopK, exact_metrics, float_metrics, oracle_error,
+from sd_parity.judging import metrics
+from sd_parity.judging.metrics import (ExactMetrics, FloatMetrics, _Tail, _TopK, exact_metrics, float_metrics, oracle_error,
                             p99_rank_count, tensor_metrics, ulp_distance)
 
 BF16 = ml_dtypes.bfloat16

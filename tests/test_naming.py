@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from parity.capture_spec import CaptureSpec, CaptureSpecError
-from parity.naming import Block, block_of, blocks_in, flatten, is_block_level, module_path
+from sd_parity.runs.selection import CaptureSpec, CaptureSpecError
+from sd_parity.runs.naming import Block, block_of, blocks_in, flatten, is_block_level, module_path
 
 
 def test_flatten_names_nested_outputs():

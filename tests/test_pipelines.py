@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from parity.runfile import RunReader
+from sd_parity.runs.hdf5 import RunReader
 
 SAMPLERS = ["ddim", "pndm", "ddpm", "euler", "euler_ancestral", "lms", "dpmpp_2m"]
 STOCHASTIC = {"ddpm", "euler_ancestral"}

@@ -5,7 +5,7 @@ import os
 import re
 from pathlib import Path
 
-from parity.fixtures import ensure_fixture
+from sd_parity.fixtures import ensure_fixture
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,11 +9,11 @@ import time
 import numpy as np
 import pytest
 
-from parity.cli import main
-from parity.runfile import RunReader, validate
+from sd_parity.cli import main
+from sd_parity.runs.hdf5 import RunReader, validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PARITY = [sys.executable, "-m", "parity.cli"]
+PARITY = [sys.executable, "-m", "sd_parity"]
 
 NO_NETWORK = '''
 import socket
@@ -183,9 +183,9 @@ def test_img2img_capture_encodes_the_init_image_and_records_the_posterior_noise(
 
 
 def test_inpaint_capture_on_a_nine_channel_unet(reference_run):
-    from parity.runconfig import RunConfig
-    from parity.run_cache import cached_run
-    from reference.runner import run_reference
+    from sd_parity.runs.config import RunConfig
+    from sd_parity.runs.cache import cached_run
+    from sd_parity.reference.runner import run_reference
 
     config = RunConfig(model="tiny-sd1-inpaint", pipeline="inpaint", init_image="fixtures/images/init_64.png",
                        mask_image="fixtures/images/mask_64.png", strength=1.0, steps=2)

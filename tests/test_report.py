@@ -11,17 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parity.cli import main as cli_main
-from parity.compare import compare_runs
-from parity.report import REPORT_FILE, write_index_html, write_report
-from parity.report.decimate import keep_extremes
-from parity.report.depth import POINTS_PER_CHART
-from parity.report.drilldown import HISTOGRAM_BINS, MAP_SIDE, WORST_ELEMENTS, add_drilldowns, tensor_detail
-from parity.report.pictures import amplified_difference, png_data_uri
-from parity.report.render import REPORT_SCRIPTS, inline_asset, render_report, script_json
-from parity.runfile import RunWriter
-from parity.summary import build_summary, render_outputs
-from parity.verdict import make_verdict
+from sd_parity.cli import main as cli_main
+from sd_parity.judging.compare import compare_runs
+from sd_parity.reports.html import REPORT_FILE, write_index_html, write_report
+from sd_parity.reports.html.decimate import keep_extremes
+from sd_parity.reports.html.depth import POINTS_PER_CHART
+from sd_parity.reports.html.drilldown import HISTOGRAM_BINS, MAP_SIDE, WORST_ELEMENTS, add_drilldowns, tensor_detail
+from sd_parity.reports.html.pictures import amplified_difference, png_data_uri
+from sd_parity.reports.html.render import REPORT_SCRIPTS, inline_asset, render_report, script_json
+from sd_parity.runs.hdf5 import RunWriter
+from sd_parity.reports.summary import build_summary, render_outputs
+from sd_parity.judging.verdict import make_verdict
 
 FAULTED = "down_blocks.1.resnets.0.norm1"
 SPIKE = (1, 3, 2, 1)  # the element of FAULTED the fake fault changes
@@ -346,7 +346,7 @@ def test_index_links_each_case_and_leads_with_the_suite_verdict(tmp_path):
     for name, status in (("txt2img-ddim-numpy-fp32", "divergence"), ('bad"><img src=x onerror=alert(1)>', "parity")):
         cases.append({"name": name, "status": status, "verdict": f"{status}: text", "first_divergence": None,
                       "culprits": [{"block": "unet_block_1_down"}] if status == "divergence" else [],
-                      "backend": "numpy", "dtype": "fp32", "scheduler": "ddim", "pipeline": "txt2img", "mode": "both",
+                      "candidate": "numpy", "dtype": "fp32", "scheduler": "ddim", "pipeline": "txt2img", "mode": "both",
                       "calibrated": True, "seconds": 1.5, "summary": str(tmp_path / "cases" / "x" / "summary.json"),
                       "report": str(tmp_path / "cases" / name / REPORT_FILE), "repro": f"parity run --label {name}"})
     index = {"title": "parity suite (tiny-sd1)", "status": "divergence", "cases": cases}
@@ -366,22 +366,23 @@ def faulty_tiny_case(folder: Path, reference_run, monkeypatch, steps: int = 1) -
     """tiny-sd1 (DDIM, fp32), numpy impl with GroupNorm eps x1000 in unet FAULTED (patched in memory);
     compared free and isolated against the cached reference, drilled into and rendered to folder/case.
     One step shares its reference run with tests/test_impl_models.py."""
-    import impl.scope
-    from parity.impl_runner import run_impl, run_impl_isolated
-    from parity.runconfig import RunConfig
+    import sd_parity.impl.scope as scope
+    from sd_parity.candidates.impl import ImplCandidate
+    from sd_parity.candidates.runner import run_free, run_isolated
+    from sd_parity.runs.config import RunConfig
 
-    original = impl.scope.GroupNorm.__call__
+    original = scope.GroupNorm.__call__
 
     def wrong_eps(self, x):
         if self.s.path != FAULTED:
             return original(self, x)
         return self.s.tap(self.ops.group_norm(x, self.groups, self.w, self.b, self.eps * 1000))
 
-    monkeypatch.setattr(impl.scope.GroupNorm, "__call__", wrong_eps)
+    monkeypatch.setattr(scope.GroupNorm, "__call__", wrong_eps)
     config = RunConfig(model="tiny-sd1", steps=steps)
     reference = reference_run(steps=steps)
-    free = run_impl(config, folder / "free.h5", "numpy", reference=reference)
-    isolated = run_impl_isolated(config, reference, folder / "isolated.h5", "numpy")
+    free = run_free(ImplCandidate("numpy"), config, folder / "free.h5", reference=reference)
+    isolated = run_isolated(ImplCandidate("numpy"), config, reference, folder / "isolated.h5")
     comparison, iso = compare_runs(reference, free), compare_runs(reference, isolated)
     summary = build_summary(comparison, make_verdict(comparison, iso), iso)
     render_outputs(add_drilldowns(summary), folder / "case")

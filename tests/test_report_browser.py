@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from parity.report import REPORT_FILE, write_index_html, write_report
-from parity.report.values import rounded, sort_key
+from sd_parity.reports.html import REPORT_FILE, write_index_html, write_report
+from sd_parity.reports.html.values import rounded, sort_key
 from test_report import FAULTED, PAYLOADS, faulty_tiny_case, malicious_case  # pytest puts tests/ on sys.path
 
 pytestmark = pytest.mark.browser
@@ -137,10 +137,10 @@ def test_index_links_the_case_report(browser, tiny_report):
     index = {"title": "parity suite (tiny-sd1)", "status": "divergence", "cases": [{
         "name": "txt2img-ddim-numpy-fp32", "status": summary["verdict"]["status"],
         "verdict": summary["verdict"]["text"],
-        "first_divergence": summary["first_divergence"], "culprits": summary["culprits"], "backend": "numpy",
+        "first_divergence": summary["first_divergence"], "culprits": summary["culprits"], "candidate": "numpy",
         "dtype": "fp32", "scheduler": "ddim", "pipeline": "txt2img", "mode": "both", "calibrated": False,
         "seconds": 1.0, "summary": str(tiny_report / "summary.json"), "report": str(tiny_report / REPORT_FILE),
-        "repro": "parity run --model tiny-sd1 --backend numpy"}]}
+        "repro": "parity run --model tiny-sd1 --candidate numpy"}]}
     page, problems = open_page(browser, write_index_html(index, tiny_report.parent / "parity.html"), scripted=False)
     assert "DIVERGENCE" in page.locator("#verdict").inner_text()
     page.screenshot(path=SCREENSHOTS / "screenshot-index.png", full_page=True)

@@ -7,7 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from parity.runfile import RunFileError, RunReader, RunWriter, validate
+from sd_parity.runs.hdf5 import RunFileError, RunReader, RunWriter, validate
 
 
 def _write_sample(path, **kwargs):
@@ -199,7 +199,7 @@ def test_files_without_an_index_are_read_by_scanning(tmp_path):
     ((3, 3000, 3000), 2, (1, 2796, 3000)),
 ])
 def test_chunks_stay_under_16_mib(shape, itemsize, expected):
-    from parity.runfile import CHUNK_BYTES, chunk_shape
+    from sd_parity.runs.hdf5 import CHUNK_BYTES, chunk_shape
 
     chunk = chunk_shape(shape, itemsize)
     assert chunk == expected

@@ -36,9 +36,9 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
 from scipy import integrate
 
-from impl.errors import ModelInputError
-from impl.samplers import SAMPLERS, TorchF32, gauss_kronrod21, make_sampler
-from impl.schedule import NUMPY_F32, Schedule, cumprod32, exp32, fma32, linspace32, log32
+from sd_parity.impl.errors import ModelInputError
+from sd_parity.impl.samplers import SAMPLERS, TorchF32, gauss_kronrod21, make_sampler
+from sd_parity.impl.schedule import NUMPY_F32, Schedule, cumprod32, exp32, fma32, linspace32, log32
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = {
@@ -444,7 +444,7 @@ except ImportError:
 else:
     raise AssertionError("torch is still importable")
 import numpy as np
-from impl.samplers import SAMPLERS, make_sampler
+from sd_parity.impl.samplers import SAMPLERS, make_sampler
 
 config = json.loads(sys.argv[1])
 rng = np.random.default_rng(0)

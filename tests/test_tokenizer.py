@@ -7,9 +7,9 @@ import warnings
 import numpy as np
 import pytest
 
-from impl.errors import ModelInputError
-from impl.tokenizer import Tokenizer
-from parity.fixtures import ensure_fixture, load_prompts
+from sd_parity.impl.errors import ModelInputError
+from sd_parity.impl.tokenizer import Tokenizer
+from sd_parity.fixtures import ensure_fixture, load_prompts
 
 ADVERSARIAL = [
     # special tokens: only the exact spelling is special, anywhere in the text

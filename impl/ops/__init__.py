@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from impl.errors import ModelInputError
+from ..errors import ModelInputError
 
 DTYPES = ("fp32", "fp64", "fp16", "bf16")
 BACKENDS = ("numpy", "torch")

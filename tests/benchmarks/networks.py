@@ -35,8 +35,8 @@ def network(model_dir: Path, impl: str, component: str, latent: int, batch: int 
     args = inputs(config, component, latent, batch)
     if impl == "diffusers":
         return _diffusers(model_dir, component, args)
-    from impl.models import load_text_encoder, load_unet, load_vae
-    from impl.ops import get_ops
+    from sd_parity.impl.models import load_text_encoder, load_unet, load_vae
+    from sd_parity.impl.ops import get_ops
 
     ops = get_ops(impl, "fp32")
     if component == "text_encoder":

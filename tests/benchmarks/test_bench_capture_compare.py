@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from parity.fixtures import ensure_fixture
+from sd_parity.fixtures import ensure_fixture
 
 from .conftest import record
 
@@ -52,9 +52,9 @@ def test_compare_throughput_and_memory(captures):
     first, second = sorted(out.glob("run.*.h5"))[:2]
     measured = _run("-c", f"""
 import json, time
-from parity.compare import compare_runs
+from sd_parity.judging.compare import compare_runs
 from tests.benchmarks.networks import peak_rss
-from parity.runfile import RunReader
+from sd_parity.runs.hdf5 import RunReader
 with RunReader({str(first)!r}) as r:
     nbytes = sum(e.nbytes for e in r.entries()); largest = max(e.nbytes for e in r.entries())
 started = time.perf_counter()
@@ -81,10 +81,10 @@ def test_txt2img_256_two_steps_memory(backend):
     started = time.perf_counter()
     measured = _run("-c", f"""
 import json
-from parity.runconfig import RunConfig
+from sd_parity.runs.config import RunConfig
 from tests.benchmarks.networks import peak_rss
-from parity.impl_runner import load_impl, request_for
-from impl.pipeline import seeded_noise
+from sd_parity.candidates.impl import load_impl, request_for
+from sd_parity.impl.pipeline import seeded_noise
 config = RunConfig(model="sd15-arch", height=256, width=256, steps=2)
 sd = load_impl(config, {backend!r})
 sd(request_for(config, sd, config.initial_noise(), seeded_noise(0)))

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from parity.fixtures import ensure_fixture
+from sd_parity.fixtures import ensure_fixture
 
 from .conftest import record
 from .networks import COMPONENTS, IMPLS, network

@@ -27,10 +27,10 @@ def main() -> None:
 
     from diffusers import UNet2DConditionModel
 
-    from parity.capture_spec import CaptureSpec
-    from parity.recorder import Recorder
-    from parity.runfile import RunWriter
-    from reference.hooks import capture_module
+    from sd_parity.runs.selection import CaptureSpec
+    from sd_parity.runs.recorder import Recorder
+    from sd_parity.runs.hdf5 import RunWriter
+    from sd_parity.reference.hooks import capture_module
 
     from .networks import peak_rss
 

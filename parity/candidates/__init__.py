@@ -1,0 +1,9 @@
+"""Candidates: the implementations under test, behind one protocol (protocol.py).
+
+impl/'s backends are candidates like any port (impl.py); registry.py resolves `--candidate SPEC`;
+runner.py drives a candidate in free and isolated mode; replay.py serves the reference's inputs;
+stages.py lists the pipeline stages of isolated mode; faults.py injects known bugs into impl/.
+"""
+from .protocol import Candidate, Replay, RunContext, Taps
+
+__all__ = ["Candidate", "Replay", "RunContext", "Taps"]

@@ -1,0 +1,113 @@
+"""`--candidate SPEC` to a candidate object.
+
+SPEC is one of:
+    numpy | torch                 impl/'s backends (built in)
+    NAME                          a candidate registered by an installed package under the entry-point
+                                  group `sd_parity.candidates` (NAME = factory, as in pyproject.toml:
+                                  [project.entry-points."sd_parity.candidates"] my-port = "my_port.parity:make")
+    pkg.module:factory            a factory (or class) importable from the current environment
+    path/to/port.py:factory       a factory in a Python file (imported under a private module name)
+A factory is called without arguments and returns an object that follows sd_parity.Candidate.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, Callable
+
+from sd_parity.errors import BadInput
+
+ENTRY_POINT_GROUP = "sd_parity.candidates"
+
+
+def _impl(backend: str) -> Callable[[], Any]:
+    def make() -> Any:
+        from .impl import ImplCandidate
+
+        return ImplCandidate(backend)
+    return make
+
+
+BUILTIN: dict[str, Callable[[], Any]] = {"numpy": _impl("numpy"), "torch": _impl("torch")}
+
+
+def builtin_names() -> tuple[str, ...]:
+    return tuple(BUILTIN)
+
+
+def registered() -> dict[str, Any]:
+    """Entry points of installed ports, by name."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def is_builtin(spec: str) -> bool:
+    return spec in BUILTIN
+
+
+def resolve(spec: str, fault: str | None = None) -> Any:
+    """The candidate object for `spec` (see the module docstring); BadInput saying what to fix otherwise."""
+    if fault is not None:
+        if spec not in BUILTIN:
+            raise BadInput(f"--inject-fault applies to impl's own backends ({', '.join(BUILTIN)}), not to {spec!r}")
+        from .impl import ImplCandidate
+
+        return ImplCandidate(spec, fault=fault)
+    factory = _factory(spec)
+    try:
+        candidate = factory()
+    except BadInput:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a port's own failure, reported as such
+        raise BadInput(f"--candidate {spec}: its factory failed: {type(exc).__name__}: {exc}") from exc
+    if not callable(getattr(candidate, "capture", None)):
+        raise BadInput(f"--candidate {spec}: {type(candidate).__name__} has no capture(run) method; "
+                       "see docs/ports.md for the candidate protocol")
+    if not hasattr(candidate, "name"):
+        candidate.name = spec.rsplit(":", 1)[-1]
+    return candidate
+
+
+def _factory(spec: str) -> Callable[[], Any]:
+    if spec in BUILTIN:
+        return BUILTIN[spec]
+    points = registered()
+    if spec in points:
+        try:
+            return points[spec].load()
+        except Exception as exc:  # noqa: BLE001
+            raise BadInput(f"--candidate {spec}: the entry point {points[spec].value} failed to load: {exc}") from exc
+    target, sep, attribute = spec.rpartition(":")
+    if not sep or not target or not attribute:
+        known = ", ".join([*BUILTIN, *points]) or "none"
+        raise BadInput(f"--candidate {spec!r}: not a known candidate ({known}); give pkg.module:factory or "
+                       "path/to/port.py:factory")
+    module = _load_file(Path(target), spec) if target.endswith(".py") else _import(target, spec)
+    factory = getattr(module, attribute, None)
+    if not callable(factory):
+        raise BadInput(f"--candidate {spec}: {target} has no callable {attribute!r}")
+    return factory
+
+
+def _import(name: str, spec: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise BadInput(f"--candidate {spec}: cannot import {name}: {exc}") from exc
+
+
+def _load_file(path: Path, spec: str):
+    if not path.is_file():
+        raise BadInput(f"--candidate {spec}: {path} does not exist")
+    name = f"_sd_parity_candidate_{abs(hash(str(path.resolve())))}"
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the port's file failed to import
+        del sys.modules[name]
+        raise BadInput(f"--candidate {spec}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
+    return module

@@ -1,0 +1,119 @@
+"""One parity case end to end: capture the reference (and the fp64 oracle), run the candidate free and
+isolated, compare, and write the case's outputs. `parity run` and `parity suite` are lists of cases."""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from sd_parity.candidates.protocol import supports
+from sd_parity.candidates.registry import is_builtin, resolve
+from sd_parity.candidates.runner import run_free, run_isolated
+from sd_parity.judging.compare import compare_runs
+from sd_parity.judging.tolerances import Tolerances
+from sd_parity.judging.verdict import make_verdict
+from sd_parity.reports.summary import build_summary, render_outputs
+from sd_parity.runs.cache import cached_run
+from sd_parity.runs.config import RunConfig
+
+MODES = ("free", "isolated", "both")
+
+
+@dataclass
+class Case:
+    config: RunConfig
+    candidate: str  # a --candidate SPEC: numpy, torch, an entry-point name, pkg.module:factory, port.py:factory
+    mode: str = "both"
+    calibrated: bool = True
+    fault: str | None = None  # a known bug injected into impl/ (sd_parity.candidates.faults)
+    label: str = ""
+
+    @property
+    def name(self) -> str:
+        c = self.config
+        return self.label or f"{c.pipeline}-{c.scheduler}-{candidate_label(self.candidate)}-{c.dtype}"
+
+
+def candidate_label(spec: str) -> str:
+    """A file-name-safe short name for a candidate spec (its factory name for pkg:factory specs)."""
+    short = spec.rsplit(":", 1)[-1] if ":" in spec and not is_builtin(spec) else spec
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in short)
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    summary: dict[str, Any]
+    out_dir: Path
+    seconds: float
+    runs: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.summary["verdict"]["status"] == "parity"
+
+
+def reference_run(config: RunConfig) -> Path:
+    """The cached reference run for `config`."""
+    from sd_parity.reference.runner import run_reference
+
+    return cached_run(config, "reference", lambda cfg, path: run_reference(cfg, path, progress=False))
+
+
+def run_case(case: Case, out_dir: Path, tolerances: Tolerances | None = None,
+             log: Callable[[str], None] = lambda line: None) -> CaseResult:
+    started = time.perf_counter()
+    config = case.config
+    log(f"{case.name}: reference {config.dtype}")
+    runs = {"reference": reference_run(config)}
+    if case.calibrated and config.dtype != "fp64":
+        log(f"{case.name}: oracle fp64")
+        runs["oracle"] = reference_run(dataclasses.replace(config, dtype="fp64"))
+    candidate = resolve(case.candidate, fault=case.fault)
+    fingerprint = candidate.fingerprint() if hasattr(candidate, "fingerprint") else None
+    label = candidate_label(case.candidate)
+    if case.mode in ("free", "both"):
+        log(f"{case.name}: {label} free")
+        runs["candidate"] = cached_run(config, label, lambda cfg, path: run_free(
+            candidate, cfg, path, reference=runs["reference"]), fingerprint=fingerprint)
+    if case.mode in ("isolated", "both") and (supports(candidate, "run_block") or supports(candidate, "run_stage")):
+        log(f"{case.name}: {label} isolated")
+        runs["isolated"] = cached_run(config, label, lambda cfg, path: run_isolated(
+            candidate, cfg, runs["reference"], path), mode="isolated", fingerprint=fingerprint)
+    log(f"{case.name}: compare")
+    main = runs.get("candidate", runs.get("isolated"))
+    comparison = compare_runs(runs["reference"], main, oracle_path=runs.get("oracle"), tolerances=tolerances)
+    isolated = None
+    if "isolated" in runs and "candidate" in runs:
+        isolated = compare_runs(runs["reference"], runs["isolated"], oracle_path=runs.get("oracle"),
+                                tolerances=tolerances)
+    summary = build_summary(comparison, make_verdict(comparison, isolated), isolated)
+    summary["case"] = {"name": case.name, "candidate": case.candidate, "mode": case.mode,
+                       "calibrated": "oracle" in runs, "repro": repro_command(case)}
+    from sd_parity.reports.html.drilldown import add_drilldowns  # tensor data the HTML report drills into
+    add_drilldowns(summary)
+    render_outputs(summary, out_dir)
+    return CaseResult(case, summary, out_dir, time.perf_counter() - started, runs)
+
+
+def repro_command(case: Case) -> str:
+    """The `parity run` command line that reproduces this case alone."""
+    c = case.config
+    parts = ["parity run", f"--model {shlex.quote(c.model)}", f"--candidate {shlex.quote(case.candidate)}",
+             f"--dtype {c.dtype}", f"--scheduler {c.scheduler}", f"--steps {c.steps}", f"--mode {case.mode}",
+             f"--seed {c.seed}", f"--prompt {shlex.quote(c.prompt if isinstance(c.prompt, str) else c.prompt[0])}"]
+    if c.pipeline != "txt2img":
+        parts += [f"--pipeline {c.pipeline}", f"--init-image {shlex.quote(str(c.init_image))}",
+                  f"--strength {c.strength}"]
+        if c.mask_image:
+            parts.append(f"--mask {shlex.quote(str(c.mask_image))}")
+    if c.capture:
+        parts.append(f"--capture {shlex.quote(c.capture)}")
+    if not case.calibrated:
+        parts.append("--no-calibrate")
+    if case.fault:
+        parts.append(f"--inject-fault {case.fault}")
+    return " ".join(parts + [f"--output-dir reports/{case.name}"])

@@ -1,0 +1,91 @@
+"""`parity capture`: run one implementation and write its run file."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from sd_parity.errors import BadInput
+from sd_parity.runs.config import DTYPES, PIPELINES, SCHEDULERS, RunConfig
+
+
+def add_run_arguments(parser, pipeline: str | None = None) -> None:
+    """The arguments that describe a run, shared by every command that runs a pipeline.
+
+    Commands named after one pipeline (txt2img, ...) pass it; the others get a --pipeline option."""
+    parser.add_argument("--model", required=True, help="fixture name (e.g. tiny-sd1) or diffusers model folder")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="prompt (repeat for several prompts in one batch; default 'a red cube')")
+    parser.add_argument("--negative-prompt", action="append", default=None,
+                        help="negative prompt (one for all, or one per --prompt)")
+    parser.add_argument("--images-per-prompt", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--scheduler", default="ddim", choices=SCHEDULERS,
+                        help="sampler (default ddim; pndm is SD 1.5's own and calls the UNet steps+1 times)")
+    parser.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (> 0 draws recorded noise)")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=None, help="pixels, multiple of 8 (default: model's)")
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES)
+    parser.add_argument("--device", default="cpu", help="torch device for reference/torch runs")
+    if pipeline is None:
+        parser.add_argument("--pipeline", default="txt2img", choices=PIPELINES)
+    if pipeline != "txt2img":
+        parser.add_argument("--init-image", default=None, help="img2img/inpaint: RGB image, size = run size")
+        parser.add_argument("--strength", type=float, default=0.75, help="img2img/inpaint: fraction in (0, 1]")
+    if pipeline in (None, "inpaint"):
+        parser.add_argument("--mask", default=None, help="inpaint: mask image (white = repaint), same size")
+
+
+def config_from_args(args) -> RunConfig:
+    return RunConfig(
+        model=args.model, prompt=_one_or_list(args.prompt or ["a red cube"]),
+        negative_prompt=_one_or_list(args.negative_prompt) if args.negative_prompt else None,
+        images_per_prompt=args.images_per_prompt, steps=args.steps,
+        scheduler=args.scheduler, guidance=args.guidance, seed=args.seed, height=args.height,
+        width=args.width, dtype=args.dtype, capture=getattr(args, "capture", None), eta=args.eta,
+        karras=args.karras, compression=getattr(args, "compress", None), device=args.device,
+        pipeline=args.pipeline, init_image=getattr(args, "init_image", None), mask_image=getattr(args, "mask", None),
+        strength=getattr(args, "strength", 0.75))
+
+
+def _one_or_list(values: list[str]) -> str | list[str]:
+    return values[0] if len(values) == 1 else values
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("capture", help="run an implementation and write its run file")
+    parser.add_argument("--candidate", "--impl", dest="candidate", default="reference", metavar="SPEC",
+                        help="what to run: reference (diffusers), numpy or torch (impl/), an installed port's "
+                             "name, pkg.module:factory or path/to/port.py:factory (default: reference)")
+    add_run_arguments(parser)
+    parser.add_argument("--capture", default=None, metavar="SPEC",
+                        help="what to keep: all, blocks, pipeline, a component, glob:P, re:R, steps=LIST "
+                             "(';'-separated; default all for small models, blocks for full-size)")
+    parser.add_argument("--compress", choices=("gzip", "lzf"), default=None)
+    parser.add_argument("--noise-from", type=Path, default=None, metavar="REF.h5",
+                        help="candidate runs: replay a reference run's x_T and recorded noise (stochastic samplers)")
+    parser.add_argument("--output", required=True, type=Path, help="run file to write (.h5)")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    config = config_from_args(args)
+    if args.output.is_dir():
+        raise BadInput(f"--output {args.output} is a folder; give a file path such as {args.output / 'run.h5'}")
+    started = time.perf_counter()
+    if args.candidate == "reference":
+        from sd_parity.reference.runner import run_reference
+
+        path = run_reference(config, args.output, progress=sys.stderr.isatty())
+    else:
+        from sd_parity.candidates.registry import resolve
+        from sd_parity.candidates.runner import run_free
+
+        path = run_free(resolve(args.candidate), config, args.output, reference=args.noise_from,
+                        progress=sys.stderr.isatty())
+    size = path.stat().st_size
+    print(f"wrote {path} ({size / 2**20:.1f} MiB) in {time.perf_counter() - started:.1f} s")
+    return 0

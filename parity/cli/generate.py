@@ -1,0 +1,59 @@
+"""`parity txt2img | img2img | inpaint`: run impl/ on a model and save a PNG."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from sd_parity.errors import BadInput
+from sd_parity.progress import step_progress
+from sd_parity.candidates.registry import builtin_names
+from .capture import add_run_arguments, config_from_args
+
+PIPELINE_HELP = {
+    "txt2img": "generate an image from a prompt with impl/",
+    "img2img": "re-imagine --init-image with impl/",
+    "inpaint": "repaint the white part of --mask in --init-image with impl/",
+}
+
+
+def register(subparsers) -> None:
+    for pipeline, help_text in PIPELINE_HELP.items():
+        parser = subparsers.add_parser(pipeline, help=help_text)
+        add_run_arguments(parser, pipeline=pipeline)
+        parser.add_argument("--backend", default="numpy", choices=builtin_names())
+        parser.add_argument("--output", required=True, type=Path, help="PNG to write")
+        parser.set_defaults(handler=run, pipeline=pipeline)
+
+
+def run(args) -> int:
+    from PIL import Image
+
+    from sd_parity.candidates.impl import ImplCandidate, ProgressObserver, request_for
+    from sd_parity.candidates.replay import SeededReplay
+    from sd_parity.impl.images import to_uint8
+
+    if args.output.suffix.lower() != ".png":
+        raise BadInput(f"--output {args.output} must end in .png")
+    if not args.output.parent.is_dir():
+        raise BadInput(f"--output folder {args.output.parent} does not exist")
+    config = config_from_args(args)
+    started = time.perf_counter()
+    candidate = ImplCandidate(args.backend)
+    candidate.prepare(config, config.model_dir())
+    sd = candidate.sd
+    loaded = time.perf_counter()
+    replay = SeededReplay(config, scale=sd.vae_scale)
+    pixels = sd(request_for(config, replay.x_T, replay.noise),
+                ProgressObserver(step_progress(sys.stderr.isatty(), config.steps, f"{args.pipeline} {args.backend}")))
+    finished = time.perf_counter()
+    images = to_uint8(pixels)
+    paths = [args.output] if len(images) == 1 else [
+        args.output.with_name(f"{args.output.stem}-{i}.png") for i in range(len(images))]
+    for path, image in zip(paths, images):
+        Image.fromarray(image).save(path)
+    print(f"wrote {', '.join(map(str, paths))}: {config.width}x{config.height}, {config.steps} steps of "
+          f"{config.scheduler}, {args.backend} {config.dtype}; load {loaded - started:.1f} s, "
+          f"run {finished - loaded:.1f} s ({(finished - loaded) / config.steps:.2f} s/step)")
+    return 0
+

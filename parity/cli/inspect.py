@@ -1,0 +1,65 @@
+"""`parity inspect RUN.h5`: what a run file holds (components, steps, tensors, sizes, metadata)."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from sd_parity.runs.hdf5 import RunReader, validate
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("inspect", help="list the components, steps, tensors and metadata of a run file")
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--tensors", action="store_true", help="list every tensor, not only a summary per invocation")
+    parser.set_defaults(handler=run)
+
+    check = subparsers.add_parser("validate", help="check a run file against the format and name every problem")
+    check.add_argument("run", type=Path)
+    check.set_defaults(handler=run_validate)
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def run(args) -> int:
+    with RunReader(args.run) as reader:
+        meta = reader.metadata
+        print(f"{args.run}: impl={meta.get('impl')} model={meta.get('model')} dtype={meta.get('dtype')} "
+              f"scheduler={meta.get('scheduler')} steps={meta.get('steps')} seed={meta.get('seed')}")
+        print("metadata: " + json.dumps(meta, sort_keys=True))
+        groups: dict[tuple[str, str], list] = defaultdict(list)
+        for entry in reader.entries():
+            groups[(entry.component, entry.invocation)].append(entry)
+        total = 0
+        for component in reader.components():
+            invocations = [inv for (comp, inv) in groups if comp == component]
+            count = sum(len(groups[(component, inv)]) for inv in invocations)
+            nbytes = sum(e.nbytes for inv in invocations for e in groups[(component, inv)])
+            total += nbytes
+            print(f"\n{component}: {len(invocations)} invocation(s), {count} tensors, {_size(nbytes)}")
+            for invocation in sorted(invocations):
+                entries = groups[(component, invocation)]
+                print(f"  {invocation}: {len(entries)} tensors, {_size(sum(e.nbytes for e in entries))}")
+                shown = entries if args.tensors else entries[:3]
+                for entry in shown:
+                    print(f"    {entry.name}  {entry.dtype}{list(entry.shape)}  {_size(entry.nbytes)}")
+                if len(shown) < len(entries):
+                    print(f"    ... {len(entries) - len(shown)} more (--tensors lists all)")
+        print(f"\ntotal: {len(reader.entries())} tensors, {_size(total)}")
+    return 0
+
+
+def run_validate(args) -> int:
+    problems = validate(args.run)
+    if problems:
+        for problem in problems:
+            print(f"{args.run}: {problem}")
+        return 2
+    print(f"{args.run}: valid run file")
+    return 0

@@ -1,0 +1,89 @@
+"""`parity run`: capture the reference, run impl, compare, report — for a matrix of backends, dtypes, samplers."""
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from sd_parity.errors import BadInput
+from sd_parity.candidates.registry import builtin_names
+from sd_parity.cases.case import MODES, Case, CaseResult, run_case
+from sd_parity.runs.config import DTYPES, SCHEDULERS
+from sd_parity.reports.summary import format_table
+from sd_parity.judging.tolerances import ToleranceConfigError, Tolerances
+from .capture import add_run_arguments, config_from_args
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("run", help="reference vs a candidate end to end: capture, run, compare, report")
+    add_run_arguments(parser)
+    parser.set_defaults(scheduler=None, dtype=None)
+    for action in parser._actions:  # several samplers and dtypes per run
+        if action.dest in ("scheduler", "dtype"):
+            action.nargs, action.default = "+", None
+    parser.add_argument("--candidate", "--backend", dest="candidate", nargs="+", default=["both"], metavar="SPEC",
+                        help="what to check against the reference: numpy, torch or both (impl/), an installed "
+                             "port's name, pkg.module:factory or path/to/port.py:factory (default: both)")
+    parser.add_argument("--mode", default="both", choices=MODES)
+    parser.add_argument("--capture", default=None, metavar="SPEC", help="what to capture (see parity capture)")
+    parser.add_argument("--no-calibrate", dest="calibrated", action="store_false",
+                        help="judge by dtype tolerances only, without an fp64 oracle run")
+    parser.add_argument("--config", type=Path, default=None, help="parity.toml with tolerance overrides")
+    add_fault_argument(parser)
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.set_defaults(handler=run)
+
+
+def add_fault_argument(parser) -> None:
+    from sd_parity.candidates.faults import FAULTS
+
+    parser.add_argument("--inject-fault", default=None, choices=sorted(FAULTS), metavar="FAULT",
+                        help="inject a known porting bug into impl (to see the harness catch it): "
+                             + ", ".join(sorted(FAULTS)))
+
+
+def with_fault(cases: list[Case], name: str | None) -> list[Case]:
+    return cases if name is None else [replace(case, fault=name) for case in cases]
+
+
+def run(args) -> int:
+    schedulers, dtypes = args.scheduler or ["ddim"], args.dtype or ["fp32"]
+    for value, allowed, option in ((schedulers, SCHEDULERS, "--scheduler"), (dtypes, DTYPES, "--dtype")):
+        unknown = [v for v in value if v not in allowed]
+        if unknown:
+            raise BadInput(f"{option} {' '.join(unknown)}: unknown; use {', '.join(allowed)}")
+    args.scheduler, args.dtype = schedulers[0], dtypes[0]
+    base = config_from_args(args)
+    candidates = [c for spec in args.candidate for c in (builtin_names() if spec == "both" else (spec,))]
+    cases = with_fault([Case(replace(base, scheduler=s, dtype=d), c, args.mode, args.calibrated)
+                        for s, d, c in itertools.product(schedulers, dtypes, candidates)], args.inject_fault)
+    return execute(cases, args.output_dir, args.config, title=f"parity run on {base.model}")
+
+
+def execute(cases: list[Case], output_dir: Path, config: Path | None, title: str) -> int:
+    from sd_parity.reports.index import index_dict, write_index_json, write_merged_junit
+    from sd_parity.reports.html import write_index_html
+
+    try:
+        tolerances = Tolerances.load(config) if config else Tolerances.discover(Path.cwd())
+    except ToleranceConfigError as exc:
+        raise BadInput(str(exc)) from exc
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results: list[CaseResult] = []
+    for number, case in enumerate(cases, 1):
+        log = lambda line: print(f"[{number}/{len(cases)}] {line}", file=sys.stderr, flush=True)  # noqa: E731
+        result = run_case(case, output_dir / case.name, tolerances, log)
+        results.append(result)
+        mark = "ok  " if result.passed else "FAIL"
+        print(f"{mark} {case.name:40s} {result.summary['verdict']['text']}  ({result.seconds:.1f} s)")
+    failed = [r for r in results if not r.passed]
+    for result in failed:
+        print(f"\n== {result.case.name} ==\n{format_table(result.summary)}")
+    index = index_dict(results, title)
+    paths = [write_index_json(index, output_dir / "parity.json"), write_merged_junit(results, output_dir / "junit.xml"),
+             write_index_html(index, output_dir / "parity.html")]
+    print(f"\n{len(results) - len(failed)}/{len(results)} cases at parity. Reports:")
+    for path in paths:
+        print(f"  {path.resolve().as_uri() if path.suffix == '.html' else path}")
+    return 0 if not failed else 1

@@ -1,1 +1,0 @@
-"""One module per `parity` subcommand; each defines `register(subparsers)` and sets `handler`."""

@@ -1,0 +1,334 @@
+"""Compare two run files tensor by tensor, in the reference's execution order.
+
+Works from run files alone (numpy + h5py): no torch, no model code. Tensors are read one at a time
+from each file (reference, candidate and, with an oracle, the oracle) and dropped before the next,
+so memory stays at about the two largest tensors (plus the oracle's) and a few MiB of scratch.
+
+Every reference tensor gets a row (pass, fail, missing, shape_mismatch or skipped), then every
+candidate tensor that no reference tensor matched (extra), in the candidate's order. Nothing is left
+out silently: dtype differences, shape differences that are only size-1 dimensions, missing and
+extra invocations (UNet steps included) are all listed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .metrics import ExactMetrics, FloatMetrics, exact_metrics, is_float, oracle_error, tensor_metrics
+from .name_map import MappedNames, NameMap, identity_map
+from sd_parity.runs.naming import block_of, module_path
+from sd_parity.runs.hdf5 import Entry, RunReader
+from .tolerances import Decision, Tolerances, judge
+
+STATUSES = ("pass", "fail", "missing", "extra", "shape_mismatch", "skipped")
+DIVERGENT = ("fail", "shape_mismatch")
+_STEP_RE = re.compile(r"^step_(\d+)$")
+# Metadata fields that must agree for a comparison to mean anything (others, like impl, dtype,
+# versions or paths, are expected to differ).
+SETTING_KEYS = ("model_hash", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance",
+                "height", "width", "eta", "karras", "images_per_prompt", "x_T_sha256")
+
+
+@dataclass
+class TensorResult:
+    index: int  # position in Comparison.results
+    key: str  # the reference key (for extra tensors: the mapped candidate key)
+    component: str
+    invocation: str
+    name: str
+    kind: str
+    status: str
+    order: int | None  # execution order in the reference (None for extra tensors)
+    cand_key: str | None = None  # the candidate's own key (differs from key under a name map)
+    cand_order: int | None = None
+    ref_dtype: str | None = None
+    cand_dtype: str | None = None
+    ref_shape: list[int] | None = None
+    cand_shape: list[int] | None = None
+    metrics: FloatMetrics | ExactMetrics | None = None
+    decision: Decision | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def step(self) -> int | None:
+        match = _STEP_RE.match(self.invocation)
+        return int(match.group(1)) if match else None
+
+    @property
+    def block(self):
+        return block_of(self.component, self.name) if self.component != "pipeline" else None
+
+    @property
+    def block_id(self) -> str | None:
+        block = self.block
+        return block.test_id if block is not None else None
+
+    @property
+    def module(self) -> str:
+        return module_path(self.name) if self.component != "pipeline" else self.name
+
+    @property
+    def ratio(self) -> float | None:
+        return self.decision.ratio if self.decision is not None else None
+
+    @property
+    def divergent(self) -> bool:
+        return self.status in DIVERGENT
+
+
+@dataclass
+class Coverage:
+    ref_tensors: int = 0
+    cand_tensors: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: {s: 0 for s in STATUSES})
+    missing: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)
+    shape_mismatch: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    dtype_differences: list[dict[str, Any]] = field(default_factory=list)
+    missing_invocations: list[str] = field(default_factory=list)
+    extra_invocations: list[str] = field(default_factory=list)
+    unmatched_names: list[str] = field(default_factory=list)
+    dropped_names: list[str] = field(default_factory=list)
+
+    @property
+    def compared(self) -> int:
+        return self.counts["pass"] + self.counts["fail"]
+
+
+@dataclass
+class Comparison:
+    ref_path: Path
+    cand_path: Path
+    oracle_path: Path | None
+    ref_metadata: dict[str, Any]
+    cand_metadata: dict[str, Any]
+    oracle_metadata: dict[str, Any] | None
+    results: list[TensorResult]
+    coverage: Coverage
+    tolerances: Tolerances
+    name_map: NameMap | None
+    warnings: list[str]
+    seconds: float
+    bytes_read: int
+
+    @property
+    def mode(self) -> str | None:
+        """The candidate's run mode from its metadata: "free", "isolated", or None when not recorded."""
+        return self.cand_metadata.get("mode")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.oracle_path is not None
+
+    def divergent(self) -> list[TensorResult]:
+        return [r for r in self.results if r.divergent]
+
+    def first_divergence(self) -> TensorResult | None:
+        return next((r for r in self.results if r.divergent), None)
+
+
+def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
+                 oracle_path: str | os.PathLike | None = None,
+                 name_map: NameMap | str | os.PathLike | None = None,
+                 tolerances: Tolerances | str | os.PathLike | None = None,
+                 progress: Callable[[int, int, str], None] | None = None) -> Comparison:
+    """Compare a candidate run with the reference run (and, given an fp64 oracle run, calibrate).
+
+    Raises RunFileError for unreadable run files, NameMapError / ToleranceConfigError for bad
+    maps or configs: all bad input.
+    """
+    started = time.perf_counter()
+    if name_map is not None and not isinstance(name_map, NameMap):
+        name_map = NameMap.load(name_map)
+    if tolerances is None:
+        tolerances = Tolerances()
+    elif not isinstance(tolerances, Tolerances):
+        tolerances = Tolerances.load(tolerances)
+    with RunReader(ref_path) as ref, RunReader(cand_path) as cand:
+        oracle = RunReader(oracle_path) if oracle_path is not None else None
+        try:
+            return _compare(ref, cand, oracle, name_map, tolerances, progress, started)
+        finally:
+            if oracle is not None:
+                oracle.close()
+
+
+def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map: NameMap | None,
+             tolerances: Tolerances, progress, started: float) -> Comparison:
+    ref_entries = ref.entries()
+    cand_entries = cand.entries()
+    cand_keys = [e.key for e in cand_entries]
+    mapped: MappedNames = name_map.apply(cand_keys) if name_map is not None else identity_map(cand_keys)
+    by_ref_key: dict[str, Entry] = {}
+    cand_by_key = {e.key: e for e in cand_entries}
+    for cand_key, ref_key in mapped.mapping.items():
+        by_ref_key[ref_key] = cand_by_key[cand_key]
+
+    coverage = Coverage(ref_tensors=len(ref_entries), cand_tensors=len(cand_entries),
+                        unmatched_names=list(mapped.unmatched), dropped_names=list(mapped.dropped))
+    results: list[TensorResult] = []
+    used: set[str] = set()
+    dropped = set(mapped.dropped)
+    bytes_read = 0
+    total = len(ref_entries)
+    for position, entry in enumerate(ref_entries):
+        if progress is not None:
+            progress(position, total, entry.key)
+        match = by_ref_key.get(entry.key)
+        if match is not None:
+            used.add(match.key)
+        result, nbytes = _compare_one(ref, cand, oracle, entry, match, tolerances, len(results))
+        bytes_read += nbytes
+        results.append(result)
+
+    for entry in cand_entries:
+        if entry.key in used or entry.key in dropped:
+            continue
+        key = mapped.mapping.get(entry.key, entry.key)
+        component, invocation, name = key.split("/", 2)
+        results.append(TensorResult(
+            index=len(results), key=key, component=component, invocation=invocation, name=name,
+            kind=entry.kind, status="extra", order=None, cand_key=entry.key, cand_order=entry.order,
+            cand_dtype=entry.dtype, cand_shape=list(entry.shape),
+            notes=["only in the candidate"] + ([f"candidate name {entry.key}"] if key != entry.key else [])))
+
+    _fill_coverage(coverage, results, ref_entries, cand_entries, mapped)
+    warnings = _metadata_warnings(ref.metadata, cand.metadata, oracle)
+    if name_map is not None and mapped.unmatched:
+        warnings.append(f"{len(mapped.unmatched)} candidate tensor(s) matched no rule of the name map "
+                        f"({name_map.unmatched_policy}): first {mapped.unmatched[0]}")
+    return Comparison(
+        ref_path=ref.path, cand_path=cand.path, oracle_path=oracle.path if oracle is not None else None,
+        ref_metadata=ref.metadata, cand_metadata=cand.metadata,
+        oracle_metadata=oracle.metadata if oracle is not None else None,
+        results=results, coverage=coverage, tolerances=tolerances, name_map=name_map, warnings=warnings,
+        seconds=time.perf_counter() - started, bytes_read=bytes_read)
+
+
+def _compare_one(ref: RunReader, cand: RunReader, oracle: RunReader | None, entry: Entry,
+                 match: Entry | None, tolerances: Tolerances, index: int) -> tuple[TensorResult, int]:
+    result = TensorResult(index=index, key=entry.key, component=entry.component, invocation=entry.invocation,
+                          name=entry.name, kind=entry.kind, status="missing", order=entry.order,
+                          ref_dtype=entry.dtype, ref_shape=list(entry.shape))
+    if match is not None:
+        result.cand_key = match.key
+        result.cand_order = match.order
+        result.cand_dtype = match.dtype
+        result.cand_shape = list(match.shape)
+        if match.key != entry.key:
+            result.notes.append(f"candidate name {match.key}")
+    judge_dtype = _judging_dtype(entry.dtype, match.dtype if match is not None else None)
+    rule = tolerances.rule_for(entry.component, entry.invocation, entry.name, judge_dtype)
+    if rule.skip:
+        result.status = "skipped"
+        result.notes.append(f"skipped by override {rule.override.pattern!r}: {rule.override.reason}")
+        return result, 0
+    if match is None:
+        result.notes.append("not in the candidate")
+        return result, 0
+    if tuple(entry.shape) != tuple(match.shape):
+        if _squeezed(entry.shape) != _squeezed(match.shape):
+            result.status = "shape_mismatch"
+            result.notes.append(f"shape {list(match.shape)} in the candidate, {list(entry.shape)} in the reference")
+            return result, 0
+        result.notes.append(f"shapes differ only in size-1 dimensions ({list(match.shape)} vs "
+                            f"{list(entry.shape)}); compared element by element")
+    if entry.dtype != match.dtype:
+        result.notes.append(f"dtype differs: reference {entry.dtype}, candidate {match.dtype}; compared after "
+                            f"casting, judged with {judge_dtype} tolerances")
+    ref_array = ref.read(entry)
+    cand_array = cand.read(match).reshape(ref_array.shape)
+    nbytes = entry.nbytes + match.nbytes
+    metrics = tensor_metrics(ref_array, cand_array, rtol=rule.rtol, atol=rule.atol)
+    ref_err = cand_err = None
+    if oracle is not None and isinstance(metrics, FloatMetrics):
+        if entry.key in oracle and tuple(oracle.entry(entry.key).shape) == tuple(entry.shape):
+            oracle_entry = oracle.entry(entry.key)
+            oracle_array = oracle.read(oracle_entry)
+            nbytes += oracle_entry.nbytes
+            ref_err = oracle_error(ref_array, oracle_array)
+            del ref_array
+            cand_err = oracle_error(cand_array, oracle_array)
+            del oracle_array
+            if oracle_entry.dtype != "float64":
+                result.notes.append(f"oracle tensor is {oracle_entry.dtype}, not float64")
+        else:
+            reason = "not in the oracle run" if entry.key not in oracle else "has another shape in the oracle run"
+            result.notes.append(f"{reason}: judged with the {judge_dtype} default tolerance instead")
+    elif oracle is not None and entry.dtype == "uint8" and entry.key in oracle:
+        # an 8-bit image: calibrate on how far the reference's own image is from the fp64 run's
+        oracle_array = oracle.read(oracle.entry(entry.key)).reshape(ref_array.shape)
+        ref_err, cand_err = exact_metrics(oracle_array, ref_array), exact_metrics(oracle_array, cand_array)
+    del cand_array
+    result.metrics = metrics
+    result.decision = judge(metrics, rule, ref_vs_oracle=ref_err, cand_vs_oracle=cand_err)
+    result.status = "pass" if result.decision.passed else "fail"
+    return result, nbytes
+
+
+def _judging_dtype(ref_dtype: str, cand_dtype: str | None) -> str:
+    """The candidate's dtype decides the tolerance; an integer candidate of a float reference uses ref's."""
+    if cand_dtype is None:
+        return ref_dtype
+    if is_float(ref_dtype) and not is_float(cand_dtype):
+        return ref_dtype
+    return cand_dtype
+
+
+def _squeezed(shape) -> tuple[int, ...]:
+    return tuple(int(s) for s in shape if s != 1)
+
+
+def _fill_coverage(coverage: Coverage, results: list[TensorResult], ref_entries: list[Entry],
+                   cand_entries: list[Entry], mapped: MappedNames) -> None:
+    for result in results:
+        coverage.counts[result.status] += 1
+        if result.status == "missing":
+            coverage.missing.append(result.key)
+        elif result.status == "extra":
+            coverage.extra.append(result.key)
+        elif result.status == "shape_mismatch":
+            coverage.shape_mismatch.append({"key": result.key, "ref_shape": result.ref_shape,
+                                            "cand_shape": result.cand_shape})
+        elif result.status == "skipped":
+            rule = result.notes[-1] if result.notes else ""
+            coverage.skipped.append({"key": result.key, "note": rule})
+        if result.cand_dtype and result.ref_dtype and result.cand_dtype != result.ref_dtype:
+            coverage.dtype_differences.append({"key": result.key, "ref_dtype": result.ref_dtype,
+                                               "cand_dtype": result.cand_dtype})
+    ref_inv = _invocations(e.key for e in ref_entries)
+    cand_inv = _invocations(mapped.mapping[e.key] for e in cand_entries if e.key in mapped.mapping)
+    coverage.missing_invocations = [i for i in ref_inv if i not in cand_inv]
+    coverage.extra_invocations = [i for i in cand_inv if i not in ref_inv]
+
+
+def _invocations(keys) -> list[str]:
+    seen: dict[str, None] = {}
+    for key in keys:
+        component, invocation, _ = key.split("/", 2)
+        seen.setdefault(f"{component}/{invocation}", None)
+    return list(seen)
+
+
+def _metadata_warnings(ref_meta: dict, cand_meta: dict, oracle: RunReader | None) -> list[str]:
+    warnings = []
+    for key in SETTING_KEYS:
+        if key in ref_meta and key in cand_meta and ref_meta[key] != cand_meta[key]:
+            warnings.append(f"runs differ in {key}: reference {ref_meta[key]!r}, candidate {cand_meta[key]!r}; "
+                            "the comparison may not be meaningful")
+    if ref_meta.get("mode") == "isolated":
+        warnings.append("the reference run is marked isolated; the reference should be a free run")
+    if oracle is not None:
+        meta = oracle.metadata
+        if meta.get("dtype") not in (None, "fp64", "float64"):
+            warnings.append(f"the oracle run's dtype is {meta.get('dtype')!r}, not fp64: calibrated thresholds "
+                            "assume an fp64 oracle")
+        for key in SETTING_KEYS:
+            if key in ref_meta and key in meta and ref_meta[key] != meta[key]:
+                warnings.append(f"oracle and reference differ in {key}: {meta[key]!r} vs {ref_meta[key]!r}")
+    return warnings

@@ -1,0 +1,189 @@
+"""What a run is asked to do, validated once, and the metadata every run file records about it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+from dataclasses import asdict, dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import numpy as np
+
+from sd_parity.errors import BadInput
+from .selection import CaptureSpec, default_spec
+from sd_parity.fixtures import FIXTURES, default_size, ensure_fixture, fixed_noise, folder_hash
+
+PIPELINES = ("txt2img", "img2img", "inpaint")
+SCHEDULERS = ("ddim", "pndm", "ddpm", "euler", "euler_ancestral", "lms", "dpmpp_2m")
+DTYPES = ("fp32", "fp64", "fp16", "bf16")
+MODEL_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+@dataclass
+class RunConfig:
+    model: str
+    prompt: str | list[str] = "a red cube"
+    negative_prompt: str | list[str] | None = None
+    steps: int = 4
+    scheduler: str = "ddim"
+    guidance: float = 7.5
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    dtype: str = "fp32"
+    capture: str | None = None
+    eta: float = 0.0
+    karras: bool = False
+    images_per_prompt: int = 1
+    compression: str | None = None
+    device: str = "cpu"
+    pipeline: str = "txt2img"
+    init_image: str | None = None
+    mask_image: str | None = None
+    strength: float = 0.75
+
+    def __post_init__(self) -> None:
+        if self.pipeline not in PIPELINES:
+            raise BadInput(f"unknown pipeline {self.pipeline!r}; use one of {', '.join(PIPELINES)}")
+        if self.pipeline != "txt2img":
+            self._check_images()
+        size = default_size(self.model)
+        self.height = self.height or size
+        self.width = self.width or size
+        for side, value in (("height", self.height), ("width", self.width)):
+            if value <= 0 or value % 8:
+                raise BadInput(f"--{side} {value} is not a positive multiple of 8; SD's VAE downsamples by 8")
+        if self.steps < 1:
+            raise BadInput(f"--steps {self.steps} must be at least 1")
+        if self.images_per_prompt < 1:
+            raise BadInput(f"--images-per-prompt {self.images_per_prompt} must be at least 1")
+        negatives = self.negative_prompts()
+        if negatives is not None and len(negatives) != len(self.prompts()):
+            raise BadInput(f"{len(negatives)} negative prompts for {len(self.prompts())} prompts; "
+                           "give one --negative-prompt, or one per --prompt")
+        if self.scheduler not in SCHEDULERS:
+            raise BadInput(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+        if self.dtype not in DTYPES:
+            raise BadInput(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.capture is not None:
+            CaptureSpec.parse(self.capture)  # fail before any model is loaded
+
+    def _check_images(self) -> None:
+        if self.init_image is None:
+            raise BadInput(f"{self.pipeline} needs --init-image")
+        if not 0.0 < self.strength <= 1.0:
+            raise BadInput(f"--strength {self.strength} is outside (0, 1]: it is the fraction of the schedule to run")
+        image = _open_image(self.init_image, "--init-image")
+        if image.mode != "RGB":
+            raise BadInput(f"--init-image {self.init_image} is {image.mode}, not RGB; convert it to RGB first")
+        self.height = self.height or image.height
+        self.width = self.width or image.width
+        if (image.width, image.height) != (self.width, self.height):
+            raise BadInput(f"--init-image is {image.width}x{image.height} but the run is {self.width}x{self.height}; "
+                           "resize the image or pass matching --width/--height")
+        if self.pipeline == "inpaint":
+            if self.mask_image is None:
+                raise BadInput("inpaint needs --mask")
+            mask = _open_image(self.mask_image, "--mask")
+            if mask.size != image.size:
+                raise BadInput(f"--mask is {mask.width}x{mask.height} but --init-image is {image.width}x{image.height}; "
+                               "they must be the same size")
+
+    def load_images(self):
+        """The init image (RGB) and mask (L) as PIL images, as both implementations receive them."""
+        image = _open_image(self.init_image, "--init-image") if self.init_image else None
+        mask = _open_image(self.mask_image, "--mask").convert("L") if self.mask_image else None
+        return image, mask
+
+    def model_dir(self) -> Path:
+        """The diffusers folder behind --model: a fixture name (generated if needed) or a folder path."""
+        if self.model in FIXTURES:
+            return ensure_fixture(self.model)
+        folder = Path(self.model)
+        if not folder.exists():
+            raise BadInput(f"--model {self.model!r} is neither a fixture ({', '.join(sorted(FIXTURES))}) "
+                           "nor an existing model folder")
+        if not folder.is_dir():
+            raise BadInput(f"--model {self.model} is a file; pass a diffusers model folder "
+                           "(single-file checkpoints are converted with `parity convert`)")
+        missing = [part for part in MODEL_PARTS if not (folder / part).exists()]
+        if missing:
+            raise BadInput(f"model folder {folder} lacks {', '.join(missing)}; a diffusers SD folder has "
+                           f"{', '.join(MODEL_PARTS)}")
+        for component in ("unet", "vae", "text_encoder"):
+            check_weight_files(folder / component)
+        return folder
+
+    def model_label(self) -> str:
+        return self.model if self.model in FIXTURES else Path(self.model).resolve().name
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+    def negative_prompts(self) -> list[str] | None:
+        """One negative prompt per prompt (a single one applies to all), or None for the empty prompt."""
+        if self.negative_prompt is None:
+            return None
+        if isinstance(self.negative_prompt, str):
+            return [self.negative_prompt] * len(self.prompts())
+        return list(self.negative_prompt)
+
+    def initial_noise(self, latent_channels: int = 4, scale: int = 8) -> np.ndarray:
+        return fixed_noise(self.model_label(), self.height, self.width, self.seed,
+                           batch=len(self.prompts()) * self.images_per_prompt,
+                           latent_channels=latent_channels, scale=scale)
+
+    def capture_spec(self, unet_parameters: int) -> str:
+        return self.capture if self.capture is not None else default_spec(unet_parameters)
+
+
+def _open_image(path: str, option: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(path)
+        image.load()
+    except FileNotFoundError:
+        raise BadInput(f"{option} {path} does not exist") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise BadInput(f"{option} {path} is not a readable image ({exc})") from None
+    return image
+
+
+def check_weight_files(component_dir: Path) -> None:
+    """Refuse a component whose weights are missing or truncated, before a library fails obscurely on it."""
+    from sd_parity.impl.tensor_files import open_component
+
+    open_component(component_dir)  # parses every header and checks the data fits the file
+
+
+def unet_parameter_count(model_dir: Path) -> int:
+    """Parameters of the folder's UNet (memory-mapped: no weights are read)."""
+    from sd_parity.impl.tensor_files import open_component
+
+    return sum(int(array.size) for array in open_component(model_dir / "unet").values())
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("sd-parity", "numpy", "h5py", "torch", "diffusers", "transformers"):
+        try:
+            versions[package] = importlib_metadata.version(package)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def run_metadata(config: RunConfig, *, impl: str, model_dir: Path, x_t: np.ndarray,
+                 scheduler_config: dict, mode: str = "free") -> dict:
+    return {
+        **asdict(config),
+        "impl": impl,
+        "mode": mode,
+        "model_path": str(model_dir.resolve()),
+        "model_hash": folder_hash(model_dir),
+        "scheduler_config": json.loads(json.dumps(scheduler_config, default=str)),
+        "x_T_sha256": hashlib.sha256(np.ascontiguousarray(x_t).tobytes()).hexdigest(),
+        "versions": library_versions(),
+    }
