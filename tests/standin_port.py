@@ -5,7 +5,8 @@
 
 It does what a Rust or C++ port would do: reads the .npy files of the inputs folder (no run.json
 needed), computes with its own code (here impl/'s NumPy backend, with the porting bug named by the
-STANDIN_FAULT environment variable, if any), and writes plain .npy files. Free mode writes no run.json
+STANDIN_FAULT environment variable, if any), and writes plain .npy files. STANDIN_ONLY=unet,... limits
+the components it runs alone (exit 3 for the others). Free mode writes no run.json
 and names its files `<order>__<name>.npy`, the manifest-free convention. STANDIN_MODE=crash,
 empty or wrong_batch makes it misbehave in those ways, to test the harness's error messages.
 """
@@ -57,6 +58,8 @@ class FileTaps:
 
 
 def run_block(component, block, inputs, outputs, config_path):
+    if os.environ.get("STANDIN_ONLY") and component not in os.environ["STANDIN_ONLY"].split(","):
+        return 3  # "cannot run this block alone": the harness records nothing for it
     if os.environ.get("STANDIN_MODE") == "crash":
         print("standin: loading weights\nstandin: panicked at 'index out of bounds' in down_block.rs:42",
               file=sys.stderr)

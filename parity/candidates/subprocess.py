@@ -226,6 +226,8 @@ def _report_outputs(argv, work, result, component: str, block: str, inputs: dict
         if wrong:
             raise fail(f"wrote {wrong[0].name} with shape {list(wrong[0].shape)}, but the block's inputs have "
                        f"batch {batch} (shapes are NCHW / (batch, tokens, channels), as the reference's)")
+        if block:  # the block's own inputs are the reference's: recorded as given, as a Python candidate's are
+            taps.inputs(block, inputs)
         for entry in entries:
             value = produced.read(entry)
             if "@" in entry.name:

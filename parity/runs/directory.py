@@ -38,6 +38,7 @@ from .hdf5 import (COMPONENTS, FORMAT, FORMAT_VERSION, INVOCATION_RE, LOGICAL_DT
 MANIFEST = "run.json"
 NPY, SAFETENSORS = ".npy", ".safetensors"
 TENSOR_FORMATS = ("npy", "safetensors")
+BFLOAT16_BITS = "uint16"  # not a run dtype: only bfloat16 declared in run.json over its raw bits
 ORDER_PREFIX = re.compile(r"^(\d{1,12})__(.+)$")
 IGNORED_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})  # put there by file browsers
 SHOWN_PROBLEMS = 20
@@ -142,6 +143,10 @@ def scan(root: str | os.PathLike, limits: Limits = LIMITS) -> Index:
         ordered = _order_by_names(stored, index.problems)
         index.order_source = "file names" if any(t.order is not None for t in stored.values()) else "key order"
     for order, (tensor, dtype, layout) in enumerate(ordered):
+        if dtype == BFLOAT16_BITS:
+            index.problems.append(f"{tensor.key}: uint16 is not a run dtype; for bfloat16 stored as its bits, "
+                                  f"declare {{\"key\": \"{tensor.key}\", \"dtype\": \"bfloat16\"}} in {MANIFEST}")
+            continue
         index.entries.append(Entry(tensor.component, tensor.invocation, tensor.name, order, dtype, tensor.shape,
                                    kind_of(tensor.component, tensor.name), layout))
         index.locations[tensor.key] = tensor.location
@@ -289,7 +294,7 @@ def _logical(stored: np.dtype) -> str | None:
     if stored == ml_dtypes.bfloat16 or (stored.kind == "V" and stored.itemsize == 2):
         return "bfloat16"
     name = stored.newbyteorder("=").name if stored.byteorder in "<>" else stored.name
-    return name if name in LOGICAL_DTYPES else None
+    return name if name in LOGICAL_DTYPES or name == BFLOAT16_BITS else None
 
 
 def _shape_problem(shape: tuple[int, ...], itemsize: int, limits: Limits) -> str | None:
@@ -346,7 +351,7 @@ def _order_by_manifest(listing: list, stored: dict[str, _Stored], problems: list
                             "key)")
             continue
         dtype = spec.get("dtype", tensor.dtype)
-        if dtype != tensor.dtype and not (dtype == "bfloat16" and tensor.dtype == "uint16"):
+        if dtype != tensor.dtype and not (dtype == "bfloat16" and tensor.dtype == BFLOAT16_BITS):
             problems.append(f"{key}: {MANIFEST} says dtype {dtype!r}, the file holds {tensor.dtype} "
                             "(only bfloat16 may be declared over uint16 bits)")
             continue
