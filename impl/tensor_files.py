@@ -192,6 +192,37 @@ def open_component(folder: str | Path) -> Mapping[str, np.ndarray]:
     return tensors
 
 
+def write_checkpoint(path: str | Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """Write a PyTorch checkpoint `{"state_dict": {name: tensor}}`, as original SD single files are.
+
+    Only tensors in plain dicts are pickled, so `torch.load(path, weights_only=True)` (and every loader
+    that refuses arbitrary objects) reads it. Tensors share the arrays' memory (memory-mapped sources
+    are not copied); the file is written under a temporary name and renamed at the end."""
+    import warnings
+
+    try:
+        import torch
+    except ImportError as err:
+        raise ModelInputError(f"{path}: writing .ckpt needs PyTorch; install torch or write .safetensors") from err
+    state = {}
+    with warnings.catch_warnings():  # read-only memory maps: torch warns, and only reads them
+        warnings.simplefilter("ignore", UserWarning)
+        for name, array in tensors.items():
+            array = np.ascontiguousarray(array)
+            if array.dtype == ml_dtypes.bfloat16:
+                state[name] = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+            else:
+                state[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("<"), copy=False))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({"state_dict": state}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],
                       metadata: dict[str, str] | None = None) -> None:
     """Write tensors in the given order, one at a time, so a multi-GB model never sits in memory twice."""
