@@ -113,7 +113,7 @@ class CommandCandidate(Candidate):
         try:
             with open_run(output) as produced:
                 for entry in produced.entries():
-                    if run.recorder.spec.wants(entry.component, entry.name):
+                    if _selected(run, entry):
                         run.recorder.writer.write(entry.component, entry.invocation, entry.name,
                                                   produced.read(entry), layout=entry.layout)
                 if produced.metadata:
@@ -235,6 +235,15 @@ def _report_outputs(argv, work, result, component: str, block: str, inputs: dict
                 taps.inputs(path, {argument: value})
             else:
                 taps.output(entry.name, value)
+
+
+def _selected(run: RunContext, entry) -> bool:
+    """Whether the run's capture selection (--capture) keeps this tensor of the port's run."""
+    spec = run.recorder.spec
+    if not (spec.wants_component(entry.component) and spec.wants(entry.component, entry.name)):
+        return False
+    step = entry.invocation.removeprefix("step_")
+    return entry.component != "unet" or not step.isdigit() or spec.wants_step(int(step), run.config.steps)
 
 
 def _write_replay(run: RunContext, writer: DirectoryRunWriter) -> None:

@@ -36,28 +36,25 @@ def register(subparsers) -> None:
     imported.set_defaults(handler=run_import)
 
 
-def _check_source(path: Path) -> None:
-    if not path.exists():
-        raise BadInput(f"{path} does not exist")
+def _copy(source: Path, make_writer) -> int:
+    """Copy the run at `source` into `make_writer(its metadata)`; the number of tensors copied."""
+    if not source.exists():
+        raise BadInput(f"{source} does not exist")
+    with open_run(source) as reader, make_writer(reader.metadata) as writer:
+        return copy_run(reader, writer)
 
 
 def run_export(args) -> int:
-    _check_source(args.run)
     if args.output.resolve() == args.run.resolve():
         raise BadInput(f"-o {args.output} is the run being exported; choose another folder")
-    with open_run(args.run) as reader:
-        with DirectoryRunWriter(args.output, reader.metadata, tensor_format=args.format) as writer:
-            count = copy_run(reader, writer)
+    count = _copy(args.run, lambda metadata: DirectoryRunWriter(args.output, metadata, tensor_format=args.format))
     print(f"wrote {args.output} ({count} tensors, {args.format})")
     return 0
 
 
 def run_import(args) -> int:
-    _check_source(args.run)
     if args.output.is_dir():
         raise BadInput(f"-o {args.output} is a folder; give a file path such as {args.output / 'run.h5'}")
-    with open_run(args.run) as reader:
-        with RunWriter(args.output, reader.metadata, compression=args.compress) as writer:
-            count = copy_run(reader, writer)
+    count = _copy(args.run, lambda metadata: RunWriter(args.output, metadata, compression=args.compress))
     print(f"wrote {args.output} ({count} tensors)")
     return 0
