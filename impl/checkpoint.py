@@ -17,8 +17,8 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .errors import ModelInputError
-from .ldm_keys import COMPONENTS, IGNORED_KEYS, LDM_PREFIX, key_map
-from .tensor_files import open_component, open_tensor_file, write_safetensors
+from .ldm_keys import COMPONENTS, IGNORED_KEYS, LDM_PREFIX, POSITION_IDS, key_map
+from .tensor_files import open_component, open_tensor_file, write_checkpoint, write_safetensors
 
 WEIGHT_FILE = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
                "text_encoder": "model.safetensors"}
@@ -225,12 +225,15 @@ def _folder_tensors(folder: Path, component: str) -> Mapping[str, np.ndarray]:
             for name, array in tensors.items()}
 
 
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
 def folder_to_single_file(folder: str | Path, out_path: str | Path) -> None:
-    """Write a diffusers SD 1.x folder's UNet, VAE and text encoder as one LDM-layout .safetensors file."""
+    """Write a diffusers SD 1.x folder's UNet, VAE and text encoder as one LDM-layout file: .safetensors, or
+    .ckpt (a PyTorch checkpoint {"state_dict": ...} holding tensors only, as original SD releases are)."""
     folder, out_path = Path(folder), Path(out_path)
-    if out_path.suffix != ".safetensors":
-        raise ModelInputError(f"{out_path}: single files are written as .safetensors only; pickle formats such "
-                              "as .ckpt can carry code and are read, never written")
+    if out_path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise ModelInputError(f"{out_path}: single files are written as .safetensors or .ckpt")
     found, expected, rules, sources = {}, {}, {}, {}
     for component in COMPONENTS:
         rules[component] = key_map(component, _read_json(folder / component / "config.json"))
@@ -239,8 +242,10 @@ def folder_to_single_file(folder: str | Path, out_path: str | Path) -> None:
         expected.update({f"{component}/{name}": (rule.shape,) for name, rule in rules[component].items()})
     _check_layout(str(folder), found, expected, "Check that each component's weights belong to its config.json.")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    write_safetensors(out_path, {rule.ldm: sources[c][name].reshape(rule.ldm_shape)
-                                 for c in COMPONENTS for name, rule in rules[c].items()})
+    tensors = {rule.ldm: sources[c][name].reshape(rule.ldm_shape) for c in COMPONENTS for name, rule in rules[c].items()}
+    positions = rules["text_encoder"]["text_model.embeddings.position_embedding.weight"].shape[0]
+    tensors[POSITION_IDS] = np.arange(positions, dtype=np.int64)[None]
+    (write_safetensors if out_path.suffix == ".safetensors" else write_checkpoint)(out_path, tensors)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -21,6 +21,9 @@ LDM_PREFIX = {
     # diffusers names already start with "text_model."
     "text_encoder": "cond_stage_model.transformer.",
 }
+# CLIP's position_ids buffer (arange(77)), which original SD 1.x single files carry and some of their
+# loaders expect; written into single files, ignored on reading.
+POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 # Tensors that single files or folders carry but no model weight comes from: LDM's noise-schedule
 # buffers, EMA copies of the UNet, and CLIP's position_ids buffer (always arange(77)).
 IGNORED_KEYS = re.compile(
@@ -104,6 +107,9 @@ def _has_attention(block_types: list[str], which: str, levels: int) -> list[bool
 
 
 def _unet_modules(config: dict) -> Iterator[Module]:
+    if config.get("use_linear_projection"):
+        raise ModelInputError("unet config has use_linear_projection (SD 2.x): its linear proj_in/proj_out, and "
+                              "SD 2.x's OpenCLIP text encoder, are not in this key map yet; only SD 1.x converts")
     channels, per_level = list(config["block_out_channels"]), config["layers_per_block"]
     levels, temb, context = len(channels), 4 * config["block_out_channels"][0], config["cross_attention_dim"]
     down_attention = _has_attention(config["down_block_types"], "down_block_types", levels)

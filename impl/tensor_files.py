@@ -23,7 +23,7 @@ from .errors import ModelInputError
 SAFETENSORS_DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
-    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -190,6 +190,37 @@ def open_component(folder: str | Path) -> Mapping[str, np.ndarray]:
             raise ModelInputError(f"{path} repeats tensors of an earlier shard: {sorted(repeated)[:5]}")
         tensors.update((name, shard[name]) for name in shard)
     return tensors
+
+
+def write_checkpoint(path: str | Path, tensors: Mapping[str, np.ndarray]) -> None:
+    """Write a PyTorch checkpoint `{"state_dict": {name: tensor}}`, as original SD single files are.
+
+    Only tensors in plain dicts are pickled, so `torch.load(path, weights_only=True)` (and every loader
+    that refuses arbitrary objects) reads it. Tensors share the arrays' memory (memory-mapped sources
+    are not copied); the file is written under a temporary name and renamed at the end."""
+    import warnings
+
+    try:
+        import torch
+    except ImportError as err:
+        raise ModelInputError(f"{path}: writing .ckpt needs PyTorch; install torch or write .safetensors") from err
+    state = {}
+    with warnings.catch_warnings():  # read-only memory maps: torch warns, and only reads them
+        warnings.simplefilter("ignore", UserWarning)
+        for name, array in tensors.items():
+            array = np.ascontiguousarray(array)
+            if array.dtype == ml_dtypes.bfloat16:
+                state[name] = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+            else:
+                state[name] = torch.from_numpy(array.astype(array.dtype.newbyteorder("<"), copy=False))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save({"state_dict": state}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray],

@@ -243,8 +243,8 @@ def test_conversion_input_errors(tmp_path, single_files):
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(ModelInputError, match="not empty"):
         single_file_to_folder(single_files["tiny-sd1"], tmp_path / "full", config=ensure_fixture("tiny-sd1"))
-    with pytest.raises(ModelInputError, match="safetensors only"):
-        folder_to_single_file(ensure_fixture("tiny-sd1"), tmp_path / "model.ckpt")
+    with pytest.raises(ModelInputError, match="written as .safetensors or .ckpt"):
+        folder_to_single_file(ensure_fixture("tiny-sd1"), tmp_path / "model.bin")
     unet_only = tmp_path / "unet_only.safetensors"
     tensors = open_tensor_file(single_files["tiny-sd1"])
     write_safetensors(unet_only, {k: v for k, v in tensors.items() if k.startswith("model.diffusion_model.")})

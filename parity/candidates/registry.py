@@ -7,6 +7,8 @@ SPEC is one of:
                                   [project.entry-points."sd_parity.candidates"] my-port = "my_port.parity:make")
     pkg.module:factory            a factory (or class) importable from the current environment
     path/to/port.py:factory       a factory in a Python file (imported under a private module name)
+    cmd:{"block": ..., "run": ...}:NAME   a program in any language, driven through its command line
+                                  (what `parity run --candidate-cmd` makes; see candidates/subprocess.py)
 A factory is called without arguments and returns an object that follows sd_parity.Candidate.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Callable
 from sd_parity.errors import BadInput
 
 ENTRY_POINT_GROUP = "sd_parity.candidates"
+COMMAND_SPEC_PREFIX = "cmd:"
 
 
 def _impl(backend: str) -> Callable[[], Any]:
@@ -71,6 +74,10 @@ def resolve(spec: str, fault: str | None = None) -> Any:
 
 
 def _factory(spec: str) -> Callable[[], Any]:
+    if spec.startswith(COMMAND_SPEC_PREFIX):  # a foreign program (parity run --candidate-cmd)
+        from .subprocess import CommandCandidate
+
+        return lambda: CommandCandidate.from_spec(spec)
     if spec in BUILTIN:
         return BUILTIN[spec]
     points = registered()

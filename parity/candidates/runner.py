@@ -123,7 +123,7 @@ def _isolate_blocks(candidate: Any, ref: RunReader, recorder: Recorder) -> None:
         for invocation in ref.invocations(component):
             entries = by_invocation[(component, invocation)]
             with recorder.invocation(component, invocation):
-                for block in _blocks_with_inputs(component, entries):
+                for block in blocks_with_inputs(component, entries):
                     inputs = _inputs_of(ref, entries, block)
                     taps = ComponentTaps(recorder, component, outside_blocks=block == "")
                     try:
@@ -134,7 +134,7 @@ def _isolate_blocks(candidate: Any, ref: RunReader, recorder: Recorder) -> None:
                         recorder.module_output(component, block, result)
 
 
-def _blocks_with_inputs(component: str, entries: list[Entry]) -> list[str]:
+def blocks_with_inputs(component: str, entries: list[Entry]) -> list[str]:
     """The component itself ("") and each block whose inputs the reference captured, in execution order."""
     blocks: dict[str, None] = {}
     for entry in sorted(entries, key=lambda e: e.order):
@@ -146,11 +146,15 @@ def _blocks_with_inputs(component: str, entries: list[Entry]) -> list[str]:
     return list(blocks)
 
 
-def _inputs_of(ref: RunReader, entries: list[Entry], block: str) -> dict[str, np.ndarray]:
-    """The captured `block@argument` tensors among `entries`, keyed by `argument` (flattened names kept)."""
+def block_inputs(entries: list[Entry], block: str) -> list[Entry]:
+    """The captured `block@argument` tensors of the block's first call among `entries`."""
     prefix = f"{block}@"
-    return {e.name[len(prefix):]: ref.read(e, restore_layout=True) for e in entries
-            if e.name.startswith(prefix) and "#" not in e.name[len(prefix):]}
+    return [e for e in entries if e.name.startswith(prefix) and "#" not in e.name[len(prefix):]]
+
+
+def _inputs_of(ref: RunReader, entries: list[Entry], block: str) -> dict[str, np.ndarray]:
+    """The block's inputs, keyed by `argument` (flattened names kept)."""
+    return {e.name[len(block) + 1:]: ref.read(e, restore_layout=True) for e in block_inputs(entries, block)}
 
 
 __all__ = ["Candidate", "run_free", "run_isolated"]

@@ -1,4 +1,5 @@
-"""`parity compare REF.h5 CAND.h5 --output-dir DIR`: tensor-by-tensor comparison of two run files.
+"""`parity compare REF.h5 CAND.h5 --output-dir DIR`: tensor-by-tensor comparison of two runs (each an HDF5
+run file or a run folder, docs/run-format.md).
 
 Writes DIR/summary.json and DIR/junit.xml (and whatever summary.render_outputs adds), prints the
 verdict and the worst tensors. Exit 0: parity; 1: divergence (or reference tensors missing);
@@ -13,7 +14,7 @@ from pathlib import Path
 from sd_parity.errors import BadInput
 from sd_parity.judging.compare import compare_runs
 from sd_parity.judging.name_map import NameMap, NameMapError
-from sd_parity.runs.hdf5 import RunReader
+from sd_parity.runs.open import open_run
 from sd_parity.reports.summary import build_summary, format_table, render_outputs
 from sd_parity.judging.tolerances import ToleranceConfigError, Tolerances
 from sd_parity.judging.verdict import make_verdict
@@ -24,8 +25,9 @@ def register(subparsers) -> None:
         "compare", help="compare a candidate run file with the reference run file, tensor by tensor",
         description="Compare CAND.h5 with REF.h5 in the reference's execution order; write summary.json and "
                     "junit.xml into --output-dir. Exit 0 parity, 1 divergence, 2 bad input.")
-    parser.add_argument("reference", type=Path, metavar="REF.h5", help="the reference run file")
-    parser.add_argument("candidate", type=Path, metavar="CAND.h5", help="the candidate run file (free mode)")
+    parser.add_argument("reference", type=Path, metavar="REF.h5", help="the reference run (file or run folder)")
+    parser.add_argument("candidate", type=Path, metavar="CAND.h5",
+                        help="the candidate run (free mode): an HDF5 run file or a run folder of .npy/.safetensors")
     parser.add_argument("--map", type=Path, metavar="NAMES.toml",
                         help="name map from the candidate's tensor names to the reference's")
     parser.add_argument("--oracle", type=Path, metavar="ORACLE.h5",
@@ -45,12 +47,12 @@ def register(subparsers) -> None:
 def run(args) -> int:
     for label, path in (("REF.h5", args.reference), ("CAND.h5", args.candidate), ("--oracle", args.oracle),
                         ("--isolated", args.isolated)):
-        if path is not None and not path.is_file():
-            raise BadInput(f"{label} {path} does not exist or is not a file")
+        if path is not None and not path.exists():
+            raise BadInput(f"{label} {path} does not exist")
     _check_output_dir(args.output_dir)
     isolated_mode = None
     if args.isolated is not None:
-        with RunReader(args.isolated) as reader:  # a bad file is bad input before any work is done
+        with open_run(args.isolated) as reader:  # a bad file is bad input before any work is done
             isolated_mode = reader.metadata.get("mode")
         if isolated_mode == "free":
             raise BadInput(f"--isolated {args.isolated} is a free-mode run (metadata mode=free); pass the "

@@ -1,20 +1,20 @@
-"""`parity inspect RUN.h5`: what a run file holds (components, steps, tensors, sizes, metadata)."""
+"""`parity inspect RUN`: what a run (HDF5 file or run folder) holds (components, steps, tensors, sizes, metadata)."""
 from __future__ import annotations
 
 import json
 from collections import defaultdict
 from pathlib import Path
 
-from sd_parity.runs.hdf5 import RunReader, validate
+from sd_parity.runs.open import open_run, validate_run
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("inspect", help="list the components, steps, tensors and metadata of a run file")
+    parser = subparsers.add_parser("inspect", help="list the components, steps, tensors and metadata of a run (file or folder)")
     parser.add_argument("run", type=Path)
     parser.add_argument("--tensors", action="store_true", help="list every tensor, not only a summary per invocation")
     parser.set_defaults(handler=run)
 
-    check = subparsers.add_parser("validate", help="check a run file against the format and name every problem")
+    check = subparsers.add_parser("validate", help="check a run (file or folder) against the format and name every problem")
     check.add_argument("run", type=Path)
     check.set_defaults(handler=run_validate)
 
@@ -28,7 +28,7 @@ def _size(nbytes: int) -> str:
 
 
 def run(args) -> int:
-    with RunReader(args.run) as reader:
+    with open_run(args.run) as reader:
         meta = reader.metadata
         print(f"{args.run}: impl={meta.get('impl')} model={meta.get('model')} dtype={meta.get('dtype')} "
               f"scheduler={meta.get('scheduler')} steps={meta.get('steps')} seed={meta.get('seed')}")
@@ -56,10 +56,10 @@ def run(args) -> int:
 
 
 def run_validate(args) -> int:
-    problems = validate(args.run)
+    problems = validate_run(args.run)
     if problems:
         for problem in problems:
             print(f"{args.run}: {problem}")
         return 2
-    print(f"{args.run}: valid run file")
+    print(f"{args.run}: valid run {'folder' if args.run.is_dir() else 'file'}")
     return 0

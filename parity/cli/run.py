@@ -22,9 +22,17 @@ def register(subparsers) -> None:
     for action in parser._actions:  # several samplers and dtypes per run
         if action.dest in ("scheduler", "dtype"):
             action.nargs, action.default = "+", None
-    parser.add_argument("--candidate", "--backend", dest="candidate", nargs="+", default=["both"], metavar="SPEC",
+    parser.add_argument("--candidate", "--backend", dest="candidate", nargs="+", default=None, metavar="SPEC",
                         help="what to check against the reference: numpy, torch or both (impl/), an installed "
-                             "port's name, pkg.module:factory or path/to/port.py:factory (default: both)")
+                             "port's name, pkg.module:factory or path/to/port.py:factory (default: both, or "
+                             "only the --candidate-cmd program when one is given)")
+    parser.add_argument("--candidate-cmd", default=None, metavar="TEMPLATE",
+                        help="a port in any language, run block by block (isolated mode): e.g. \"my-port run-block "
+                             "{component} {block} {inputs} {outputs}\"; inputs and outputs are run folders "
+                             "(docs/run-format.md, 'A port as a command')")
+    parser.add_argument("--candidate-cmd-run", default=None, metavar="TEMPLATE",
+                        help="the same port's whole run (free mode): e.g. \"my-port run {config} {output}\"; it "
+                             "reads the JSON run description {config} and writes its run to {output}")
     parser.add_argument("--mode", default="both", choices=MODES)
     parser.add_argument("--capture", default=None, metavar="SPEC", help="what to capture (see parity capture)")
     parser.add_argument("--no-calibrate", dest="calibrated", action="store_false",
@@ -47,6 +55,20 @@ def with_fault(cases: list[Case], name: str | None) -> list[Case]:
     return cases if name is None else [replace(case, fault=name) for case in cases]
 
 
+def command_candidate(args) -> dict[str, str]:
+    """{spec: mode} for the --candidate-cmd program: each mode it has a command for, as --mode asks."""
+    from sd_parity.candidates.subprocess import CommandCandidate
+
+    candidate = CommandCandidate(args.candidate_cmd, args.candidate_cmd_run)
+    available = [m for m, ok in (("free", candidate.supports_free()), ("isolated", candidate.supports_blocks())) if ok]
+    wanted = ["free", "isolated"] if args.mode == "both" else [args.mode]
+    modes = [m for m in wanted if m in available]
+    if not modes:
+        option = "--candidate-cmd-run" if args.mode == "free" else "--candidate-cmd"
+        raise BadInput(f"--mode {args.mode} needs {option} for the port's command")
+    return {candidate.spec(): "both" if len(modes) == 2 else modes[0]}
+
+
 def run(args) -> int:
     schedulers, dtypes = args.scheduler or ["ddim"], args.dtype or ["fp32"]
     for value, allowed, option in ((schedulers, SCHEDULERS, "--scheduler"), (dtypes, DTYPES, "--dtype")):
@@ -55,9 +77,12 @@ def run(args) -> int:
             raise BadInput(f"{option} {' '.join(unknown)}: unknown; use {', '.join(allowed)}")
     args.scheduler, args.dtype = schedulers[0], dtypes[0]
     base = config_from_args(args)
-    candidates = [c for spec in args.candidate for c in (builtin_names() if spec == "both" else (spec,))]
-    cases = with_fault([Case(replace(base, scheduler=s, dtype=d), c, args.mode, args.calibrated)
-                        for s, d, c in itertools.product(schedulers, dtypes, candidates)], args.inject_fault)
+    specs = args.candidate or ([] if args.candidate_cmd or args.candidate_cmd_run else ["both"])
+    modes = {c: args.mode for spec in specs for c in (builtin_names() if spec == "both" else (spec,))}
+    if args.candidate_cmd or args.candidate_cmd_run:
+        modes.update(command_candidate(args))
+    cases = with_fault([Case(replace(base, scheduler=s, dtype=d), c, mode, args.calibrated)
+                        for s, d, (c, mode) in itertools.product(schedulers, dtypes, modes.items())], args.inject_fault)
     return execute(cases, args.output_dir, args.config, title=f"parity run on {base.model}")
 
 

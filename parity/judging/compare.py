@@ -22,6 +22,7 @@ from .metrics import ExactMetrics, FloatMetrics, exact_metrics, is_float, oracle
 from .name_map import MappedNames, NameMap, identity_map
 from sd_parity.runs.naming import block_of, module_path
 from sd_parity.runs.hdf5 import Entry, RunReader
+from sd_parity.runs.open import open_run
 from .tolerances import Decision, Tolerances, judge
 
 STATUSES = ("pass", "fail", "missing", "extra", "shape_mismatch", "skipped")
@@ -149,8 +150,8 @@ def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
         tolerances = Tolerances()
     elif not isinstance(tolerances, Tolerances):
         tolerances = Tolerances.load(tolerances)
-    with RunReader(ref_path) as ref, RunReader(cand_path) as cand:
-        oracle = RunReader(oracle_path) if oracle_path is not None else None
+    with open_run(ref_path) as ref, open_run(cand_path) as cand:
+        oracle = open_run(oracle_path) if oracle_path is not None else None
         try:
             return _compare(ref, cand, oracle, name_map, tolerances, progress, started)
         finally:

@@ -53,6 +53,26 @@ def call_label(index: int) -> str:
     return f"call_{index}"
 
 
+def attr_text(value: Any) -> str | None:
+    """A string attribute as text, however its writer stored it: h5py's variable-length UTF-8, or the
+    fixed-length, space- or NUL-padded bytes that C, Fortran and Rust HDF5 libraries write (also as a
+    one-element array); bytes that are not UTF-8 are read as Latin-1."""
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(-1)[0]
+    if isinstance(value, (bytes, np.bytes_)):
+        raw = bytes(value).rstrip(b"\0 ")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw.decode("latin-1")
+    return None if value is None else str(value)
+
+
+def attr_int(value: Any) -> int:
+    """An integer attribute, stored as a scalar or (by many C writers) a one-element array."""
+    return int(np.asarray(value).reshape(-1)[0])
+
+
 def logical_dtype(array: np.ndarray) -> str:
     if array.dtype == ml_dtypes.bfloat16:
         return "bfloat16"
@@ -302,7 +322,7 @@ class RunReader:
         if problems:
             raise RunFileError(f"{self.path} is not a valid run file: " + "; ".join(problems[:5]))
         self._file = h5py.File(self.path, "r")
-        self.metadata: dict[str, Any] = json.loads(self._file.attrs["metadata"])
+        self.metadata: dict[str, Any] = json.loads(attr_text(self._file.attrs["metadata"]))
         self._entries = sorted(_read_index(self._file) or _scan(self._file), key=lambda e: e.order)
         self._by_key = {e.key: e for e in self._entries}
 
@@ -352,7 +372,7 @@ def _read_index(file: h5py.File) -> list[Entry] | None:
     if not isinstance(dataset, h5py.Dataset):
         return None
     return [Entry(c, i, n, int(o), d, tuple(shape), k, layout)
-            for c, i, n, o, d, shape, k, layout in json.loads(dataset[()])]
+            for c, i, n, o, d, shape, k, layout in json.loads(attr_text(dataset[()]))]
 
 
 def _scan(file: h5py.File) -> Iterator[Entry]:
@@ -363,9 +383,9 @@ def _scan(file: h5py.File) -> Iterator[Entry]:
             if not isinstance(inv_group, h5py.Group):
                 continue
             for name, dataset in inv_group.items():
-                layout = dataset.attrs.get("layout")
-                yield Entry(component, invocation, name, int(dataset.attrs["order"]), str(dataset.attrs["dtype"]),
-                            tuple(dataset.shape), str(dataset.attrs["kind"]), None if layout is None else str(layout))
+                attrs = dataset.attrs
+                yield Entry(component, invocation, name, attr_int(attrs["order"]), attr_text(attrs["dtype"]),
+                            tuple(dataset.shape), attr_text(attrs["kind"]), attr_text(attrs.get("layout")))
 
 
 def validate(path: str | os.PathLike, deep: bool = True) -> list[str]:
@@ -384,16 +404,16 @@ def validate(path: str | os.PathLike, deep: bool = True) -> list[str]:
     problems: list[str] = []
     with file:
         attrs = file.attrs
-        if attrs.get("format") != FORMAT:
-            problems.append(f"root attribute format is {attrs.get('format')!r}, expected {FORMAT!r}")
+        if attr_text(attrs.get("format")) != FORMAT:
+            problems.append(f"root attribute format is {attr_text(attrs.get('format'))!r}, expected {FORMAT!r}")
         version = attrs.get("format_version")
-        if version is None or int(version) != FORMAT_VERSION:
-            shown = None if version is None else int(version)
+        if version is None or attr_int(version) != FORMAT_VERSION:
+            shown = None if version is None else attr_int(version)
             problems.append(f"format_version is {shown}; this reader understands {FORMAT_VERSION}")
-        if int(attrs.get("complete", 0)) != 1:
+        if attr_int(attrs.get("complete", 0)) != 1:
             problems.append("the file is not marked complete (the capture did not finish)")
         try:
-            metadata = json.loads(attrs.get("metadata", ""))
+            metadata = json.loads(attr_text(attrs.get("metadata", "")))
             if not isinstance(metadata, dict):
                 problems.append("metadata is not a JSON object")
         except (TypeError, ValueError):
@@ -440,19 +460,20 @@ def _validate_tensors(file: h5py.File) -> list[str]:
                     if attr not in dataset.attrs:
                         problems.append(f"{key}: missing attribute {attr!r}")
                 if "order" in dataset.attrs:
-                    order = int(dataset.attrs["order"])
+                    order = attr_int(dataset.attrs["order"])
                     if order in orders:
                         problems.append(f"{key}: order {order} also used by {orders[order]}")
                     orders[order] = key
-                dtype = str(dataset.attrs.get("dtype", ""))
+                dtype = attr_text(dataset.attrs.get("dtype", ""))
                 if dtype and dtype not in LOGICAL_DTYPES:
                     problems.append(f"{key}: dtype {dtype!r} is not one of {sorted(LOGICAL_DTYPES)}")
                 elif dtype:
                     expected = _STORED_AS.get(dtype, np.dtype(dtype))
                     if dataset.dtype != expected:
                         problems.append(f"{key}: stored as {dataset.dtype}, expected {expected} for {dtype}")
-                if str(dataset.attrs.get("kind", "")) not in KINDS:
+                if attr_text(dataset.attrs.get("kind", "")) not in KINDS:
                     problems.append(f"{key}: kind must be one of {KINDS}")
-                if "layout" in dataset.attrs and (dataset.attrs["layout"] != "channels_last" or dataset.ndim != 4):
+                if "layout" in dataset.attrs and (attr_text(dataset.attrs["layout"]) != "channels_last"
+                                                  or dataset.ndim != 4):
                     problems.append(f"{key}: layout may only be channels_last, on a 4-D tensor")
     return problems

@@ -88,6 +88,10 @@ class Recorder:
     def active(self, component: str) -> bool:
         return self._invocation.get(component) is not None
 
+    def current_invocation(self, component: str) -> str | None:
+        """The label (call_N, step_NNN) of the invocation of `component` being recorded, if any."""
+        return self._invocation.get(component)
+
     def module_output(self, component: str, path: str, value: Any) -> None:
         """One call of the module at `path`; repeated calls within an invocation get #k suffixes."""
         invocation = self._invocation.get(component)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from sd_parity.runs.hdf5 import RunFileError, RunReader
+from sd_parity.runs.open import open_run
 from .pictures import amplified_difference, image_uint8, latent_preview, latent_rgb, png_data_uri
 from .values import rounded, sort_key
 
@@ -243,7 +244,7 @@ class _Readers:
     def _reader(self, path: str) -> RunReader | None:
         if path not in self._open:
             try:
-                self._open[path] = RunReader(path)
+                self._open[path] = open_run(path)
             except (RunFileError, OSError) as exc:
                 self._open[path] = None
                 self._unavailable.append(str(exc))
