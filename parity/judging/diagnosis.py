@@ -191,7 +191,7 @@ def _shape_mismatch(ref, cand, key, guided) -> list[Diagnosis]:
         moved = transform.apply(cand, ref.shape) if isinstance(transform, Transform) else cand.transpose(transform)
         if moved.shape != ref.shape:
             continue
-        fix = f"layout = \"{transform.layout}\"" if isinstance(transform, Transform) else None
+        fix = transform.describe() if isinstance(transform, Transform) else None
         if _close(ref, moved):
             return [Diagnosis("layout", what, fix or "transpose it to the reference's axis order before writing")]
         order = _batch_order(ref, moved, _rel(ref, moved), key, guided)

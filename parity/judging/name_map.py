@@ -195,7 +195,7 @@ class Resolution:
 
     sources: dict[str, MappedEntry]  # reference key -> the candidate tensor standing for it
     mapping: dict[str, str]  # candidate key -> the reference key its (first) direct target names
-    unmatched: list[str]  # candidate names nothing matched
+    unmatched: list[str]  # candidate names nothing matched (and, when kept, not reference names either)
     dropped: list[str]  # candidate keys not compared by a drop rule or a built-in map's reason
     targets: dict[str, set[str]]  # candidate key -> every reference key it could stand for
     absent: dict[str, str] = field(default_factory=dict)  # reference key -> why the candidate has no counterpart
@@ -326,6 +326,7 @@ class NameMap:
                 tables: list | None = None) -> Resolution:
         """Resolve the candidate run's tensors against the reference run's (shapes decide the transforms)."""
         tables = self._bound_tables(ref_metadata or {}) if tables is None else tables
+        ref_keys = {e.key for e in ref_entries}
         direct: dict[str, tuple] = {}
         fallback: dict[str, tuple] = {}
         mapping: dict[str, str] = {}
@@ -337,7 +338,7 @@ class NameMap:
             targets[entry.key] = set()
             for name, part in self._parts(entry):
                 target, matched = self._target(name, tables)
-                if not matched:
+                if not matched and not (target.to == name and name in ref_keys):  # a kept name that lines up
                     unmatched.append(name)
                 if target.drop is not None:
                     reasons.append(target.drop)

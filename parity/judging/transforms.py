@@ -28,24 +28,29 @@ class TransformError(ValueError):
 
 @dataclass(frozen=True)
 class Transform:
-    layout: str | None = None
+    layout: tuple[str, ...] = ()  # LAYOUTS steps, in order (a single name is one step)
     batch: tuple[int, ...] | None = None  # candidate chunk i along axis 0 holds reference chunk batch[i]
     broadcast: bool = False  # size-1 axes of the candidate stand for the reference's repeated values
+
+    def __post_init__(self):
+        if isinstance(self.layout, str) or self.layout is None:
+            object.__setattr__(self, "layout", (self.layout,) if self.layout else ())
 
     def __bool__(self) -> bool:
         return bool(self.layout or self.batch or self.broadcast)
 
     def shape(self, shape: tuple[int, ...], ref_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The candidate's shape after this transform (ref_shape decides where a step fits)."""
-        shape = tuple(shape)
-        if self.layout == "nhwc" and len(shape) == 4:
-            shape = (shape[0], shape[3], shape[1], shape[2])
-        elif self.layout == "tokens":
-            shape = _tokens_shape(shape, tuple(ref_shape)) or shape
-        elif self.layout == "reshape" and math.prod(shape) == math.prod(ref_shape):
-            shape = tuple(ref_shape)
-        if self.broadcast and shape != tuple(ref_shape) and _broadcastable(shape, ref_shape):
-            shape = tuple(ref_shape)
+        shape, ref_shape = tuple(shape), tuple(ref_shape)
+        for layout in self.layout:
+            if layout == "nhwc" and len(shape) == 4:
+                shape = (shape[0], shape[3], shape[1], shape[2])
+            elif layout == "tokens":
+                shape = _tokens_shape(shape, ref_shape) or shape
+            elif layout == "reshape" and math.prod(shape) == math.prod(ref_shape):
+                shape = ref_shape
+        if self.broadcast and shape != ref_shape and _broadcastable(shape, ref_shape):
+            shape = ref_shape
         return shape
 
     def apply(self, array: np.ndarray, ref_shape: tuple[int, ...]) -> np.ndarray:
@@ -56,37 +61,31 @@ class Transform:
             for index, target in enumerate(self.batch):
                 ordered[target] = chunks[index]
             array = np.concatenate(ordered, axis=0)
-        if self.layout == "nhwc" and array.ndim == 4:
-            array = array.transpose(0, 3, 1, 2)
-        elif self.layout == "tokens" and _tokens_shape(array.shape, ref_shape):
-            if array.ndim == 3:  # (B, H*W, C) -> (B, C, H, W)
-                batch, _, channels = array.shape
-                array = array.reshape(batch, ref_shape[2], ref_shape[3], channels).transpose(0, 3, 1, 2)
-            else:  # (B, C, H, W) -> (B, H*W, C)
-                batch, channels, height, width = array.shape
-                array = array.transpose(0, 2, 3, 1).reshape(batch, height * width, channels)
-        elif self.layout == "reshape" and array.size == math.prod(ref_shape):
-            array = array.reshape(ref_shape)
+        for layout in self.layout:
+            if layout == "nhwc" and array.ndim == 4:
+                array = array.transpose(0, 3, 1, 2)
+            elif layout == "tokens" and _tokens_shape(array.shape, ref_shape):
+                if array.ndim == 3:  # (B, H*W, C) -> (B, C, H, W)
+                    batch, _, channels = array.shape
+                    array = array.reshape(batch, ref_shape[2], ref_shape[3], channels).transpose(0, 3, 1, 2)
+                else:  # (B, C, H, W) -> (B, H*W, C)
+                    batch, channels, height, width = array.shape
+                    array = array.transpose(0, 2, 3, 1).reshape(batch, height * width, channels)
+            elif layout == "reshape" and array.size == math.prod(ref_shape):
+                array = array.reshape(ref_shape)
         if self.broadcast and array.shape != ref_shape and _broadcastable(array.shape, ref_shape):
             array = np.broadcast_to(array, ref_shape)
         return array
 
     def describe(self) -> str:
-        parts = []
-        if self.batch:
-            parts.append(f"batch = {list(self.batch)}")
-        if self.layout:
-            parts.append(f'layout = "{self.layout}"')
-        if self.broadcast:
-            parts.append("broadcast = true")
-        return ", ".join(parts)
+        return ", ".join(f"{key} = {_toml_value(value)}" for key, value in self.toml().items())
 
     def toml(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        if self.layout:
-            out["layout"] = self.layout
         if self.batch:
             out["batch"] = list(self.batch)
+        if self.layout:
+            out["layout"] = self.layout[0] if len(self.layout) == 1 else list(self.layout)
         if self.broadcast:
             out["broadcast"] = True
         return out
@@ -109,10 +108,12 @@ def apply_chain(array: np.ndarray, chain: Chain, ref_shape: tuple[int, ...]) -> 
 
 def parse_transform(raw: dict, label: str) -> Transform | None:
     """The transform keys of one map table (None when it has none); TransformError says what is wrong."""
-    layout = raw.get("layout")
-    if layout is not None and layout not in LAYOUTS:
+    layout = raw.get("layout", ())
+    steps = [layout] if isinstance(layout, str) else layout
+    if not isinstance(steps, list | tuple) or any(step not in LAYOUTS for step in steps):
         raise TransformError(f"{label}: layout = {layout!r}; use one of "
-                             + "; ".join(f'"{k}" ({v})' for k, v in LAYOUTS.items()))
+                             + "; ".join(f'"{k}" ({v})' for k, v in LAYOUTS.items())
+                             + ", or a list of them applied in order")
     batch = raw.get("batch")
     if batch is not None:
         if (not isinstance(batch, list) or len(batch) < 2 or not all(isinstance(i, int) for i in batch)
@@ -123,7 +124,7 @@ def parse_transform(raw: dict, label: str) -> Transform | None:
     broadcast = raw.get("broadcast", False)
     if not isinstance(broadcast, bool):
         raise TransformError(f"{label}: broadcast must be true or false")
-    transform = Transform(layout=layout, batch=batch, broadcast=broadcast)
+    transform = Transform(layout=tuple(steps), batch=batch, broadcast=broadcast)
     return transform or None
 
 
@@ -139,6 +140,14 @@ def split_shape(shape: tuple[int, ...], parts: int, axis: int) -> tuple[int, ...
     out = list(shape)
     out[axis] //= parts
     return tuple(out)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return f'"{value}"' if isinstance(value, str) else str(value)
 
 
 def _batch_fits(shape: tuple[int, ...], chunks: int) -> bool:
