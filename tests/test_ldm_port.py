@@ -80,6 +80,8 @@ def test_ldm_map_and_a_few_lines_reach_parity(port, tmp_path, capsys):
     assert left_out == {"time_proj", "nonlinearity", "nonlinearity#1", "conv_act", "1"}
     assert counts["pass"] == summary["runs"]["reference"]["tensors"] - len(summary["coverage"]["scope"]["no_counterpart"])
     assert "judged on" in summary["verdict"]["text"] and "no counterpart in the candidate's naming" in summary["verdict"]["text"]
+    report = (out / "report.html").read_text()
+    assert "No counterpart in the candidate&#39;s naming: 26" in report and "No coverage gaps" not in report
     # each compared tensor says how the port held it
     rows = {r["key"]: r for r in summary["tensors"]}
     conv_in = rows["unet/step_000/conv_in"]

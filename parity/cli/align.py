@@ -8,12 +8,11 @@ Exit 0 when the map is written; 2 on bad input. The map is a proposal: check it 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from sd_parity.errors import BadInput
 from sd_parity.judging.align import align_runs, write_map
+from sd_parity.reports.summary import _atomic_write  # noqa: PLC2701 - one writer of files that appear whole
 
 SHOWN = 12  # not-placed names listed per component on the terminal (the map lists them all)
 
@@ -39,9 +38,9 @@ def run(args) -> int:
         if path is not None and not (path.parent if str(path.parent) else Path(".")).is_dir():
             raise BadInput(f"{path}: folder {path.parent} does not exist; create it or choose another path")
     alignment = align_runs(args.reference, args.candidate)
-    _write(args.write_map, write_map(alignment, f"{args.reference.name} and {args.candidate.name}"))
+    _atomic_write(args.write_map, write_map(alignment, f"{args.reference.name} and {args.candidate.name}"))
     if args.json is not None:
-        _write(args.json, json.dumps(alignment.to_dict(), indent=1) + "\n")
+        _atomic_write(args.json, json.dumps(alignment.to_dict(), indent=1) + "\n")
     for part in alignment.components:
         placed, total = part.block_level()
         print(f"{part.component} ({part.invocation}): placed {len(part.placed)} of {len(part.ref_names)} reference "
@@ -55,14 +54,3 @@ def run(args) -> int:
     print(f"written: {args.write_map}" + (f", {args.json}" if args.json else ""))
     return 0
 
-
-def _write(path: Path, text: str) -> None:
-    """Atomically: a half-written map never sits under the final name."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent if str(path.parent) else ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
