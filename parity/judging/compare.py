@@ -7,7 +7,10 @@ so memory stays at about the two largest tensors (plus the oracle's) and a few M
 Every reference tensor gets a row (pass, fail, missing, shape_mismatch or skipped), then every
 candidate tensor that no reference tensor matched (extra), in the candidate's order. Nothing is left
 out silently: dtype differences, shape differences that are only size-1 dimensions, missing and
-extra invocations (UNet steps included) are all listed.
+extra invocations (UNet steps included) are all listed; reference tensors outside --only, not
+required by --require or without a counterpart in the name map's naming are counted in
+coverage.scope. The candidate is seen through the name map (name_map.py: names, splits, transforms),
+and each divergent tensor through the diagnosis (diagnosis.py: the known mistakes that explain it).
 """
 from __future__ import annotations
 
@@ -146,8 +149,8 @@ def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
                  scope: Scope | None = None) -> Comparison:
     """Compare a candidate run with the reference run (and, given an fp64 oracle run, calibrate).
 
-    Raises RunFileError for unreadable run files, NameMapError / ToleranceConfigError for bad
-    maps or configs: all bad input.
+    `scope` limits what the candidate is expected to provide (scope.py). Raises RunFileError for
+    unreadable run files, NameMapError / ToleranceConfigError for bad maps or configs: all bad input.
     """
     started = time.perf_counter()
     if name_map is not None and not isinstance(name_map, NameMap):
