@@ -318,3 +318,22 @@ def test_ldm_map_names_only_real_diffusers_tensors_and_covers_every_module(name)
     # the numbering is the walk's: the same LDM path the checkpoint key map uses for each module
     walk = {m.diffusers: m.ldm for m in modules("unet", config) if m.ldm}
     assert all(table.exact[("unet", ldm)].to.split("[")[0] == diffusers for diffusers, ldm in walk.items())
+
+
+@pytest.mark.parametrize("candidate, reference", [
+    ("unet/step_000/model.diffusion_model.input_blocks.4.0.out_layers.3", "unet/step_000/down_blocks.1.resnets.0.conv2"),
+    ("unet/step_000/input_blocks.5.1.transformer_blocks.0.attn2.to_k", "unet/step_000/down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_k"),
+    ("unet/step_001/output_blocks.8.2.conv", "unet/step_001/up_blocks.2.upsamplers.0.conv"),
+    ("unet/step_001/middle_block.0.emb_layers.0", "unet/step_001/mid_block.resnets.0.nonlinearity#1"),
+    ("unet/step_001/time_embed.1", "unet/step_001/time_embedding.act"),
+    ("text_encoder/call_1/cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1", "text_encoder/call_1/encoder.layers.1.mlp.fc1"),
+    ("text_encoder/call_0/text_model.final_layer_norm", "text_encoder/call_0/final_layer_norm"),
+    ("vae_decoder/call_0/first_stage_model.decoder.up.1.block.0.nin_shortcut", "vae_decoder/call_0/decoder.up_blocks.2.resnets.0.conv_shortcut"),
+    ("vae_decoder/call_0/decoder.up.3.upsample.conv", "vae_decoder/call_0/decoder.up_blocks.0.upsamplers.0.conv"),
+    ("vae_encoder/call_0/encoder.down.1.downsample.conv", "vae_encoder/call_0/encoder.down_blocks.1.downsamplers.0.conv"),
+])
+def test_ldm_names_with_or_without_the_single_file_prefix(candidate, reference):
+    """SD 1.5's layout: 2 layers per level, so input_blocks.4 is level 1's first layer, output_blocks.8 ends up level 2."""
+    spec = FIXTURES["sd15-arch"]
+    table = ldm_table({"unet": spec["unet"], "vae": spec["vae"], "text_encoder": spec["text_encoder"]})
+    assert table.lookup(candidate).to == reference
