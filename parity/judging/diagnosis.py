@@ -71,7 +71,7 @@ class Diagnoser:
         cand = self.cand.read(match)
         found = explain(ref, cand, key=entry.key, guided=self.guided)
         if not found and ref.shape == cand.shape:
-            found = self._step_offset(entry, cand)
+            found = self._step_offset(entry, cand, _rel(ref, cand))
         return found
 
     def diagnose_extras(self, results) -> None:
@@ -114,7 +114,7 @@ class Diagnoser:
                                  f"axis = {axis_from_end}")
         return None
 
-    def _step_offset(self, entry, cand: np.ndarray) -> list[Diagnosis]:
+    def _step_offset(self, entry, cand: np.ndarray, before: float) -> list[Diagnosis]:
         match = _STEP_RE.match(entry.invocation)
         if not match:
             return []
@@ -126,7 +126,7 @@ class Diagnoser:
             other = self.ref.entry(key)
             if tuple(other.shape) != cand.shape:
                 continue
-            if _close(self.ref.read(other), cand):
+            if _explains(self.ref.read(other), cand, before):
                 where = "behind" if offset < 0 else "ahead"
                 return [Diagnosis("step_offset", f"the candidate's step_{step:03d} equals the reference's "
                                                  f"step_{step + offset:03d}: one step {where} (a loop or timestep "
@@ -268,8 +268,11 @@ def _scale(ref, cand, before) -> list[Diagnosis]:
     if abs(scale - 1) > 1e-6 and _explains(ref, cand / scale if scale else cand, before):
         return [Diagnosis("scale", f"candidate = reference x {scale:.4g}{_known(scale)}",
                           "find where the port multiplies or divides by this factor")]
-    design = np.stack([flat_r, np.ones_like(flat_r)], axis=1)
-    (a, b), *_ = np.linalg.lstsq(design, flat_c, rcond=None)
+    # least squares c = a r + b, from the centred sums (no n x 2 design matrix for large tensors)
+    mean_r, mean_c = float(flat_r.mean()), float(flat_c.mean())
+    spread = float((flat_r - mean_r) @ (flat_r - mean_r))
+    a = float((flat_r - mean_r) @ (flat_c - mean_c)) / spread if spread else 0.0
+    b = mean_c - a * mean_r
     if a and abs(b) > 1e-6 * (np.abs(flat_c).max() or 1) and _explains(ref, (cand - b) / a, before):
         hint = " (a [-1, 1] vs [0, 1] value range?)" if abs(abs(a) - 2) < 1e-3 or abs(abs(a) - 0.5) < 1e-3 else ""
         return [Diagnosis("affine", f"candidate = reference x {a:.4g} {'+' if b >= 0 else '-'} {abs(b):.4g}{hint}",
