@@ -269,13 +269,12 @@ class NameMap:
 
     @classmethod
     def combine(cls, maps: list["NameMap"]) -> "NameMap":
+        """One map from several: their tables in order; `unmatched = "drop"` in any of them applies."""
         if len(maps) == 1:
             return maps[0]
-        policies = {m.unmatched_policy for m in maps if m.source and not _is_builtin_only(m)}
-        if len(policies) > 1:
-            raise NameMapError("the name maps given disagree on `unmatched` (keep vs drop); set it in one of them")
         builtins = list(dict.fromkeys(b for m in maps for b in m.builtins))
-        return cls(rules=[r for m in maps for r in m.rules], unmatched_policy=policies.pop() if policies else "keep",
+        policy = "drop" if any(m.unmatched_policy == "drop" for m in maps) else "keep"
+        return cls(rules=[r for m in maps for r in m.rules], unmatched_policy=policy,
                    source=", ".join(m.source or "" for m in maps), splits=[s for m in maps for s in m.splits],
                    transforms=[t for m in maps for t in m.transforms], absent=[a for m in maps for a in m.absent],
                    builtins=builtins, sources=[s for m in maps for s in m.sources])
@@ -470,10 +469,6 @@ class _RuleIndex:
             if match is not None:
                 return self.rules[limit], match
         return None, None
-
-
-def _is_builtin_only(name_map: NameMap) -> bool:
-    return not (name_map.rules or name_map.splits or name_map.transforms or name_map.absent) and bool(name_map.builtins)
 
 
 def _mapped_entry(hit: tuple, ref: Entry, alias: bool) -> MappedEntry:
