@@ -122,10 +122,11 @@ def test_what_cannot_be_converted_says_why(tmp_path, capsys):
         (["convert", "no-such-model", "--to", "ldm"], "does not exist (nor is it a fixture"),
     ]
     sd2 = _configs_only(source, tmp_path / "sd2", drop=())
-    unet = json.loads((sd2 / "unet" / "config.json").read_text())
-    (sd2 / "unet" / "config.json").write_text(json.dumps({**unet, "use_linear_projection": True}))
+    for component, field in (("unet", {"use_linear_projection": True}), ("text_encoder", {"hidden_act": "gelu"})):
+        config = json.loads((sd2 / component / "config.json").read_text())
+        (sd2 / component / "config.json").write_text(json.dumps({**config, **field}))
     cases.append((["convert", str(sd2), "--to", "ldm", "-o", str(tmp_path / "sd2.ckpt")],
-                  "use_linear_projection (SD 2.x)"))
+                  "an OpenCLIP text encoder (SD 2.x)"))
     for argv, message in cases:
         assert main(argv) == 2, argv
         assert message in capsys.readouterr().err, argv

@@ -80,3 +80,23 @@ def test_capture_spec_terms():
 def test_capture_spec_errors(text, message):
     with pytest.raises(CaptureSpecError, match=message):
         CaptureSpec.parse(text)
+
+
+def test_one_glob_dialect_for_capture_maps_tolerances_and_only():
+    """`[ ]` are literal (flattened outputs), `*` stops at '/', `**` does not: the same everywhere."""
+    from sd_parity.judging.name_map import NameMap
+    from sd_parity.judging.scope import Scope
+    from sd_parity.judging.tolerances import Tolerances
+
+    spec = CaptureSpec.parse("glob:down_blocks.0[1]*")
+    assert spec.wants("unet", "down_blocks.0[1][2]") and not spec.wants("unet", "down_blocks.01")
+    assert CaptureSpec.parse("glob:*.attn?").wants("unet", "mid_block.attn1")
+    name_map = NameMap.from_dict({"rule": [{"glob": "unet/*/down_blocks.0[1]*", "to": "unet/\\1/x\\2"}]})
+    assert name_map.map_key("unet/step_000/down_blocks.0[1][2]")[0] == "unet/step_000/x[2]"
+    assert name_map.map_key("unet/step_000/down_blocks.01")[0] == "unet/step_000/down_blocks.01"  # kept, unmatched
+    overrides = Tolerances.from_table({"overrides": [{"pattern": "down_blocks.0[1]*", "rtol": 1, "reason": "r"}]})
+    assert overrides.rule_for("unet", "step_000", "down_blocks.0[1][2]", "float32").rtol == 1
+    assert overrides.rule_for("unet", "step_000", "down_blocks.01", "float32").rtol != 1
+    only = Scope(("unet/**", "down_blocks.0[1]*"))
+    assert only.selects("unet/step_000/a/b") and only.selects("vae_decoder/call_0/down_blocks.0[1][0]")
+    assert not Scope(("unet/*",)).selects("unet/step_000/x")  # `*` does not cross '/'

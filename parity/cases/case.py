@@ -13,6 +13,8 @@ from sd_parity.candidates.protocol import supports
 from sd_parity.candidates.registry import is_builtin, resolve
 from sd_parity.candidates.runner import run_free, run_isolated
 from sd_parity.judging.compare import compare_runs
+from sd_parity.judging.name_map import NameMap
+from sd_parity.judging.scope import Scope
 from sd_parity.judging.tolerances import Tolerances
 from sd_parity.judging.verdict import make_verdict
 from sd_parity.reports.summary import build_summary, render_outputs
@@ -30,6 +32,9 @@ class Case:
     calibrated: bool = True
     fault: str | None = None  # a known bug injected into impl/ (sd_parity.candidates.faults)
     label: str = ""
+    maps: tuple[str, ...] = ()  # --map specs: the candidate's names onto the reference's
+    only: tuple[str, ...] = ()  # --only globs
+    require: str = "all"  # --require
 
     @property
     def name(self) -> str:
@@ -85,11 +90,14 @@ def run_case(case: Case, out_dir: Path, tolerances: Tolerances | None = None,
             candidate, cfg, runs["reference"], path), mode="isolated", fingerprint=fingerprint)
     log(f"{case.name}: compare")
     main = runs.get("candidate", runs.get("isolated"))
-    comparison = compare_runs(runs["reference"], main, oracle_path=runs.get("oracle"), tolerances=tolerances)
+    naming = dict(name_map=NameMap.load_all(case.maps) if case.maps else None,
+                  scope=Scope(case.only, case.require))
+    comparison = compare_runs(runs["reference"], main, oracle_path=runs.get("oracle"), tolerances=tolerances,
+                              **naming)
     isolated = None
     if "isolated" in runs and "candidate" in runs:
         isolated = compare_runs(runs["reference"], runs["isolated"], oracle_path=runs.get("oracle"),
-                                tolerances=tolerances)
+                                tolerances=tolerances, **naming)
     summary = build_summary(comparison, make_verdict(comparison, isolated), isolated)
     summary["case"] = {"name": case.name, "candidate": case.candidate, "mode": case.mode,
                        "calibrated": "oracle" in runs, "repro": repro_command(case)}
@@ -116,4 +124,7 @@ def repro_command(case: Case) -> str:
         parts.append("--no-calibrate")
     if case.fault:
         parts.append(f"--inject-fault {case.fault}")
+    parts += [f"--map {shlex.quote(spec)}" for spec in case.maps] + [f"--only {shlex.quote(g)}" for g in case.only]
+    if case.require != "all":
+        parts.append(f"--require {case.require}")
     return " ".join(parts + [f"--output-dir reports/{case.name}"])

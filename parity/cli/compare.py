@@ -14,6 +14,7 @@ from pathlib import Path
 from sd_parity.errors import BadInput
 from sd_parity.judging.compare import compare_runs
 from sd_parity.judging.name_map import NameMap, NameMapError
+from sd_parity.judging.scope import REQUIRE, Scope, ScopeError
 from sd_parity.runs.open import open_run
 from sd_parity.reports.summary import build_summary, format_table, render_outputs
 from sd_parity.judging.tolerances import ToleranceConfigError, Tolerances
@@ -28,8 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument("reference", type=Path, metavar="REF.h5", help="the reference run (file or run folder)")
     parser.add_argument("candidate", type=Path, metavar="CAND.h5",
                         help="the candidate run (free mode): an HDF5 run file or a run folder of .npy/.safetensors")
-    parser.add_argument("--map", type=Path, metavar="NAMES.toml",
-                        help="name map from the candidate's tensor names to the reference's")
+    add_naming_arguments(parser)
     parser.add_argument("--oracle", type=Path, metavar="ORACLE.h5",
                         help="an fp64 run of the reference: thresholds calibrated on the reference's own error")
     parser.add_argument("--isolated", type=Path, metavar="ISO_CAND.h5",
@@ -42,6 +42,33 @@ def register(subparsers) -> None:
     parser.add_argument("--top", type=int, default=10, help="how many tensors the table lists (default 10)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.set_defaults(handler=run)
+
+
+def add_naming_arguments(parser, model_dir: bool = True) -> None:
+    """--map, --only, --require (and --model-dir): shared by `parity compare` and `parity run`."""
+    parser.add_argument("--map", action="append", default=[], metavar="NAMES.toml|ldm",
+                        help="name map from the candidate's tensor names to the reference's: a TOML file of rules, "
+                             "or a built-in map (ldm: the original CompVis module names); repeatable (docs/maps.md)")
+    if model_dir:
+        parser.add_argument("--model-dir", type=Path, default=None, metavar="DIR",
+                            help="the diffusers model folder built-in maps are generated from (default: the "
+                                 "reference run's model_path)")
+    parser.add_argument("--only", action="append", default=[], metavar="GLOB",
+                        help="judge only reference tensors matching GLOB (component/invocation/name, or the name "
+                             "alone), e.g. 'unet/**'; repeatable; the verdict states what was left out")
+    parser.add_argument("--require", default="all", choices=REQUIRE,
+                        help="what the candidate must provide: all tensors (default), blocks (block-level tensors "
+                             "only) or pipeline (pipeline tensors only); tensors not required are compared when "
+                             "present and listed when absent")
+
+
+def naming_options(args) -> tuple[NameMap | None, Scope]:
+    """The name map and scope the naming arguments ask for (bad ones are bad input)."""
+    try:
+        name_map = NameMap.load_all(args.map, model_dir=getattr(args, "model_dir", None)) if args.map else None
+        return name_map, Scope(tuple(args.only), args.require)
+    except (NameMapError, ScopeError) as exc:
+        raise BadInput(str(exc)) from exc
 
 
 def run(args) -> int:
@@ -59,18 +86,18 @@ def run(args) -> int:
                            "candidate run made in isolated mode")
     try:
         tolerances = Tolerances.load(args.config) if args.config is not None else Tolerances.discover(Path.cwd())
-        name_map = NameMap.load(args.map) if args.map is not None else None
-    except (ToleranceConfigError, NameMapError) as exc:
+    except ToleranceConfigError as exc:
         raise BadInput(str(exc)) from exc
+    name_map, scope = naming_options(args)
 
     progress = None if args.quiet or not sys.stderr.isatty() else _progress
     try:
         comparison = compare_runs(args.reference, args.candidate, oracle_path=args.oracle, name_map=name_map,
-                                  tolerances=tolerances, progress=progress)
+                                  tolerances=tolerances, progress=progress, scope=scope)
         isolated = None
         if args.isolated is not None:
             isolated = compare_runs(args.reference, args.isolated, oracle_path=args.oracle, name_map=name_map,
-                                    tolerances=tolerances, progress=progress)
+                                    tolerances=tolerances, progress=progress, scope=scope)
             if isolated_mode is None:
                 isolated.warnings.append(f"{args.isolated} does not record mode=isolated; treated as isolated")
     except (ToleranceConfigError, NameMapError) as exc:

@@ -13,6 +13,7 @@ from sd_parity.runs.config import DTYPES, SCHEDULERS
 from sd_parity.reports.summary import format_table
 from sd_parity.judging.tolerances import ToleranceConfigError, Tolerances
 from .capture import add_run_arguments, config_from_args
+from .compare import add_naming_arguments, naming_options
 
 
 def register(subparsers) -> None:
@@ -38,6 +39,7 @@ def register(subparsers) -> None:
     parser.add_argument("--no-calibrate", dest="calibrated", action="store_false",
                         help="judge by dtype tolerances only, without an fp64 oracle run")
     parser.add_argument("--config", type=Path, default=None, help="parity.toml with tolerance overrides")
+    add_naming_arguments(parser, model_dir=False)
     add_fault_argument(parser)
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.set_defaults(handler=run)
@@ -77,11 +79,13 @@ def run(args) -> int:
             raise BadInput(f"{option} {' '.join(unknown)}: unknown; use {', '.join(allowed)}")
     args.scheduler, args.dtype = schedulers[0], dtypes[0]
     base = config_from_args(args)
+    naming_options(args)  # a bad map or scope is bad input before any work is done
     specs = args.candidate or ([] if args.candidate_cmd or args.candidate_cmd_run else ["both"])
     modes = {c: args.mode for spec in specs for c in (builtin_names() if spec == "both" else (spec,))}
     if args.candidate_cmd or args.candidate_cmd_run:
         modes.update(command_candidate(args))
-    cases = with_fault([Case(replace(base, scheduler=s, dtype=d), c, mode, args.calibrated)
+    naming = dict(maps=tuple(args.map), only=tuple(args.only), require=args.require)
+    cases = with_fault([Case(replace(base, scheduler=s, dtype=d), c, mode, args.calibrated, **naming)
                         for s, d, (c, mode) in itertools.product(schedulers, dtypes, modes.items())], args.inject_fault)
     return execute(cases, args.output_dir, args.config, title=f"parity run on {base.model}")
 

@@ -7,7 +7,10 @@ so memory stays at about the two largest tensors (plus the oracle's) and a few M
 Every reference tensor gets a row (pass, fail, missing, shape_mismatch or skipped), then every
 candidate tensor that no reference tensor matched (extra), in the candidate's order. Nothing is left
 out silently: dtype differences, shape differences that are only size-1 dimensions, missing and
-extra invocations (UNet steps included) are all listed.
+extra invocations (UNet steps included) are all listed; reference tensors outside --only, not
+required by --require or without a counterpart in the name map's naming are counted in
+coverage.scope. The candidate is seen through the name map (name_map.py: names, splits, transforms),
+and each divergent tensor through the diagnosis (diagnosis.py: the known mistakes that explain it).
 """
 from __future__ import annotations
 
@@ -18,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .diagnosis import Diagnoser, Diagnosis, summarize
 from .metrics import ExactMetrics, FloatMetrics, exact_metrics, is_float, oracle_error, tensor_metrics
-from .name_map import MappedNames, NameMap, identity_map
+from .name_map import CandidateView, NameMap, Resolution
+from .scope import Scope, ScopeCoverage
 from sd_parity.runs.naming import block_of, module_path
 from sd_parity.runs.hdf5 import Entry, RunReader
 from sd_parity.runs.open import open_run
@@ -53,6 +58,7 @@ class TensorResult:
     metrics: FloatMetrics | ExactMetrics | None = None
     decision: Decision | None = None
     notes: list[str] = field(default_factory=list)
+    diagnoses: list[Diagnosis] = field(default_factory=list)  # known mistakes that explain a divergence
 
     @property
     def step(self) -> int | None:
@@ -95,6 +101,8 @@ class Coverage:
     extra_invocations: list[str] = field(default_factory=list)
     unmatched_names: list[str] = field(default_factory=list)
     dropped_names: list[str] = field(default_factory=list)
+    redundant_names: list[str] = field(default_factory=list)  # candidate tensors whose values others provided
+    scope: ScopeCoverage = field(default_factory=ScopeCoverage)  # reference tensors left out, and why
 
     @property
     def compared(self) -> int:
@@ -116,6 +124,7 @@ class Comparison:
     warnings: list[str]
     seconds: float
     bytes_read: int
+    diagnosis: dict[str, Any] | None = None  # diagnosis.summarize(): the mistakes that explain divergences
 
     @property
     def mode(self) -> str | None:
@@ -137,11 +146,12 @@ def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
                  oracle_path: str | os.PathLike | None = None,
                  name_map: NameMap | str | os.PathLike | None = None,
                  tolerances: Tolerances | str | os.PathLike | None = None,
-                 progress: Callable[[int, int, str], None] | None = None) -> Comparison:
+                 progress: Callable[[int, int, str], None] | None = None,
+                 scope: Scope | None = None) -> Comparison:
     """Compare a candidate run with the reference run (and, given an fp64 oracle run, calibrate).
 
-    Raises RunFileError for unreadable run files, NameMapError / ToleranceConfigError for bad
-    maps or configs: all bad input.
+    `scope` limits what the candidate is expected to provide (scope.py). Raises RunFileError for
+    unreadable run files, NameMapError / ToleranceConfigError for bad maps or configs: all bad input.
     """
     started = time.perf_counter()
     if name_map is not None and not isinstance(name_map, NameMap):
@@ -153,50 +163,58 @@ def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
     with open_run(ref_path) as ref, open_run(cand_path) as cand:
         oracle = open_run(oracle_path) if oracle_path is not None else None
         try:
-            return _compare(ref, cand, oracle, name_map, tolerances, progress, started)
+            return _compare(ref, cand, oracle, name_map, tolerances, progress, started, scope or Scope())
         finally:
             if oracle is not None:
                 oracle.close()
 
 
 def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map: NameMap | None,
-             tolerances: Tolerances, progress, started: float) -> Comparison:
-    ref_entries = ref.entries()
+             tolerances: Tolerances, progress, started: float, scope: Scope) -> Comparison:
+    all_ref_entries = ref.entries()
     cand_entries = cand.entries()
-    cand_keys = [e.key for e in cand_entries]
-    mapped: MappedNames = name_map.apply(cand_keys) if name_map is not None else identity_map(cand_keys)
-    by_ref_key: dict[str, Entry] = {}
-    cand_by_key = {e.key: e for e in cand_entries}
-    for cand_key, ref_key in mapped.mapping.items():
-        by_ref_key[ref_key] = cand_by_key[cand_key]
-
-    coverage = Coverage(ref_tensors=len(ref_entries), cand_tensors=len(cand_entries),
-                        unmatched_names=list(mapped.unmatched), dropped_names=list(mapped.dropped))
+    mapped: Resolution = (name_map or NameMap()).resolve(cand_entries, all_ref_entries, ref.metadata)
+    view = CandidateView(cand)
+    diagnoser = Diagnoser(ref, view, ref.metadata)
+    coverage = Coverage(ref_tensors=len(all_ref_entries), cand_tensors=len(cand_entries),
+                        unmatched_names=list(mapped.unmatched) if name_map is not None else [],
+                        dropped_names=list(mapped.dropped),
+                        scope=ScopeCoverage(list(scope.only), scope.require))
+    ref_entries = coverage.scope.in_only(scope, all_ref_entries)
     results: list[TensorResult] = []
     used: set[str] = set()
-    dropped = set(mapped.dropped)
     bytes_read = 0
     total = len(ref_entries)
     for position, entry in enumerate(ref_entries):
         if progress is not None:
             progress(position, total, entry.key)
-        match = by_ref_key.get(entry.key)
+        match = mapped.sources.get(entry.key)
+        if match is None and coverage.scope.leaves_out(scope, entry, mapped.absent.get(entry.key)):
+            continue
         if match is not None:
             used.add(match.key)
-        result, nbytes = _compare_one(ref, cand, oracle, entry, match, tolerances, len(results))
+        result, nbytes = _compare_one(ref, view, oracle, entry, match, tolerances, len(results))
         bytes_read += nbytes
+        if match is not None:
+            result.notes.extend(match.notes)
+        if result.divergent:
+            result.diagnoses = diagnoser.diagnose(result, entry, match)
+            result.notes.extend(f"diagnosis: {d.text}" for d in result.diagnoses)
         results.append(result)
 
-    for entry in cand_entries:
-        if entry.key in used or entry.key in dropped:
-            continue
+    extra, coverage.redundant_names = mapped.leftovers(used, {e.key for e in all_ref_entries})
+    for cand_key in extra:
+        entry = cand.entry(cand_key)
         key = mapped.mapping.get(entry.key, entry.key)
+        if not scope.selects(key):
+            continue
         component, invocation, name = key.split("/", 2)
         results.append(TensorResult(
             index=len(results), key=key, component=component, invocation=invocation, name=name,
             kind=entry.kind, status="extra", order=None, cand_key=entry.key, cand_order=entry.order,
             cand_dtype=entry.dtype, cand_shape=list(entry.shape),
             notes=["only in the candidate"] + ([f"candidate name {entry.key}"] if key != entry.key else [])))
+    diagnoser.diagnose_extras(results)
 
     _fill_coverage(coverage, results, ref_entries, cand_entries, mapped)
     warnings = _metadata_warnings(ref.metadata, cand.metadata, oracle)
@@ -208,7 +226,8 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
         ref_metadata=ref.metadata, cand_metadata=cand.metadata,
         oracle_metadata=oracle.metadata if oracle is not None else None,
         results=results, coverage=coverage, tolerances=tolerances, name_map=name_map, warnings=warnings,
-        seconds=time.perf_counter() - started, bytes_read=bytes_read)
+        seconds=time.perf_counter() - started, bytes_read=bytes_read,
+        diagnosis=summarize(results, diagnoser.examined, diagnoser.limit))
 
 
 def _compare_one(ref: RunReader, cand: RunReader, oracle: RunReader | None, entry: Entry,
@@ -286,7 +305,7 @@ def _squeezed(shape) -> tuple[int, ...]:
 
 
 def _fill_coverage(coverage: Coverage, results: list[TensorResult], ref_entries: list[Entry],
-                   cand_entries: list[Entry], mapped: MappedNames) -> None:
+                   cand_entries: list[Entry], mapped: Resolution) -> None:
     for result in results:
         coverage.counts[result.status] += 1
         if result.status == "missing":

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from sd_parity.judging.compare import Comparison, TensorResult
+from sd_parity.judging.diagnosis import clause as diagnosis_clause
+from sd_parity.judging.scope import scope_clause
 from sd_parity.judging.verdict import Culprit, Verdict, describe_location, verdict_dict
 
 SCHEMA_VERSION = 1
@@ -49,7 +51,8 @@ def build_summary(comparison: Comparison, verdict: Verdict, isolated: Comparison
         "schema_version": SCHEMA_VERSION,
         "tool": "parity compare",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "verdict": verdict_dict(verdict),
+        "verdict": _verdict(comparison, verdict),
+        "diagnosis": comparison.diagnosis,
         "first_divergence": _first_divergence(first) if first is not None else None,
         "culprits": [_culprit(c) for c in verdict.culprits],
         "isolated_failures_outside_blocks": [_brief(r) for r in verdict.isolated_failures_outside_blocks],
@@ -78,6 +81,14 @@ def build_summary(comparison: Comparison, verdict: Verdict, isolated: Comparison
             "tensors": [row_dict(r) for r in isolated.results],
         }
     return summary
+
+
+def _verdict(comparison: Comparison, verdict: Verdict) -> dict[str, Any]:
+    """The verdict, stating what was left out of the judgement and what the diagnosis found."""
+    info = verdict_dict(verdict)
+    coverage = comparison.coverage
+    info["text"] += scope_clause(coverage.scope.to_dict(), coverage.ref_tensors) + diagnosis_clause(comparison.diagnosis)
+    return info
 
 
 def _run_info(path, metadata, tensors) -> dict[str, Any]:
@@ -113,6 +124,7 @@ def row_dict(result: TensorResult) -> dict[str, Any]:
         "metrics": result.metrics.to_dict() if result.metrics is not None else None,
         "threshold": decision.to_dict() if decision is not None else None,
         "notes": list(result.notes),
+        "diagnoses": [d.to_dict() for d in result.diagnoses],
     }
 
 
@@ -141,6 +153,7 @@ def _coverage(comparison: Comparison) -> dict[str, Any]:
         "skipped": c.skipped, "dtype_differences": c.dtype_differences,
         "missing_invocations": c.missing_invocations, "extra_invocations": c.extra_invocations,
         "unmatched_names": c.unmatched_names, "dropped_names": c.dropped_names,
+        "redundant_names": c.redundant_names, "scope": c.scope.to_dict(),
     }
 
 
@@ -356,6 +369,8 @@ def format_table(summary: dict[str, Any], top: int = 10, width: int | None = Non
     if cov["unmatched_names"]:
         lines.append(f"name map: {len(cov['unmatched_names'])} candidate names matched no rule "
                      f"(e.g. {cov['unmatched_names'][0]})")
+    for kind in (summary.get("diagnosis") or {}).get("kinds", []):
+        lines.append(f"diagnosis: {kind['text']} ({kind['tensors']} tensors); fix: {kind['fix']}")
     for culprit in summary["culprits"]:
         worst = culprit["worst"]
         lines.append(f"culprit in isolation: {culprit['block']} ({culprit['component']}.{culprit['path']}) in "

@@ -15,6 +15,31 @@ from typing import Any, Iterator
 _SUFFIX = re.compile(r"(\[.*|@.*|#\d+)$")
 
 
+def glob_to_regex(pattern: str) -> str:
+    """This project's one glob dialect (name maps, tolerance overrides, `--capture glob:`, `--only`):
+    `**` any run of characters, `*` any run without '/', `?` one character other than '/'.
+
+    Everything else is literal, including `[ ]`, which tensor names use for flattened outputs.
+    Each wildcard becomes a capture group, numbered left to right.
+    """
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append("(.*)")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("([^/]*)")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("([^/])")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return "".join(out)
+
+
 def join(name: str, key: str | int) -> str:
     return str(key) if name == "" else f"{name}[{key}]"
 

@@ -7,7 +7,8 @@ SPEC is a list of terms separated by ';':
     pipeline                  pipeline-level tensors only
     text_encoder | unet | vae_encoder | vae_decoder
                               restrict module capture to these components
-    glob:PATTERN              module tensors whose name matches the shell pattern
+    glob:PATTERN              module tensors whose name matches PATTERN (the glob dialect of
+                              naming.glob_to_regex: `*`, `**`, `?`; `[ ]` are literal)
     re:REGEX                  module tensors whose name contains a match of REGEX
     steps=LIST                only these denoising steps (0-based; ranges a-b; negative counts from the end)
 Name terms (all, blocks, glob, re) are a union; component and step terms restrict it.
@@ -16,12 +17,11 @@ are always kept: they are small, and comparison needs them.
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .naming import is_block_level
+from .naming import glob_to_regex, is_block_level
 
 MODULE_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
@@ -56,8 +56,8 @@ class CaptureSpec:
             elif term in MODULE_COMPONENTS:
                 components.add(term)
             elif term.startswith("glob:") and term[5:]:
-                pattern = term[5:]
-                filters.append(lambda component, name, p=pattern: fnmatch.fnmatchcase(name, p))
+                pattern = re.compile(glob_to_regex(term[5:]))
+                filters.append(lambda component, name, p=pattern: p.fullmatch(name) is not None)
             elif term.startswith("re:") and term[3:]:
                 try:
                     regex = re.compile(term[3:])

@@ -79,11 +79,12 @@ def _dtype(row: dict[str, Any]) -> str:
 
 
 def _reason(row: dict[str, Any]) -> str:
-    """Why a row is not a plain pass (empty for passes, to keep the page small)."""
+    """Why a row is not a plain pass (empty for passes, to keep the page small), with its diagnosis."""
+    diagnosis = "".join(f"; diagnosis: {d['text']} (fix: {d['fix']})" for d in row.get("diagnoses", []))
     if row["status"] == "fail" and row["threshold"]:
-        return row["threshold"]["reason"]
+        return row["threshold"]["reason"] + diagnosis
     if row["status"] == "shape_mismatch":
-        return f"shape {row['cand_shape']} vs reference {row['ref_shape']}"
+        return f"shape {row['cand_shape']} vs reference {row['ref_shape']}{diagnosis}"
     if row["status"] in ("missing", "extra", "skipped"):
         return "; ".join(row["notes"]) or row["status"]
     return ""
