@@ -75,7 +75,7 @@ class Recorder:
         return label
 
     def end_invocation(self, component: str) -> None:
-        self._invocation[component] = None
+        self._invocation.pop(component, None)
 
     @contextmanager
     def invocation(self, component: str, label: str | None = None) -> Iterator[str]:
@@ -87,6 +87,10 @@ class Recorder:
 
     def active(self, component: str) -> bool:
         return self._invocation.get(component) is not None
+
+    def is_open(self, component: str) -> bool:
+        """Whether an invocation of `component` is open (captured or not, by the capture selection)."""
+        return component in self._invocation
 
     def module_output(self, component: str, path: str, value: Any) -> None:
         """One call of the module at `path`; repeated calls within an invocation get #k suffixes."""
