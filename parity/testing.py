@@ -164,18 +164,22 @@ def assert_parity(ref: str | os.PathLike, cand: str | os.PathLike, oracle: str |
     summary = build_summary(comparison, make_verdict(comparison, isolated_comparison), isolated_comparison)
     selected = _selected(comparison, only)
     bad = [r for r in selected if r.status in BAD]
-    if report_dir is not None or bad:
+    compared = [r for r in selected if r.status in ("pass", "fail")]
+    if report_dir is not None or bad or not compared:
         report = _write_report(summary, report_dir)
-    if not bad:
+    if compared and not bad:
         return summary
     raise NotAtParity(_failure_message(summary, comparison, selected, bad, only, report), summary, report)
 
 
 def _selected(comparison, only: str | Iterable[str] | None) -> list:
+    """The reference's tensors that `only` selects and that the candidate run is expected to hold: in an
+    isolated run, inputs (fed from the reference) and pipeline tensors (only some stages produce any)
+    may be absent, but a block or module output may not."""
     patterns = None if only is None else [only] if isinstance(only, str) else list(only)
     isolated = comparison.mode == "isolated"
-    rows = [r for r in comparison.results if r.status != "extra"
-            and not (isolated and r.kind == "input" and r.block is not None)]  # the reference's own inputs
+    rows = [r for r in comparison.results if r.status != "extra" and not (
+        isolated and r.status == "missing" and (r.kind == "input" or r.component == "pipeline"))]
     if patterns is not None:
         rows = [r for r in rows if any(p in (r.block_id, r.component) or fnmatch.fnmatchcase(r.key, p)
                                        for p in patterns)]
@@ -207,6 +211,9 @@ def _failure_message(summary, comparison, selected, bad, only, report: Path) -> 
     missing = [r for r in bad if r.status == "missing"]
     scope = f" in {only if isinstance(only, str) else ', '.join(only)}" if only is not None else ""
     runs = f"candidate {Path(comparison.cand_path).name}" + (f" ({comparison.mode} mode)" if comparison.mode else "")
+    if not bad:
+        return (f"Not at parity{scope}: the candidate holds none of the {len(selected)} selected tensors ({runs})\n"
+                f"Report: {report.as_uri()}")
     lines = [f"Not at parity{scope}: {len(diverging)} of {len(selected)} tensors diverge"
              + (f", {len(missing)} missing from the candidate" if missing else "")
              + f" ({runs} vs reference {Path(comparison.ref_path).name}"

@@ -97,14 +97,6 @@ def active_sink() -> RecorderSink | TapsSink | None:
     return _ACTIVE.get()
 
 
-def current_sink() -> RecorderSink | TapsSink:
-    sink = _ACTIVE.get()
-    if sink is None:
-        raise BadInput("no run is being captured here: tap inside Candidate.capture / run_block (parity run, "
-                       "parity capture) or inside a `with sd_parity.writer(...)` block")
-    return sink
-
-
 def sink_for(target: Any) -> RecorderSink | TapsSink:
     """A sink for what a user hands `capture(..., into=...)`: a Recorder, anything holding one (a
     RunContext, a writer), a sink, or a block's taps (output/inputs methods)."""

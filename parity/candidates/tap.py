@@ -13,14 +13,15 @@ Values may be NumPy arrays, torch tensors, or anything numpy.asarray converts (J
 arrays); tuples and dicts are flattened (`name[0]`, `name[key]`). Module tensors belong to an
 invocation of their component (a `wrap`ped call, or a `with sd_parity.invocation(component):`
 block); pipeline tensors go under `main` or, with `step=`, under the denoising step. Inside
-`Candidate.capture` and `run_block` the run is already open: `tap` reports to it.
+`Candidate.capture` and `run_block` the run is already open: `tap` reports to it. Outside any run,
+tap, wrap and invocation do nothing, so model code instrumented with them runs as usual.
 """
 from __future__ import annotations
 
 import functools
 import warnings
 import weakref
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -33,7 +34,7 @@ from sd_parity.runs.selection import MODULE_COMPONENTS, CaptureSpec
 
 from .hooks import Arguments, Hooks, Names, argument_namer, bind_arguments, capture, rename_arguments
 from .replay import ReferenceReplay
-from .sinks import RecorderSink, TapsSink, activated, active_sink, current_sink, host_values
+from .sinks import RecorderSink, TapsSink, activated, active_sink, host_values
 
 
 def _component_output(value: Any) -> Any:
@@ -72,8 +73,11 @@ def tap(component: str, name: str, value: Any, step: int | None = None) -> None:
     For a network (text_encoder, unet, vae_encoder, vae_decoder), `name` is the reference module path
     whose output `value` is (`down_blocks.1`, `encoder[last_hidden_state]`; "" is the component's own
     output). For `pipeline`, `name` is a pipeline tensor (x_T, token_ids, latent_model_input, timestep,
-    noise_pred, step_output, latents, image, ...; docs/run-format.md), under `main` or step `step`."""
-    report(current_sink(), component, name, value, step)
+    noise_pred, step_output, latents, image, ...; docs/run-format.md), under `main` or step `step`.
+    Outside a run it does nothing, so instrumented model code runs as usual."""
+    sink = active_sink()
+    if sink is not None:
+        report(sink, component, name, value, step)
 
 
 def report_inputs(sink: RecorderSink | TapsSink, component: str, block: str, arguments: dict[str, Any]) -> None:
@@ -84,7 +88,9 @@ def report_inputs(sink: RecorderSink | TapsSink, component: str, block: str, arg
 def tap_inputs(component: str, block: str, arguments: dict[str, Any]) -> None:
     """Report the inputs of `block` ("" = the component itself) as `block@argument`, by the
     reference's argument names (hidden_states, temb, encoder_hidden_states, sample, ...)."""
-    report_inputs(current_sink(), component, block, arguments)
+    sink = active_sink()
+    if sink is not None:
+        report_inputs(sink, component, block, arguments)
 
 
 @contextmanager
@@ -98,8 +104,9 @@ def open_invocation(sink: RecorderSink | TapsSink, component: str, label: str | 
 
 def invocation(component: str, label: str | None = None):
     """One call of a network, as a `with` block: text_encoder/vae calls are call_N, UNet calls
-    step_NNN, in order (or `label`, e.g. "step_003", to place it)."""
-    return open_invocation(current_sink(), component, label)
+    step_NNN, in order (or `label`, e.g. "step_003", to place it). Outside a run it does nothing."""
+    sink = active_sink()
+    return open_invocation(sink, component, label) if sink is not None else nullcontext()
 
 
 def wrap(function: Callable, component: str, arguments: Arguments = None) -> Callable:
