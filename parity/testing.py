@@ -184,8 +184,9 @@ def _selected(comparison, only: str | Iterable[str] | None) -> list:
         rows = [r for r in rows if any(p in (r.block_id, r.component) or fnmatch.fnmatchcase(r.key, p)
                                        for p in patterns)]
         if not rows:
-            raise BadInput(f"assert_parity: only={only!r} selects none of the reference's tensors; give block ids "
-                           "(unet_block_1_down), components (unet, pipeline) or globs over keys (unet/*/down_blocks.1*)")
+            raise BadInput(f"assert_parity: only={only!r} selects none of the reference's tensors; give block "
+                           "ids (unet_block_1_down), components (unet, pipeline) or globs over keys "
+                           "(unet/*/down_blocks.1*)")
     return rows
 
 
@@ -212,12 +213,12 @@ def _failure_message(summary, comparison, selected, bad, only, report: Path) -> 
     scope = f" in {only if isinstance(only, str) else ', '.join(only)}" if only is not None else ""
     runs = f"candidate {Path(comparison.cand_path).name}" + (f" ({comparison.mode} mode)" if comparison.mode else "")
     if not bad:
-        return (f"Not at parity{scope}: the candidate holds none of the {len(selected)} selected tensors ({runs})\n"
-                f"Report: {report.as_uri()}")
+        return (f"Not at parity{scope}: the candidate holds none of the {len(selected)} selected tensors\n"
+                f"Runs: {runs} vs reference {Path(comparison.ref_path).name}\nReport: {report.as_uri()}")
     lines = [f"Not at parity{scope}: {len(diverging)} of {len(selected)} tensors diverge"
-             + (f", {len(missing)} missing from the candidate" if missing else "")
-             + f" ({runs} vs reference {Path(comparison.ref_path).name}"
-             + (", calibrated against the fp64 oracle)" if comparison.calibrated else ", uncalibrated)")]
+             + (f", {len(missing)} missing from the candidate" if missing else ""),
+             f"Runs: {runs} vs reference {Path(comparison.ref_path).name}, "
+             + ("calibrated against the fp64 oracle" if comparison.calibrated else "uncalibrated (no oracle run)")]
     if diverging:
         worst = max(diverging, key=lambda r: (r.status == "shape_mismatch", r.ratio or 0.0))
         row = rows[worst.index]
@@ -231,10 +232,10 @@ def _failure_message(summary, comparison, selected, bad, only, report: Path) -> 
         first = diverging[0]
         if first is not worst:
             lines.append(f"First divergence (execution order): {describe_location(first)}")
-        others = [r for r in diverging if r is not worst][:5]
+        others = [r for r in diverging if r is not worst and r is not first]
         if others:
-            lines.append("Also diverging: " + ", ".join(f"{r.key} ({_number(r.ratio)}x)" for r in others)
-                         + (" ..." if len(diverging) > 6 else ""))
+            lines.append("Also diverging: " + ", ".join(f"{r.key} ({_number(r.ratio)}x)" for r in others[:5])
+                         + (f" and {len(others) - 5} more" if len(others) > 5 else ""))
     if missing:
         lines.append(f"Missing from the candidate: {missing[0].key}" + (f" and {len(missing) - 1} more"
                                                                          if len(missing) > 1 else ""))

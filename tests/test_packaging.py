@@ -143,8 +143,8 @@ def test_installed_tool_runs_from_any_folder(installed, tmp_path):
     # the run files it left in the user cache, compared again as a port's own files would be
     runs = {run["metadata"]["impl"] + "-" + run["metadata"]["dtype"] + "-" + run["metadata"]["mode"]: run["path"]
             for run in summary["runs"].values() if run}
-    output = parity("compare", runs["reference-fp32-free"], runs["numpy-fp32-free"], "--oracle", runs["reference-fp64-free"],
-                    "--isolated", runs["numpy-fp32-isolated"], "--output-dir", "cmp")
+    output = parity("compare", runs["reference-fp32-free"], runs["numpy-fp32-free"], "--oracle",
+                    runs["reference-fp64-free"], "--isolated", runs["numpy-fp32-isolated"], "--output-dir", "cmp")
     assert "verdict: PARITY" in output and (work / "cmp" / "report.html").is_file()
 
     made = {p.relative_to(work).parts[0] for p in work.iterdir()}
@@ -161,9 +161,11 @@ def test_commands_leave_the_checkout_clean(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     parity = str(Path(sys.executable).parent / "parity")
     small = ["--model", "tiny-sd1", "--steps", "1"]
-    for args in (["fixtures", "tiny-sd1"], ["capture", "--candidate", "numpy", *small, "--output", str(tmp_path / "c.h5")],
-                 ["run", "--candidate", "torch", *small, "--mode", "free", "--no-calibrate", "--output-dir",
-                  str(tmp_path / "out")], ["inspect", str(tmp_path / "c.h5")], ["--version"]):
+    for args in (["fixtures", "tiny-sd1"],
+                 ["capture", "--candidate", "numpy", *small, "--output", str(tmp_path / "c.h5")],
+                 ["run", "--candidate", "torch", *small, "--mode", "free", "--no-calibrate",
+                  "--output-dir", str(tmp_path / "out")],
+                 ["inspect", str(tmp_path / "c.h5")], ["--version"]):
         done = subprocess.run([parity, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"parity {' '.join(args)}: {done.stderr[-2000:]}"
     assert _checkout_state() == before

@@ -137,10 +137,10 @@ def test_tap_wrap_and_invocations_for_a_non_torch_port(tmp_path):
         sd_parity.tap("pipeline", "x_T", np.zeros(3))
     tensors = _tensors(run.path)
     assert sorted(tensors) == sorted([
-        "unet/step_000/@sample", "unet/step_000/@timestep", "unet/step_000/conv_in", "unet/step_000/down_blocks.0@hidden_states",
-        "unet/step_000/0", "pipeline/step_000/latents", "unet/step_001/@sample", "unet/step_001/@timestep",
-        "unet/step_001/conv_in", "unet/step_001/down_blocks.0@hidden_states", "unet/step_001/0",
-        "pipeline/step_001/latents", "text_encoder/call_0/last_hidden_state", "pipeline/main/x_T"])
+        *(f"unet/step_00{i}/{name}" for i in (0, 1)
+          for name in ("@sample", "@timestep", "conv_in", "down_blocks.0@hidden_states", "0")),
+        "pipeline/step_000/latents", "pipeline/step_001/latents", "text_encoder/call_0/last_hidden_state",
+        "pipeline/main/x_T"])
     assert tensors["unet/step_001/0"].tolist() == [2.0] and tensors["unet/step_001/@timestep"].tolist() == [998]
     assert tensors["unet/step_001/conv_in"].dtype == np.float32
 

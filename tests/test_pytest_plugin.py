@@ -26,12 +26,13 @@ def test_a_failing_check_names_the_worst_tensor_its_metrics_and_its_report(parit
         sd_parity.assert_parity(ref, cand, only="unet_block_1_down")
     failure = caught.value
     lines = str(failure).splitlines()
-    assert lines[0].startswith("Not at parity in unet_block_1_down: ") and "calibrated against the fp64 oracle" in lines[0]
     failing = [r for r in failure.summary["tensors"] if r["block"] == "unet_block_1_down" and r["status"] == "fail"]
     worst = max(failing, key=lambda r: r["ratio"])
-    assert lines[1] == f"Worst tensor: {worst['key']} (block unet_block_1_down)"
-    assert lines[2].startswith("  metrics:   max_abs ") and lines[3].startswith("  threshold: calibrated ")
-    assert lines[4] == f"  ratio:     {worst['ratio']:.3g} x its threshold"
+    assert lines[0].startswith(f"Not at parity in unet_block_1_down: {len(failing)} of ")
+    assert lines[1].startswith("Runs: candidate ") and lines[1].endswith("calibrated against the fp64 oracle")
+    assert lines[2] == f"Worst tensor: {worst['key']} (block unet_block_1_down)"
+    assert lines[3].startswith("  metrics:   max_abs ") and lines[4].startswith("  threshold: calibrated ")
+    assert lines[5] == f"  ratio:     {worst['ratio']:.3g} x its threshold"
     assert lines[-1] == f"Report: {failure.report.as_uri()}" and failure.report.is_file()
     assert failure.report.parent == parity_report_dir
 

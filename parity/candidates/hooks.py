@@ -119,7 +119,8 @@ def hook_module(root: Any, component: str, sink: RecorderSink | TapsSink | None 
         def hook(module, args, kwargs):
             target = sink_of()
             if target is not None and target.active(component):
-                target.inputs(component, name, rename_arguments(rename, name, bind_arguments(module.forward, args, kwargs)))
+                bound = bind_arguments(module.forward, args, kwargs)
+                target.inputs(component, name, rename_arguments(rename, name, bound))
         return hook
 
     def output_hook(name: str):

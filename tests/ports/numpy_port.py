@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 import sd_parity
-from sd_parity.impl.models import load_models
 from sd_parity.impl.pipeline import StableDiffusion
 
 

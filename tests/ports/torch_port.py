@@ -145,7 +145,7 @@ class TimeFreq(nn.Module):
 class Res(nn.Module):
     def __init__(self, w: dict, key: str, groups: int, eps: float):
         super().__init__()
-        self.norm1, self.norm2 = _group_norm(w, f"{key}.norm1", groups, eps), _group_norm(w, f"{key}.norm2", groups, eps)
+        self.norm1, self.norm2 = (_group_norm(w, f"{key}.norm{i}", groups, eps) for i in (1, 2))
         self.conv1, self.conv2 = _conv(w, f"{key}.conv1"), _conv(w, f"{key}.conv2")
         self.emb = _linear(w, f"{key}.time_emb_proj") if f"{key}.time_emb_proj.weight" in w else None
         self.skip = _conv(w, f"{key}.conv_shortcut") if f"{key}.conv_shortcut.weight" in w else nn.Identity()
@@ -164,7 +164,8 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.cross = heads, cross
         if cross:
-            self.q, self.kv = _linear(w, f"{key}.to_q", bias=False), _linear(w, f"{key}.to_k", f"{key}.to_v", bias=False)
+            self.q = _linear(w, f"{key}.to_q", bias=False)
+            self.kv = _linear(w, f"{key}.to_k", f"{key}.to_v", bias=False)
         else:
             self.qkv = _linear(w, f"{key}.to_q", f"{key}.to_k", f"{key}.to_v", bias=False)
         self.out = _linear(w, f"{key}.to_out.0")
@@ -236,45 +237,47 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class EncoderLevel(nn.Module):
-    """One resolution level on the way down: (resnet, transformer) pairs, then a strided conv."""
+class Level(nn.Module):
+    """One resolution level: resnets, each followed by a transformer where the level has them, and a
+    resampling conv (strided on the way down, after a nearest-neighbour upsampling on the way up)."""
+
+    resampler = ("downsamplers", Downsample)
 
     def __init__(self, w: dict, key: str, layers: int, heads: int, groups: int, exact_gelu: bool):
         super().__init__()
         self.res = nn.ModuleList([Res(w, f"{key}.resnets.{i}", groups, 1e-5) for i in range(layers)])
         self.tf = nn.ModuleList([SpatialTransformer(w, f"{key}.attentions.{i}", heads, groups, exact_gelu)
                                  for i in range(layers) if f"{key}.attentions.{i}.norm.weight" in w])
-        self.down = Downsample(w, f"{key}.downsamplers.0.conv") if f"{key}.downsamplers.0.conv.weight" in w else None
+        folder, resample = self.resampler
+        conv = f"{key}.{folder}.0.conv"
+        self.resample = resample(w, conv) if f"{conv}.weight" in w else None
 
+    def layer(self, i: int, x, emb, context):
+        x = self.res[i](x, emb)
+        return self.tf[i](x, context) if self.tf else x
+
+
+class EncoderLevel(Level):
     def forward(self, x, emb, context=None):
         skips = []
-        for i, res in enumerate(self.res):
-            x = res(x, emb)
-            if self.tf:
-                x = self.tf[i](x, context)
+        for i in range(len(self.res)):
+            x = self.layer(i, x, emb, context)
             skips.append(x)
-        if self.down is not None:
-            x = self.down(x)
+        if self.resample is not None:
+            x = self.resample(x)
             skips.append(x)
         return x, tuple(skips)
 
 
-class DecoderLevel(nn.Module):
-    """One resolution level on the way up: each resnet takes the next skip (from the end)."""
+class DecoderLevel(Level):
+    """Each resnet takes the next skip connection, from the end."""
 
-    def __init__(self, w: dict, key: str, layers: int, heads: int, groups: int, exact_gelu: bool):
-        super().__init__()
-        self.res = nn.ModuleList([Res(w, f"{key}.resnets.{i}", groups, 1e-5) for i in range(layers)])
-        self.tf = nn.ModuleList([SpatialTransformer(w, f"{key}.attentions.{i}", heads, groups, exact_gelu)
-                                 for i in range(layers) if f"{key}.attentions.{i}.norm.weight" in w])
-        self.up = Upsample(w, f"{key}.upsamplers.0.conv") if f"{key}.upsamplers.0.conv.weight" in w else None
+    resampler = ("upsamplers", Upsample)
 
     def forward(self, x, skips, emb, context=None):
-        for i, res in enumerate(self.res):
-            x = res(torch.cat([x, skips[len(skips) - 1 - i]], dim=1), emb)
-            if self.tf:
-                x = self.tf[i](x, context)
-        return self.up(x) if self.up is not None else x
+        for i in range(len(self.res)):
+            x = self.layer(i, torch.cat([x, skips[len(skips) - 1 - i]], dim=1), emb, context)
+        return self.resample(x) if self.resample is not None else x
 
 
 class Middle(nn.Module):
@@ -294,7 +297,8 @@ class UNet(nn.Module):
         levels = len(config["block_out_channels"])
         self.stem = _conv(w, "conv_in")
         self.t_freq = TimeFreq(config["block_out_channels"][0])
-        self.t_mlp = nn.Sequential(_linear(w, "time_embedding.linear_1"), nn.SiLU(), _linear(w, "time_embedding.linear_2"))
+        self.t_mlp = nn.Sequential(_linear(w, "time_embedding.linear_1"), nn.SiLU(),
+                                   _linear(w, "time_embedding.linear_2"))
         self.enc = nn.ModuleList([EncoderLevel(w, f"down_blocks.{i}", layers, heads, groups, exact_gelu)
                                   for i in range(levels)])
         self.mid = Middle(w, "mid_block", heads, groups, exact_gelu)
@@ -393,7 +397,8 @@ class DDIM:
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
         self.final = torch.tensor(1.0) if config.get("set_alpha_to_one") else self.alphas_cumprod[0]
         self.stride = config["num_train_timesteps"] // steps
-        self.timesteps = [int(t) for t in (np.arange(steps) * self.stride).round()[::-1] + config.get("steps_offset", 0)]
+        leading = (np.arange(steps) * self.stride).round()[::-1]
+        self.timesteps = [int(t) for t in leading + config.get("steps_offset", 0)]
 
     def step(self, eps: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
         alpha = self.alphas_cumprod[t]
@@ -428,8 +433,9 @@ def names_for(component: str, model: nn.Module) -> dict[str, str]:
         return {"stem": "conv_in", "t_freq": "time_proj", "t_mlp": "time_embedding", "mid": "mid_block",
                 "out_norm": "conv_norm_out", "out_act": "conv_act", "head": "conv_out", **levels}
     levels = {f"body.ups.{i}": f"decoder.up_blocks.{i}" for i in range(len(model.body.ups))}
-    return {"pqc": "post_quant_conv", "body": "decoder", "body.stem": "decoder.conv_in", "body.mid": "decoder.mid_block",
-            "body.norm": "decoder.conv_norm_out", "body.act": "decoder.conv_act", "body.head": "decoder.conv_out", **levels}
+    return {"pqc": "post_quant_conv", "body": "decoder", "body.stem": "decoder.conv_in",
+            "body.mid": "decoder.mid_block", "body.norm": "decoder.conv_norm_out", "body.act": "decoder.conv_act",
+            "body.head": "decoder.conv_out", **levels}
 
 
 # --- the candidate ----------------------------------------------------------------------------------------
