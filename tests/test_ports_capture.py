@@ -100,6 +100,18 @@ def test_capture_default_names_and_a_bare_root_output(tmp_path):
     np.testing.assert_array_equal(tensors["vae_decoder/call_0/0"], out.numpy())  # field 0, as the reference's VAE
 
 
+def test_names_and_arguments_may_be_functions(tmp_path):
+    toy, x, scale = Toy(), torch.randn(2, 4), torch.randn(2, 4)
+    with sd_parity.writer(tmp_path / "map.h5") as by_map, sd_parity.capture(toy, "unet", NAMES, ARGUMENTS):
+        toy(x, scale)
+    with sd_parity.writer(tmp_path / "fn.h5") as by_function, sd_parity.capture(
+            toy, "unet", names=lambda path: NAMES.get(path),
+            arguments=lambda name, argument: ARGUMENTS.get(f"{name}@{argument}", ARGUMENTS.get(argument))):
+        toy(x, scale)
+    mapped, computed = _tensors(by_map.path), _tensors(by_function.path)
+    assert sorted(mapped) == sorted(computed) and all(np.array_equal(mapped[k], computed[k]) for k in mapped)
+
+
 def test_hooks_report_nothing_outside_a_run_and_refuse_bad_targets():
     toy = Toy()
     with sd_parity.capture(toy, "unet", names=NAMES):
