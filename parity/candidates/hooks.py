@@ -17,7 +17,7 @@ from sd_parity.errors import BadInput
 from sd_parity.runs.naming import is_block
 from sd_parity.runs.selection import MODULE_COMPONENTS
 
-from .sinks import RecorderSink, TapsSink, active_sink, sink_for
+from .sinks import RecorderSink, TapsSink, active_sink, component_output, sink_for
 
 # names: a function from the module path to the reference's name (None: not captured), or a mapping
 # that lists the modules to capture and their names; None keeps every module under its own path.
@@ -100,8 +100,6 @@ def hook_module(root: Any, component: str, sink: RecorderSink | TapsSink | None 
     opens invocations (the reference's VAE, whose decode/encode are methods, not the module's call).
     Without a `sink`, each hook reports to the active sink of the moment, and does nothing when no
     run is being captured."""
-    import torch
-
     sink_of = (lambda: sink) if sink is not None else active_sink
     name_of, rename = module_namer(names), argument_namer(arguments)
 
@@ -127,10 +125,7 @@ def hook_module(root: Any, component: str, sink: RecorderSink | TapsSink | None 
         def hook(module, args, output):
             target = sink_of()
             if target is not None:
-                # the component's own output is named by its fields: a bare tensor is field 0, as the
-                # reference's UNet and VAE return it (tuples)
-                target.output(component, name, (output,) if name == "" and isinstance(output, torch.Tensor)
-                              else output)
+                target.output(component, name, component_output(output) if name == "" else output)
         return hook
 
     handles = []

@@ -112,6 +112,12 @@ def sink_for(target: Any) -> RecorderSink | TapsSink:
                    "a Recorder or a block's taps")
 
 
+def component_output(value: Any) -> Any:
+    """A component's own output, which is named by its fields: a bare array is field 0 (`0`), as the
+    reference's UNet and VAE return their outputs (tuples)."""
+    return (value,) if isinstance(value, np.ndarray) or type(value).__name__ == "Tensor" else value
+
+
 def host_values(value: Any) -> Any:
     """`value` with every array leaf as a NumPy array or torch tensor (the two the recorder stores):
     JAX, MLX and tinygrad arrays, and Python numbers, are copied to host NumPy arrays."""

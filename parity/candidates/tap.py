@@ -25,8 +25,6 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
-
 from sd_parity.errors import BadInput
 from sd_parity.runs.hdf5 import RunWriter
 from sd_parity.runs.recorder import Recorder
@@ -34,13 +32,7 @@ from sd_parity.runs.selection import MODULE_COMPONENTS, CaptureSpec
 
 from .hooks import Arguments, Hooks, Names, argument_namer, bind_arguments, capture, rename_arguments
 from .replay import ReferenceReplay
-from .sinks import RecorderSink, TapsSink, activated, active_sink, host_values
-
-
-def _component_output(value: Any) -> Any:
-    """A component's own output is named by its fields; a bare array is field 0 (as the reference's
-    UNet and VAE return tuples)."""
-    return (value,) if isinstance(value, np.ndarray) or type(value).__name__ == "Tensor" else value
+from .sinks import RecorderSink, TapsSink, activated, active_sink, component_output, host_values
 
 
 def report(sink: RecorderSink | TapsSink, component: str, name: str, value: Any, step: int | None = None) -> None:
@@ -58,7 +50,7 @@ def report(sink: RecorderSink | TapsSink, component: str, name: str, value: Any,
         raise BadInput(f"tap: step= is for pipeline tensors; {component} tensors belong to the invocation "
                        "that is open (each UNet invocation is one step)")
     _require_open(sink, component)
-    sink.output(component, name, _component_output(value) if name == "" else value)
+    sink.output(component, name, component_output(value) if name == "" else value)
 
 
 def _require_open(sink: RecorderSink | TapsSink, component: str) -> None:
@@ -127,7 +119,7 @@ def wrap(function: Callable, component: str, arguments: Arguments = None) -> Cal
             bound = rename_arguments(rename, "", bind_arguments(function, args, kwargs))
             sink.inputs(component, "", host_values(bound))
             result = function(*args, **kwargs)
-            sink.output(component, "", _component_output(host_values(result)))
+            sink.output(component, "", component_output(host_values(result)))
         return result
 
     return wrapped
