@@ -4,6 +4,11 @@ The public API (docs/ports.md):
 
     import sd_parity
     class MyPort(sd_parity.Candidate): ...          # a candidate: capture(run), optionally run_block/run_stage
+    sd_parity.capture(module, "unet", names=...)    # torch forward hooks on a port's nn.Module
+    sd_parity.tap("pipeline", "latents", x, step=i) # any framework: tap, tap_inputs, wrap, invocation
+    sd_parity.writer("cand.h5", reference="ref.h5") # a run file written from Python (atomic)
+    sd_parity.ReferenceReplay("ref.h5")             # the reference's x_T, token ids, recorded noise
+    sd_parity.reference_run("tiny-sd1", steps=2)    # a cached reference run; run_candidate, assert_parity
 
 The package's rooms follow the flow of a check: runs/ (the run-file format, capture) ->
 candidates/ (implementations under test, free and isolated) -> judging/ (compare, tolerances,
@@ -26,6 +31,23 @@ _EXPORTS = {
     "Candidate": "sd_parity.candidates.protocol",
     "RunContext": "sd_parity.candidates.protocol",
     "RunConfig": "sd_parity.runs.config",
+    "capture": "sd_parity.candidates.hooks",
+    "tap": "sd_parity.candidates.tap",
+    "tap_inputs": "sd_parity.candidates.tap",
+    "wrap": "sd_parity.candidates.tap",
+    "invocation": "sd_parity.candidates.tap",
+    "writer": "sd_parity.candidates.tap",
+    "Writer": "sd_parity.candidates.tap",
+    "ReferenceReplay": "sd_parity.candidates.replay",
+    "unflatten_inputs": "sd_parity.impl.scope",
+    "reference_run": "sd_parity.testing",
+    "Reference": "sd_parity.testing",
+    "run_candidate": "sd_parity.testing",
+    "assert_parity": "sd_parity.testing",
+    "NotAtParity": "sd_parity.testing",
+    "SdParityError": "sd_parity.errors",
+    "BadInput": "sd_parity.errors",
+    "MissingExtra": "sd_parity.errors",
 }
 
 

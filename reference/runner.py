@@ -15,7 +15,8 @@ from sd_parity.runs.recorder import Recorder
 from sd_parity.runs.config import RunConfig, run_metadata, unet_parameter_count
 from sd_parity.runs.hdf5 import RunWriter
 
-from .hooks import capture_module
+from sd_parity.candidates.hooks import hook_module
+from sd_parity.candidates.sinks import RecorderSink
 
 # Captured tensors waiting for the disk; bounds the memory that overlapping I/O with compute costs
 # (about twice SD 1.5's largest activation, the 84 MB GEGLU projection at 64x64 latents, batch 2).
@@ -224,13 +225,14 @@ def run_reference(config: RunConfig, output: Path, progress: bool = True) -> Pat
     with RunWriter(output, metadata, compression=config.compression, background_bytes=WRITE_QUEUE_BYTES) as writer:
         recorder = Recorder(writer, spec, total_steps=config.steps)
         recorder.pipeline("x_T", x_t_tensor)
+        sink = RecorderSink(recorder)
         with ExitStack() as stack:
-            stack.enter_context(capture_module(recorder, "text_encoder", pipe.text_encoder))
-            stack.enter_context(capture_module(recorder, "unet", pipe.unet))
-            stack.enter_context(capture_module(recorder, "vae_decoder", pipe.vae,
-                                               include=("post_quant_conv", "decoder"), invocation_root=False))
-            stack.enter_context(capture_module(recorder, "vae_encoder", pipe.vae,
-                                               include=("encoder", "quant_conv"), invocation_root=False))
+            stack.enter_context(hook_module(pipe.text_encoder, "text_encoder", sink))
+            stack.enter_context(hook_module(pipe.unet, "unet", sink))
+            stack.enter_context(hook_module(pipe.vae, "vae_decoder", sink, include=("post_quant_conv", "decoder"),
+                                            invocations=False))
+            stack.enter_context(hook_module(pipe.vae, "vae_encoder", sink, include=("encoder", "quant_conv"),
+                                            invocations=False))
             stack.enter_context(_pipeline_taps(recorder, pipe, guided))
             stack.enter_context(_noise_sources(recorder, pipe, x_t_tensor))
             with torch.inference_mode():

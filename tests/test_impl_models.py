@@ -235,12 +235,13 @@ def _capture(component: str, module, call, include=()):
 
     from sd_parity.runs.selection import CaptureSpec
     from sd_parity.runs.recorder import Recorder
-    from sd_parity.reference.hooks import capture_module
+    from sd_parity.candidates.hooks import hook_module
+    from sd_parity.candidates.sinks import RecorderSink
 
     writer = _DictWriter()
     recorder = Recorder(writer, CaptureSpec.parse("all"), total_steps=1)
-    with torch.inference_mode(), capture_module(recorder, component, module, include=include,
-                                                 invocation_root=not include):
+    with torch.inference_mode(), hook_module(module, component, RecorderSink(recorder), include=include,
+                                             invocations=not include):
         if include:
             with recorder.invocation(component):
                 call(recorder)

@@ -7,6 +7,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from sd_parity.errors import require_extra
 from sd_parity.impl.pipeline import Observer, Request, StableDiffusion
 from sd_parity.runs.cache import source_fingerprint
 from sd_parity.runs.config import RunConfig
@@ -21,6 +22,8 @@ class ImplCandidate(Candidate):
     """impl/ on one backend, optionally with a known porting bug injected (sd_parity.candidates.faults)."""
 
     def __init__(self, backend: str, fault: str | None = None):
+        if backend == "torch":
+            require_extra("impl's torch backend", ("torch",))
         self.backend, self.fault = backend, fault
         self.name = backend
         self.facts = {"fault": fault} if fault else {}

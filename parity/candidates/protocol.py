@@ -6,12 +6,13 @@ the run files, the isolation driver, the comparison and the reports; the candida
 
     class MyPort(sd_parity.Candidate):
         name = "my-port"
+        tensors = "blocks"                            # what it reports (a --capture SPEC)
 
         def capture(self, run):                       # free mode: the whole pipeline
             x_t = run.replay.x_T                      # the reference's initial noise
-            with run.recorder.invocation("unet"):     # one UNet call
-                run.recorder.module_output("unet", "down_blocks.0", array)
-            run.recorder.pipeline("latents", latents, step=0)
+            with sd_parity.capture(self.unet, "unet", names=NAMES):   # torch hooks (or sd_parity.tap)
+                latents = my_pipeline(x_t, run.replay.token_ids())
+            sd_parity.tap("pipeline", "latents", latents, step=0)
 
         def run_block(self, component, block, inputs, taps):   # isolated mode (optional)
             return my_blocks[component, block](**inputs)       # reported as the block's output
@@ -69,6 +70,9 @@ class Candidate:
 
     name = "candidate"
     facts: dict[str, Any] = {}  # recorded in the run file's metadata (e.g. a version, a device)
+    # The tensors the candidate reports, as a --capture SPEC ("blocks": component and block inputs and
+    # outputs); `parity run` captures the reference to match. None: all the reference records.
+    tensors: str | None = None
 
     def prepare(self, config: RunConfig, model_dir: Path) -> None:
         """Load what `config` needs (model folder `model_dir`, its dtype and device) before `capture`,

@@ -7,6 +7,7 @@ PCG64 seeded per (seed, kind, index), as `impl` does on its own.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +18,25 @@ from sd_parity.runs.config import RunConfig
 from sd_parity.runs.hdf5 import RunReader, step_label
 from sd_parity.runs.naming import with_call_index
 
-class ReferenceReplay:
-    """Replays a reference run file's x_T, token ids and recorded noise."""
 
-    def __init__(self, reference: str | Path):
+class ReferenceReplay:
+    """Replays a reference run file's x_T, token ids and recorded noise (public: sd_parity.ReferenceReplay).
+
+        with sd_parity.ReferenceReplay("ref.h5") as replay:
+            latents = replay.x_T                                  # (batch, 4, H/8, W/8) float32
+            ids = replay.token_ids(), replay.token_ids(negative=True)
+            noise = replay.noise("step", step, latents.shape)     # a stochastic sampler's draw at `step`
+
+    `metadata` holds the reference's settings (model, prompt, steps, scheduler, guidance, seed, ...)."""
+
+    def __init__(self, reference: str | os.PathLike):
         self.path = Path(reference)
         self._reader = RunReader(self.path)
         if "pipeline/main/x_T" not in self._reader:
+            self._reader.close()
             raise BadInput(f"{self.path} recorded no pipeline/main/x_T; capture the reference with sd-parity "
                            "(parity capture --candidate reference) so a candidate can replay it")
+        self.metadata = dict(self._reader.metadata)
         self.x_T = self._reader.read("pipeline/main/x_T").astype(np.float32)
 
     def token_ids(self, negative: bool = False) -> np.ndarray | None:
@@ -44,6 +55,12 @@ class ReferenceReplay:
 
     def close(self) -> None:
         self._reader.close()
+
+    def __enter__(self) -> "ReferenceReplay":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class SeededReplay:

@@ -18,6 +18,7 @@ from sd_parity.runs.selection import MODULE_COMPONENTS, CaptureSpec
 
 from .protocol import Candidate, RunContext, supports
 from .replay import ReferenceReplay, SeededReplay
+from .sinks import RecorderSink, TapsSink, activated
 from .stages import isolate_pipeline_stages
 
 WRITE_QUEUE_BYTES = 256 << 20
@@ -58,7 +59,8 @@ def run_free(candidate: Any, config: RunConfig, output: Path, reference: Path | 
             recorder = Recorder(writer, spec, total_steps=config.steps)
             label = f"{candidate_name(candidate)} {config.dtype}"
             run = RunContext(config, recorder, replay, model_dir, progress=step_progress(progress, config.steps, label))
-            candidate.capture(run)
+            with activated(RecorderSink(recorder)):  # sd_parity.capture/tap/wrap report into this run
+                candidate.capture(run)
             if run.metadata:
                 writer.update_metadata(**run.metadata)
     finally:
@@ -127,7 +129,8 @@ def _isolate_blocks(candidate: Any, ref: RunReader, recorder: Recorder) -> None:
                     inputs = _inputs_of(ref, entries, block)
                     taps = ComponentTaps(recorder, component, outside_blocks=block == "")
                     try:
-                        result = candidate.run_block(component, block, inputs, taps)
+                        with activated(TapsSink(taps)):
+                            result = candidate.run_block(component, block, inputs, taps)
                     except NotImplementedError:
                         continue  # the candidate cannot run this block alone: its tensors are missing
                     if result is not None and block and block not in taps.reported:

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sd_parity.candidates.protocol import supports
-from sd_parity.candidates.registry import is_builtin, resolve
+from sd_parity.candidates.registry import label as candidate_label, resolve
 from sd_parity.candidates.runner import run_free, run_isolated
 from sd_parity.judging.compare import compare_runs
 from sd_parity.judging.name_map import NameMap
@@ -42,12 +42,6 @@ class Case:
         return self.label or f"{c.pipeline}-{c.scheduler}-{candidate_label(self.candidate)}-{c.dtype}"
 
 
-def candidate_label(spec: str) -> str:
-    """A file-name-safe short name for a candidate spec (its factory name for pkg:factory specs)."""
-    short = spec.rsplit(":", 1)[-1] if ":" in spec and not is_builtin(spec) else spec
-    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in short)
-
-
 @dataclass
 class CaseResult:
     case: Case
@@ -68,16 +62,23 @@ def reference_run(config: RunConfig) -> Path:
     return cached_run(config, "reference", lambda cfg, path: run_reference(cfg, path, progress=False))
 
 
+def with_candidate_tensors(config: RunConfig, candidate: Any) -> RunConfig:
+    """`config` capturing what the candidate reports (its `tensors` spec), unless --capture was given:
+    a reference tensor the candidate never reports would make every verdict incomplete."""
+    tensors = getattr(candidate, "tensors", None)
+    return config if config.capture is not None or tensors is None else dataclasses.replace(config, capture=tensors)
+
+
 def run_case(case: Case, out_dir: Path, tolerances: Tolerances | None = None,
              log: Callable[[str], None] = lambda line: None) -> CaseResult:
     started = time.perf_counter()
-    config = case.config
+    candidate = resolve(case.candidate, fault=case.fault)
+    config = with_candidate_tensors(case.config, candidate)
     log(f"{case.name}: reference {config.dtype}")
     runs = {"reference": reference_run(config)}
     if case.calibrated and config.dtype != "fp64":
         log(f"{case.name}: oracle fp64")
         runs["oracle"] = reference_run(dataclasses.replace(config, dtype="fp64"))
-    candidate = resolve(case.candidate, fault=case.fault)
     fingerprint = candidate.fingerprint() if hasattr(candidate, "fingerprint") else None
     label = candidate_label(case.candidate)
     if case.mode in ("free", "both"):

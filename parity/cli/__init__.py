@@ -15,7 +15,10 @@ EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sd_parity import __version__
+
     parser = argparse.ArgumentParser(prog="parity", description="Layer-by-layer parity for Stable Diffusion ports.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s (sd-parity) {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{__name__}.{module_info.name}")

@@ -19,8 +19,9 @@ from sd_parity.paths import run_cache_dir
 
 from .config import RunConfig, library_versions
 
-# The packages whose source decides what a captured run holds.
-CAPTURE_PACKAGES = ("sd_parity.runs", "sd_parity.fixtures", "sd_parity.reference")
+# The packages (and modules) whose source decides what a captured run holds.
+CAPTURE_PACKAGES = ("sd_parity.runs", "sd_parity.fixtures", "sd_parity.reference", "sd_parity.candidates.hooks",
+                    "sd_parity.candidates.sinks")
 
 
 @lru_cache(maxsize=None)

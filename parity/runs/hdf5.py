@@ -25,6 +25,8 @@ import h5py
 import ml_dtypes
 import numpy as np
 
+from sd_parity.errors import SdParityError
+
 FORMAT = "sd-parity-run"
 INDEX = "index"  # optional root dataset: the tensor list as JSON, so readers need not visit every dataset
 CHUNK_BYTES = 16 << 20  # as fast to read as contiguous storage, and small enough to compress
@@ -41,7 +43,7 @@ LOGICAL_DTYPES = {
 }
 
 
-class RunFileError(Exception):
+class RunFileError(SdParityError):
     """A run file is missing, unreadable, incomplete or breaks the format."""
 
 

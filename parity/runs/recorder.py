@@ -75,7 +75,7 @@ class Recorder:
         return label
 
     def end_invocation(self, component: str) -> None:
-        self._invocation[component] = None
+        self._invocation.pop(component, None)
 
     @contextmanager
     def invocation(self, component: str, label: str | None = None) -> Iterator[str]:
@@ -91,6 +91,9 @@ class Recorder:
     def current_invocation(self, component: str) -> str | None:
         """The label (call_N, step_NNN) of the invocation of `component` being recorded, if any."""
         return self._invocation.get(component)
+    def is_open(self, component: str) -> bool:
+        """Whether an invocation of `component` is open (captured or not, by the capture selection)."""
+        return component in self._invocation
 
     def module_output(self, component: str, path: str, value: Any) -> None:
         """One call of the module at `path`; repeated calls within an invocation get #k suffixes."""

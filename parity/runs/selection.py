@@ -21,12 +21,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from sd_parity.errors import SdParityError
+
 from .naming import glob_to_regex, is_block_level
 
 MODULE_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
 
-class CaptureSpecError(ValueError):
+class CaptureSpecError(SdParityError, ValueError):
     """A --capture SPEC that cannot be parsed."""
 
 

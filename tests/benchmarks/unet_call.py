@@ -30,7 +30,8 @@ def main() -> None:
     from sd_parity.runs.selection import CaptureSpec
     from sd_parity.runs.recorder import Recorder
     from sd_parity.runs.hdf5 import RunWriter
-    from sd_parity.reference.hooks import capture_module
+    from sd_parity.candidates.hooks import hook_module
+    from sd_parity.candidates.sinks import RecorderSink
 
     from .networks import peak_rss
 
@@ -50,7 +51,7 @@ def main() -> None:
         writer = RunWriter(args.capture.with_suffix(f".{repeat}.h5"), {}, background_bytes=args.queue_mib << 20) \
             if args.capture else None
         recorder = Recorder(writer, CaptureSpec.parse("all"), total_steps=1) if writer else None
-        hooks = capture_module(recorder, "unet", unet) if writer else nullcontext()
+        hooks = hook_module(unet, "unet", RecorderSink(recorder)) if writer else nullcontext()
         with hooks:
             started = time.perf_counter()
             unet(sample, timestep, context)
