@@ -1,17 +1,55 @@
-"""The exception types that mean "the user's input is wrong": the CLI reports them and exits 2."""
+"""The failure contract (docs/errors.md): typed exceptions for the Python API, exit codes for the CLI.
+
+Every error sd-parity raises on purpose derives from SdParityError. BadInput and its subclasses mean
+"the input or the environment is wrong, and the message says what to change" (exit 2); anything
+else that escapes is an internal error (exit 3). This module imports nothing of the package but
+impl's error type, so every module can derive its own error types from these.
+"""
 from __future__ import annotations
+
+import signal
 
 from sd_parity.impl.errors import ModelInputError
 
-from sd_parity.runs.selection import CaptureSpecError
-from .fixtures import FixtureError
-from sd_parity.runs.hdf5 import RunFileError
+EXIT_PARITY = 0  # success, or a comparison at parity
+EXIT_DIVERGENCE = 1  # a comparison that diverges (or misses reference tensors): nothing else exits 1
+EXIT_BAD_INPUT = 2  # bad arguments, unreadable or invalid files, an output that cannot be written
+EXIT_INTERNAL = 3  # no verdict: a bug, a failing candidate or library, or an interrupt (SIGINT/SIGTERM/SIGHUP)
 
 
-class BadInput(Exception):
-    """Any other user error (bad size, missing folder, ...), raised with a message saying what to do."""
+class SdParityError(Exception):
+    """Base of every error sd-parity raises on purpose."""
 
 
-BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (
-    BadInput, CaptureSpecError, FixtureError, RunFileError, ModelInputError,
-)
+class BadInput(SdParityError):
+    """The user's input or environment is wrong (a bad size, a missing folder, a corrupt file, a full
+    disk, ...); the message says what was wrong and what to do."""
+
+
+class OutputError(BadInput):
+    """An output cannot be written: not a regular file, a read-only or full file system, no permission."""
+
+
+class RunFileError(BadInput):
+    """A run file that is missing, unreadable, incomplete, breaks the format or exceeds a limit."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP asked the process to stop. A KeyboardInterrupt, so no `except Exception`
+    swallows it and every `finally` and context manager on the way out cleans up its temporary files."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+# impl/ is clean-room (it imports nothing of sd_parity), so its bad-input type cannot derive from BadInput.
+BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (BadInput, ModelInputError)
+
+
+def is_bad_input(exc: BaseException) -> bool:
+    return isinstance(exc, BAD_INPUT_ERRORS)

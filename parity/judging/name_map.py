@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
+from sd_parity.errors import BadInput
 from sd_parity.runs.hdf5 import COMPONENTS, INVOCATION_RE
 
 
-class NameMapError(ValueError):
+class NameMapError(BadInput, ValueError):
     """A name map that cannot be read or used; the message says which rule and what to change."""
 
 

@@ -21,12 +21,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from sd_parity.errors import BadInput
 from .naming import is_block_level
 
 MODULE_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
 
-class CaptureSpecError(ValueError):
+class CaptureSpecError(BadInput, ValueError):
     """A --capture SPEC that cannot be parsed."""
 
 
