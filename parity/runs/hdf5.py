@@ -345,6 +345,11 @@ class _WriteFailures:
             raise writer._failure(error, "writing")
 
 
+def write_failed() -> bool:
+    """Whether an HDF5 write failed in this process (see _WriteFailures)."""
+    return _WriteFailures.failed
+
+
 _WRITE_LIMITS = Limits()
 
 
