@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from sd_parity.errors import BadInput
+from sd_parity.escaping import printable
 from sd_parity.judging.compare import compare_runs
 from sd_parity.judging.name_map import NameMap, NameMapError
 from sd_parity.runs.hdf5 import RunReader
@@ -86,7 +87,7 @@ def run(args) -> int:
     add_drilldowns(summary)
     written = render_outputs(summary, args.output_dir)
     print(format_table(summary, top=args.top))
-    print("written: " + ", ".join(str(p) for p in written))
+    print(printable("written: " + ", ".join(str(p) for p in written)))
     return verdict.exit_code
 
 
@@ -100,4 +101,4 @@ def _check_output_dir(out: Path) -> None:
 
 def _progress(position: int, total: int, key: str) -> None:
     if position % 25 == 0 or position == total - 1:
-        print(f"\rcomparing {position + 1}/{total} {key[:80]}\033[K", end="", file=sys.stderr, flush=True)
+        print(f"\rcomparing {position + 1}/{total} {printable(key[:80])}\033[K", end="", file=sys.stderr, flush=True)

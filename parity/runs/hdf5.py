@@ -620,6 +620,7 @@ class _Examiner:
         self.problems: list[str] = []
         self.entries: list[Entry] = []
         self.orders: dict[int, str] = {}
+        self.refused: set[str] = set()  # keys of datasets with problems (the index may list them)
         self.links = 0
 
     def run(self) -> Examination:
@@ -745,6 +746,7 @@ class _Examiner:
     def _tensor(self, component: str, invocation: str, name: str, dataset) -> Entry | None:
         key = f"/{component}/{invocation}/{name}"
         before = len(self.problems)
+        self.refused.add(key[1:])  # until it passes every check
         storage_problem, filters = self._storage(dataset)
         problem = name_problem(name, self.limits) or storage_problem
         if problem:
@@ -788,6 +790,7 @@ class _Examiner:
             self.problems.append(f"{key}: layout may only be channels_last, on a 4-D tensor")
         if len(self.problems) > before:
             return None
+        self.refused.discard(key[1:])
         return Entry(component, invocation, name, order, dtype, tuple(int(n) for n in shape), kind, layout)
 
     def _missing_data(self, dataset, nbytes: int, filters: int) -> str | None:
@@ -838,7 +841,8 @@ class _Examiner:
         by_key = {e.key: e for e in indexed}
         stored = {e.key: e for e in self.entries}
         problems = [f"/{INDEX} lists {key} twice" for key in _repeated(e.key for e in indexed)]
-        problems += [f"/{INDEX} lists {key}, which is not stored" for key in by_key.keys() - stored.keys()]
+        problems += [f"/{INDEX} lists {key}, which is not stored" for key in by_key.keys() - stored.keys()
+                     if key not in self.refused]
         problems += [f"/{INDEX} omits {key}" for key in stored.keys() - by_key.keys()]
         problems += [f"/{INDEX} disagrees with the dataset {key}: index {by_key[key].row()}, dataset "
                      f"{stored[key].row()}" for key in by_key.keys() & stored.keys() if by_key[key] != stored[key]]
