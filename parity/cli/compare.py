@@ -12,10 +12,11 @@ from pathlib import Path
 
 from sd_parity.errors import BadInput
 from sd_parity.escaping import printable
+from sd_parity.outputs import check_output_file
 from sd_parity.judging.compare import compare_runs
 from sd_parity.judging.name_map import NameMap, NameMapError
 from sd_parity.runs.hdf5 import RunReader
-from sd_parity.reports.summary import build_summary, format_table, render_outputs
+from sd_parity.reports.summary import JUNIT_FILE, SUMMARY_FILE, build_summary, format_table, render_outputs
 from sd_parity.judging.tolerances import ToleranceConfigError, Tolerances
 from sd_parity.judging.verdict import make_verdict
 
@@ -97,6 +98,11 @@ def _check_output_dir(out: Path) -> None:
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise BadInput(f"--output-dir {out}: {probe} is not writable; choose another folder")
+    if out.is_dir():  # refuse a FIFO or device in place of an output before any work, not after
+        from sd_parity.reports.html import REPORT_FILE
+
+        for name in (SUMMARY_FILE, JUNIT_FILE, REPORT_FILE):
+            check_output_file(out / name, "--output-dir")
 
 
 def _progress(position: int, total: int, key: str) -> None:

@@ -134,6 +134,8 @@ class RunWriter:
         parent = self.path.parent if str(self.path.parent) else Path(".")
         if not parent.is_dir():
             raise OutputError(f"output folder {parent} does not exist; create it or choose another --output")
+        if not os.access(parent, os.W_OK):
+            raise OutputError(f"output folder {parent} is not writable; choose another --output")
         check_output_file(self.path, "--output")
         sweep_stale_temps(parent)
         self._tmp = temp_path(self.path)
