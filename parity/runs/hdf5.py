@@ -22,9 +22,12 @@ import copy
 import errno
 import json
 import os
+import pickle
 import queue
 import re
+import select
 import shutil
+import signal
 import stat
 import sys
 import threading
@@ -513,16 +516,66 @@ def examine(path: Path, limits: Limits | None = None) -> Examination:
     identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, limits)
     if identity in _EXAMINED:
         return _EXAMINED[identity]
+    # fork only when no other Python thread could hold h5py's lock across the fork
+    isolated = hasattr(os, "fork") and sys.platform.startswith("linux") and threading.active_count() == 1
+    result = (_examine_in_child if isolated else _examine_here)(path, limits, info.st_size)
+    if len(_EXAMINED) > 64:
+        _EXAMINED.clear()
+    _EXAMINED[identity] = result
+    return result
+
+
+def _examine_here(path: Path, limits: Limits, file_bytes: int, progress: Callable[[], None] = lambda: None
+                  ) -> Examination:
     try:
         file = _open(path)
     except RunFileError as exc:
         return Examination([str(exc)])
     with file:
-        result = _Examiner(file, limits, info.st_size).run()
-    if len(_EXAMINED) > 64:
-        _EXAMINED.clear()
-    _EXAMINED[identity] = result
-    return result
+        return _Examiner(file, limits, file_bytes, progress).run()
+
+
+STALL_SECONDS = 30.0  # an examination that reports no progress for this long is stuck in HDF5
+
+
+def _examine_in_child(path: Path, limits: Limits, file_bytes: int) -> Examination:
+    """Examine in a forked child: HDF5 can loop forever or crash on a corrupt file (fuzzing finds both, in
+    the C library, where Python cannot stop it). The child reports progress; one that crashes, or stops
+    progressing for STALL_SECONDS, is killed and the file reported as corrupt."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: examine, send the result, leave without running the parent's exit handlers
+        status = 1
+        try:
+            os.close(read_end)
+            result = _examine_here(path, limits, file_bytes, lambda: os.write(write_end, b"."))
+            payload = b"=" + pickle.dumps(result)
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(write_end, view):]
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    received, finished, status = bytearray(), False, 0
+    try:
+        while not finished:
+            if not select.select([read_end], [], [], STALL_SECONDS)[0]:
+                return Examination([f"{path}: reading its structure made no progress for {STALL_SECONDS:.0f} s "
+                                    "(the HDF5 library loops on some corrupt files); the file is corrupt"])
+            chunk = os.read(read_end, 1 << 20)
+            received += chunk
+            finished = not chunk
+    finally:
+        os.close(read_end)
+        if not finished:
+            os.kill(pid, signal.SIGKILL)
+        status = os.waitpid(pid, 0)[1]
+    start = received.find(b"=")  # progress dots come first, then the result
+    if start < 0 or status:
+        how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"status {status}"
+        return Examination([f"{path}: the HDF5 library crashed reading it ({how}); the file is corrupt"])
+    return pickle.loads(bytes(received[start + 1:]))
 
 
 def _open(path: Path) -> h5py.File:
@@ -617,8 +670,8 @@ def _decode(name: bytes) -> str:
 class _Examiner:
     """One pass over a run file with h5py's low-level API (fast enough for tens of thousands of tensors)."""
 
-    def __init__(self, file: h5py.File, limits: Limits, file_bytes: int):
-        self.file, self.limits, self.file_bytes = file, limits, file_bytes
+    def __init__(self, file: h5py.File, limits: Limits, file_bytes: int, progress: Callable[[], None]):
+        self.file, self.limits, self.file_bytes, self.progress = file, limits, file_bytes, progress
         self.problems: list[str] = []
         self.entries: list[Entry] = []
         self.orders: dict[int, str] = {}
@@ -681,6 +734,8 @@ class _Examiner:
             return
         for raw in names:
             self.links += 1
+            if self.links % 64 == 0:
+                self.progress()
             if self.links > self.limits.tensors + 1000:
                 if self.links == self.limits.tensors + 1001:
                     self.problems.append(f"more than {self.limits.tensors} tensors (raise SD_PARITY_MAX_TENSORS "
