@@ -855,7 +855,8 @@ class _Examiner:
         problem = expansion_problem(nbytes, self.file_bytes, self.limits)
         if problem:
             return problem
-        if not filters and dataset.get_storage_size() < nbytes:
+        stored = dataset.get_storage_size()
+        if not filters and stored < nbytes:
             return (f"holds {stored} bytes of data for a {nbytes}-byte tensor: part of it was never written "
                     "(an interrupted writer?)")
         return None
