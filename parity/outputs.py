@@ -23,7 +23,7 @@ import shutil
 import socket
 import stat
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Mapping
 
 from sd_parity.errors import OutputError
 from sd_parity.interrupts import critical
@@ -47,10 +47,29 @@ _REASONS = {
 ENVIRONMENT_ERRNOS = frozenset(_REASONS) | {errno.ELOOP, errno.EEXIST, errno.EXDEV, errno.EIO, errno.EBUSY}
 
 
-def temp_path(path: Path, unique: bool = True) -> Path:
-    """The temporary name `path` is written under, in the same folder (so the final rename is atomic)."""
-    token = f"-{secrets.token_hex(4)}" if unique else ""
-    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}{token}")
+_TEMPORARIES: set[Path] = set()  # what this process is writing now: removed on a signal (sd_parity.interrupts)
+
+
+def temp_path(path: Path) -> Path:
+    """A new temporary name for `path`, in the same folder (so the final rename is atomic), registered for
+    removal on a signal until `release_temporary`."""
+    temporary = path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}")
+    _TEMPORARIES.add(temporary)
+    return temporary
+
+
+def release_temporary(path: Path) -> None:
+    """`path` was renamed into place or removed: no longer this process's to remove."""
+    _TEMPORARIES.discard(path)
+
+
+def remove_temporaries() -> None:
+    """Remove every temporary this process is writing (called on a signal: no locks, no exceptions)."""
+    for path in list(_TEMPORARIES):
+        try:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        except OSError:
+            pass
 
 
 def is_temp_name(name: str) -> bool:
@@ -147,17 +166,16 @@ def write_atomic(path: str | os.PathLike, content: str | bytes) -> Path:
         if isinstance(exc, OSError):
             raise output_error(exc, path) from exc
         raise
+    finally:
+        release_temporary(tmp)
     return path
 
 
-Content = str | bytes | Callable[[Path], object]
-
-
-def write_set(folder: str | os.PathLike, files: Mapping[str, Content], marker: str) -> list[Path]:
+def write_set(folder: str | os.PathLike, files: Mapping[str, str | bytes], marker: str) -> list[Path]:
     """Replace the files of one output set in `folder` as a unit (see the module docstring).
 
-    `files` maps a file name to its text/bytes or to a function that writes the file at the path it
-    is given; `marker` (one of the names) is removed first and renamed in last."""
+    `files` maps a file name to its text or bytes; `marker` (one of the names) is removed first and
+    renamed in last."""
     folder = Path(folder)
     if marker not in files:
         raise ValueError(f"marker {marker!r} is not one of the files {list(files)}")
@@ -169,10 +187,7 @@ def write_set(folder: str | os.PathLike, files: Mapping[str, Content], marker: s
     try:
         os.mkdir(staging)
         for name, content in files.items():
-            if callable(content):
-                content(staging / name)
-            else:
-                _write_file(staging / name, content)
+            _write_file(staging / name, content)
         order = [marker] + [n for n in files if n != marker]
         with critical():
             for name in order:
@@ -183,4 +198,5 @@ def write_set(folder: str | os.PathLike, files: Mapping[str, Content], marker: s
         raise output_error(exc, folder) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        release_temporary(staging)
     return [targets[name] for name in files]

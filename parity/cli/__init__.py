@@ -10,12 +10,14 @@ import argparse
 import importlib
 import os
 import pkgutil
+import signal
 import sys
 import time
 import traceback
 
 from sd_parity.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, is_bad_input
 from sd_parity.escaping import printable
+from sd_parity.interrupts import handled, message, set_label
 
 DEBUG_ENV = "SD_PARITY_DEBUG"
 
@@ -42,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     # Nothing in this tool may reach a model hub; a user's own environment cannot turn that back on.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    from sd_parity.interrupts import handled
-
     with handled():
         code = _run(argv)
     _leave_if_hdf5_cannot_exit(code, argv)
@@ -59,13 +59,13 @@ def _run(argv: list[str] | None) -> int:
         except SystemExit as exit:  # argparse: 0 after --help, 2 for a usage error it has explained
             return EXIT_BAD_INPUT if exit.code not in (0, None) else 0
         command = f"parity {args.command}"
+        set_label(command)
         debug = debug or args.debug
         code = int(args.handler(args) or 0)
         sys.stdout.flush()
         return code
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM/SIGHUP as sd_parity.errors.Interrupted
-        name = getattr(exc, "signal_name", "SIGINT")
-        _say(f"{command}: interrupted by {name}; temporary files were removed, no verdict (exit {EXIT_INTERNAL})")
+    except KeyboardInterrupt as exc:  # a signal deferred to the end of a critical section (sd_parity.interrupts)
+        _say(message(getattr(exc, "signum", signal.SIGINT), command))
         return EXIT_INTERNAL
     except BrokenPipeError:
         _silence_stdout()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import faulthandler
 import json
 import os
 import pickle
@@ -40,7 +41,8 @@ import ml_dtypes
 import numpy as np
 
 from sd_parity.errors import OutputError, RunFileError
-from sd_parity.outputs import check_output_file, output_error, sweep_stale_temps, temp_path
+from sd_parity.interrupts import default_handlers
+from sd_parity.outputs import check_output_file, output_error, release_temporary, sweep_stale_temps, temp_path
 from .limits import Limits, expansion_problem, name_problem, nbytes_of, parse_metadata, json_document, shape_problem
 
 FORMAT = "sd-parity-run"
@@ -275,6 +277,7 @@ class RunWriter:
         except OSError as exc:
             self._discard()
             raise output_error(exc, self.path) from exc
+        release_temporary(self._tmp)
         self._release()
         return self.path
 
@@ -292,6 +295,7 @@ class RunWriter:
             except Exception:  # noqa: BLE001 - closing a broken file must not mask the original error
                 _WriteFailures.failed = True
         self._tmp.unlink(missing_ok=True)
+        release_temporary(self._tmp)
         self._release()
 
     def _release(self) -> None:
@@ -547,6 +551,8 @@ def _examine_in_child(path: Path, limits: Limits, file_bytes: int) -> Examinatio
     if pid == 0:  # the child: examine, send the result, leave without running the parent's exit handlers
         status = 1
         try:
+            faulthandler.disable()  # a crash here is reported by the parent, as a corrupt file
+            default_handlers()  # the parent cleans up on a signal; this helper just stops
             os.close(read_end)
             result = _examine_here(path, limits, file_bytes, lambda: os.write(write_end, b"."))
             payload = b"=" + pickle.dumps(result)
