@@ -21,7 +21,7 @@ from sd_parity.cli import main
 from sd_parity.errors import Interrupted, OutputError, RunFileError
 from sd_parity.interrupts import critical, handled
 from sd_parity.runs import hdf5
-from sd_parity.runs.hdf5 import RunReader, RunWriter, validate
+from sd_parity.runs.hdf5 import RunReader, validate
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 CAPTURE = [sys.executable, "-m", "sd_parity", "capture", "--candidate", "numpy", "--model", "tiny-sd1"]
