@@ -603,26 +603,26 @@ _CLASS_NAMES = {h5py.h5t.INTEGER: "an integer", h5py.h5t.FLOAT: "a float", h5py.
                 h5py.h5t.ENUM: "an enum (boolean?)"}
 
 
-def _open_attribute(oid, name: str):
-    """(attribute, its type class), or None when absent; the attribute must hold exactly one value (a
-    larger one would overflow the one-value buffers the readers below hand HDF5)."""
+def _open_attribute(oid, name: str, kind: int, expected: str):
+    """The attribute, or None when absent; it must hold exactly one value (a larger one would overflow
+    the one-value buffers the readers below hand HDF5) of the HDF5 type class `kind`."""
     try:
         attr = h5py.h5a.open(oid, name.encode())
     except KeyError:
         return None
     if attr.get_space().get_simple_extent_npoints() != 1:
         raise _Unreadable(f"attribute {name!r} has {attr.get_space().get_simple_extent_npoints()} values, not one")
-    return attr, attr.get_type().get_class()
+    found = attr.get_type().get_class()
+    if found != kind:
+        raise _Unreadable(f"attribute {name!r} is {_CLASS_NAMES.get(found, 'of another type')}, expected {expected}")
+    return attr
 
 
 def _int_attribute(oid, name: str) -> Any:
     """An integer attribute's value, or _MISSING."""
-    opened = _open_attribute(oid, name)
-    if opened is None:
+    attr = _open_attribute(oid, name, h5py.h5t.INTEGER, "an integer")
+    if attr is None:
         return _MISSING
-    attr, kind = opened
-    if kind != h5py.h5t.INTEGER:
-        raise _Unreadable(f"attribute {name!r} is {_CLASS_NAMES.get(kind, 'not a number')}, expected an integer")
     buffer = np.empty((), np.int64)
     attr.read(buffer, mtype=_NATIVE_INT64)
     return int(buffer)
@@ -630,12 +630,9 @@ def _int_attribute(oid, name: str) -> Any:
 
 def _text_attribute(oid, name: str) -> Any:
     """A string attribute's value (UTF-8, fixed or variable length), or _MISSING."""
-    opened = _open_attribute(oid, name)
-    if opened is None:
+    attr = _open_attribute(oid, name, h5py.h5t.STRING, "a string")
+    if attr is None:
         return _MISSING
-    attr, kind = opened
-    if kind != h5py.h5t.STRING:
-        raise _Unreadable(f"attribute {name!r} is {_CLASS_NAMES.get(kind, 'not a string')}, expected a string")
     if attr.get_type().is_variable_str():
         buffer = np.empty((), object)
         attr.read(buffer, mtype=_VLEN_STR)
