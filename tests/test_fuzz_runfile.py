@@ -66,7 +66,10 @@ def test_structured_run_files(tmp_path_factory, root, tensors, index):
             key = f"{component}/{invocation}/{name.replace('/', '_')}"
             if key in file:
                 continue
-            dataset = file.create_dataset(key, data=np.zeros(shape, dtype=dtype))
+            try:
+                dataset = file.create_dataset(key, data=np.zeros(shape, dtype=dtype))
+            except (ValueError, TypeError, OSError):  # HDF5 cannot make it (a name such as "."): nothing to read
+                continue
             dataset.attrs.update({"order": np.int64(len(file)), "dtype": dtype, "kind": "output"})
             for attr, value in attrs.items():
                 _set(dataset.attrs, attr, value)
