@@ -259,6 +259,7 @@ def test_hdf5_looping_or_crashing_is_reported_as_a_corrupt_file(tmp_path, monkey
 
     monkeypatch.setattr(hdf5._Examiner, "run", broken)
     monkeypatch.setattr(hdf5, "STALL_SECONDS", 1.0)
+    monkeypatch.setattr(hdf5, "_can_fork", lambda: True)
     path = write_run(tmp_path / f"{failure}.h5")
     started = time.monotonic()
     with pytest.raises(RunFileError, match=words):

@@ -379,6 +379,8 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
 class _BackgroundWrites:
     """A worker thread draining a byte-bounded FIFO of pending writes; its first error stops the run."""
 
+    THREAD_NAME = "run-file-writer"
+
     def __init__(self, store, max_bytes: int):
         self._store = store
         self._max_bytes = max_bytes
@@ -386,7 +388,7 @@ class _BackgroundWrites:
         self._room = threading.Condition()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._drain, name="run-file-writer", daemon=True)
+        self._thread = threading.Thread(target=self._drain, name=self.THREAD_NAME, daemon=True)
         self._thread.start()
 
     def put(self, item: tuple) -> None:
@@ -520,13 +522,18 @@ def examine(path: Path, limits: Limits | None = None) -> Examination:
     identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, limits)
     if identity in _EXAMINED:
         return _EXAMINED[identity]
-    # fork only when no other Python thread could hold h5py's lock across the fork
-    isolated = hasattr(os, "fork") and sys.platform.startswith("linux") and threading.active_count() == 1
-    result = (_examine_in_child if isolated else _examine_here)(path, limits, info.st_size)
+    result = (_examine_in_child if _can_fork() else _examine_here)(path, limits, info.st_size)
     if len(_EXAMINED) > 64:
         _EXAMINED.clear()
     _EXAMINED[identity] = result
     return result
+
+
+def _can_fork() -> bool:
+    """Fork where it is cheap and safe: on Linux, and not while a run-file writer thread may hold h5py's
+    lock (the child would wait on it forever)."""
+    return (hasattr(os, "fork") and sys.platform.startswith("linux")
+            and not any(t.name == _BackgroundWrites.THREAD_NAME for t in threading.enumerate()))
 
 
 def _examine_here(path: Path, limits: Limits, file_bytes: int, progress: Callable[[], None] = lambda: None
