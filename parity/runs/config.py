@@ -195,8 +195,11 @@ def _check_text(text: str) -> None:
 
 
 def _check_numbers(config: RunConfig) -> None:
-    if not 1 <= config.steps <= MAX_STEPS:
-        raise BadInput(f"--steps {config.steps} is outside 1..{MAX_STEPS}")
+    if config.steps < 1:
+        raise BadInput(f"--steps {config.steps} must be at least 1")
+    if config.steps > MAX_STEPS:
+        raise BadInput(f"--steps {config.steps} is more than SD's schedule has timesteps (num_train_timesteps="
+                       f"{MAX_STEPS}); use at most {MAX_STEPS}")
     if not 1 <= config.images_per_prompt <= 64:
         raise BadInput(f"--images-per-prompt {config.images_per_prompt} is outside 1..64")
     if not 0 <= config.seed <= MAX_SEED:

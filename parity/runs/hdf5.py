@@ -160,7 +160,7 @@ class RunWriter:
             self._file.attrs["metadata"] = json.dumps(metadata, sort_keys=True, default=str)
         except (OSError, RuntimeError) as exc:
             self._discard()
-            raise self._failure(exc, "creating") from exc
+            raise OutputError(f"cannot create {self.path}: {_cause(exc)}; choose another --output") from exc
         if background_bytes > 0:
             self._worker = _BackgroundWrites(self._store, background_bytes)
 
@@ -240,14 +240,7 @@ class RunWriter:
 
     def _failure(self, exc: BaseException, doing: str) -> OutputError:
         _WriteFailures.failed = True
-        text = str(exc)
-        if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "errno = 28" in text or "No space" in text:
-            cause = "the disk is full"
-        elif getattr(exc, "errno", None) == errno.EROFS or "Read-only file system" in text:
-            cause = "the file system is read-only"
-        else:
-            cause = text.splitlines()[0] if text else type(exc).__name__
-        return OutputError(f"{doing} {self.path} failed: {cause}; free some space or choose another --output")
+        return OutputError(f"{doing} {self.path} failed: {_cause(exc)}; free some space or choose another --output")
 
     def close(self) -> Path:
         """Mark the file complete and move it into place; only now does `path` exist."""
@@ -311,6 +304,16 @@ class RunWriter:
             self.close()
         else:
             self.abort()
+
+
+def _cause(exc: BaseException) -> str:
+    """What an HDF5 write error means for the user (h5py raises OSError or RuntimeError, errno in the text)."""
+    text = str(exc)
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "errno = 28" in text or "No space" in text:
+        return "the disk is full"
+    if getattr(exc, "errno", None) == errno.EROFS or "Read-only file system" in text:
+        return "the file system is read-only"
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 class _WriteFailures:
