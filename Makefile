@@ -28,8 +28,9 @@ parity: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# the fuzz tests run a short, fixed budget in `make test` and a long, random one here (tests/fuzzing.py)
 test-all: setup
-	$(BIN)/python -m pytest -q -m 'not bench'
+	SD_PARITY_FUZZ=long $(BIN)/python -m pytest -q -m 'not bench'
 
 bench: setup
 	$(BIN)/python -m pytest -q -m bench tests/benchmarks

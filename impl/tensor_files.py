@@ -8,6 +8,7 @@ a multi-GB file reads only its header; pages are read when a tensor is used.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -27,7 +28,7 @@ SAFETENSORS_DTYPES = {
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
-# Largest header the reference implementation accepts; a bigger length field means a corrupt file.
+# Largest header the safetensors library accepts; a bigger length field means a corrupt file.
 MAX_HEADER_BYTES = 100_000_000
 
 # Per diffusers component folder, in order of preference: single files, then sharded indexes.
@@ -40,7 +41,12 @@ COMPONENT_WEIGHT_FILES = (
 
 
 class SafetensorsFile(Mapping[str, np.ndarray]):
-    """The tensors of one .safetensors file; `metadata` is its `__metadata__` dict."""
+    """The tensors of one .safetensors file; `metadata` is its `__metadata__` dict.
+
+    The header is checked as strictly as the safetensors library checks it: a header of at most
+    MAX_HEADER_BYTES that is a JSON object (starting with '{', no repeated names), string-to-string
+    metadata, known dtypes, shapes whose byte size matches the offsets (and does not overflow), and
+    offsets that tile the data buffer exactly: in order, no overlap, no gap, nothing past the end."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -50,21 +56,23 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
             if len(head) < 8:
                 raise self._error(f"is {size} bytes long, too short for the 8-byte header length")
             (header_len,) = struct.unpack("<Q", head)
-            if header_len > min(size - 8, MAX_HEADER_BYTES):
+            if header_len > MAX_HEADER_BYTES:
+                raise self._error(f"declares a {header_len}-byte header, more than the {MAX_HEADER_BYTES} bytes "
+                                  "safetensors allows (corrupt or not a safetensors file)")
+            if header_len > size - 8:
                 raise self._error(f"declares a {header_len}-byte header but the file is {size} bytes "
                                   "(truncated or not a safetensors file)")
             raw = handle.read(header_len)
-        try:
-            header = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise self._error(f"has a header that is not valid JSON ({err}) (corrupt file)") from err
-        if not isinstance(header, dict):
-            raise self._error("has a header that is not a JSON object (corrupt file)")
-        metadata = header.pop("__metadata__", None) or {}
-        self.metadata = dict(metadata) if isinstance(metadata, dict) else {}
+        header = self._parse_header(raw)
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (isinstance(metadata, dict)
+                                         and all(isinstance(v, str) for v in metadata.values())):
+            raise self._error("has a __metadata__ that is not a map of strings to strings (corrupt header)")
+        self.metadata = dict(metadata or {})
         self._data_start = 8 + header_len
         data_len = size - self._data_start
-        self._entries = {name: self._entry(name, info, data_len) for name, info in header.items()}
+        self._entries = {name: self._entry(name, info) for name, info in header.items()}
+        self._check_tiling(data_len)
         # np.memmap refuses empty maps, and a file of only empty tensors has nothing to map.
         self._buffer = (np.memmap(self.path, dtype=np.uint8, mode="r", offset=self._data_start, shape=(data_len,))
                         if data_len else np.zeros(0, np.uint8))
@@ -72,24 +80,56 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
     def _error(self, problem: str) -> ModelInputError:
         return ModelInputError(f"{self.path} {problem}; re-download or re-export the file")
 
-    def _entry(self, name: str, info: object, data_len: int) -> tuple[np.dtype, tuple[int, ...], int, int]:
+    def _parse_header(self, raw: bytes) -> dict:
+        if not raw.startswith(b"{"):
+            raise self._error("has a header that does not start with '{' (corrupt or not a safetensors file)")
+
+        def unique(pairs: list[tuple[str, object]]) -> dict:
+            names = [name for name, _ in pairs]
+            if len(set(names)) != len(names):
+                repeated = sorted({n for n in names if names.count(n) > 1})
+                raise self._error(f"names {repeated[:3]} more than once in its header (corrupt header)")
+            return dict(pairs)
+
         try:
-            dtype_name, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            return json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+        except RecursionError:
+            raise self._error("has a header nested too deeply to parse (corrupt header)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise self._error(f"has a header that is not valid JSON ({err}) (corrupt file)") from None
+
+    def _entry(self, name: str, info: object) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        try:
+            dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            begin, end = offsets
         except (TypeError, KeyError, ValueError) as err:
-            raise self._error(f"has a malformed header entry for tensor {name!r}: {info!r}") from err
-        if dtype_name not in SAFETENSORS_DTYPES:
+            raise self._error(f"has a malformed header entry for tensor {name!r}: {str(info)[:200]}") from err
+        if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
             raise self._error(f"stores tensor {name!r} as {dtype_name}, which is not supported "
                               f"(supported: {', '.join(SAFETENSORS_DTYPES)})")
-        if not all(isinstance(n, int) and n >= 0 for n in (*shape, begin, end)):
-            raise self._error(f"has a malformed header entry for tensor {name!r}: {info!r}")
+        if not (isinstance(shape, list) and isinstance(offsets, list)
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (*shape, begin, end))):
+            raise self._error(f"has a malformed header entry for tensor {name!r}: {str(info)[:200]}")
         dtype = SAFETENSORS_DTYPES[dtype_name]
-        if not begin <= end <= data_len:
-            raise self._error(f"puts tensor {name!r} at bytes {begin}..{end} of a {data_len}-byte data buffer "
-                              "(truncated file)")
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-            raise self._error(f"gives tensor {name!r} of shape {list(shape)} {dtype_name} {end - begin} bytes "
+        count = math.prod(shape)
+        if count * dtype.itemsize >= 2**64:
+            raise self._error(f"gives tensor {name!r} a shape {shape} whose size overflows (corrupt header)")
+        if end < begin or end - begin != count * dtype.itemsize:
+            raise self._error(f"gives tensor {name!r} of shape {list(shape)} {dtype_name} bytes {begin}..{end} "
                               "(corrupt header)")
-        return dtype, shape, begin, end
+        return dtype, tuple(shape), begin, end
+
+    def _check_tiling(self, data_len: int) -> None:
+        """The tensors' byte ranges cover the data buffer exactly, in order, as the library requires."""
+        position = 0
+        for name, (_, _, begin, end) in sorted(self._entries.items(), key=lambda item: item[1][2:]):
+            if begin != position:
+                problem = "overlaps another tensor" if begin < position else "leaves a gap before it"
+                raise self._error(f"puts tensor {name!r} at bytes {begin}..{end}, which {problem} (corrupt header)")
+            position = end
+        if position != data_len:
+            raise self._error(f"has {data_len} bytes of tensor data but its header accounts for {position} "
+                              "(a truncated file, or data past the last tensor)")
 
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, shape, begin, end = self._entries[name]

@@ -1,13 +1,22 @@
-"""The exception types sd-parity raises on purpose, and which of them mean "the user's input is wrong".
+"""The failure contract (docs/errors.md): typed exceptions for the Python API, exit codes for the CLI.
 
-Every error of the harness derives from SdParityError (run files, capture specs, fixtures, name maps,
-tolerance configs, assert_parity), so `except sd_parity.SdParityError` catches them all. The CLI
-reports the bad-input ones (BAD_INPUT_ERRORS) and exits 2. This module imports nothing of the
-harness: the modules that define the other error types import it.
+Every error sd-parity raises on purpose derives from SdParityError, so `except sd_parity.SdParityError`
+catches them all. BadInput and its subclasses mean "the input or the environment is wrong, and the
+message says what to change" (exit 2); anything else that escapes is an internal error (exit 3). This
+module imports nothing of the package but impl's error type, so every module can derive its own error
+types from these.
 """
 from __future__ import annotations
 
 import importlib.util
+import signal
+
+from sd_parity.impl.errors import ModelInputError
+
+EXIT_PARITY = 0  # success, or a comparison at parity
+EXIT_DIVERGENCE = 1  # a comparison that diverges (or misses reference tensors): nothing else exits 1
+EXIT_BAD_INPUT = 2  # bad arguments, unreadable or invalid files, an output that cannot be written
+EXIT_INTERNAL = 3  # no verdict: a bug, a failing candidate or library, or an interrupt (SIGINT/SIGTERM/SIGHUP)
 
 
 class SdParityError(Exception):
@@ -15,11 +24,20 @@ class SdParityError(Exception):
 
 
 class BadInput(SdParityError):
-    """Any other user error (bad size, missing folder, ...), raised with a message saying what to do."""
+    """The user's input or environment is wrong (a bad size, a missing folder, a corrupt file, a full
+    disk, ...); the message says what was wrong and what to do."""
+
+
+class OutputError(BadInput):
+    """An output cannot be written: not a regular file, a read-only or full file system, no permission."""
+
+
+class RunFileError(BadInput):
+    """A run file that is missing, unreadable, incomplete, breaks the format or exceeds a limit."""
 
 
 class MissingExtra(BadInput):
-    """A feature needs packages of an extra that is not installed (torch, diffusers, transformers)."""
+    """A feature needs packages of an extra that is not installed (torch, diffusers, transformers, ray)."""
 
 
 REFERENCE_PACKAGES = ("torch", "diffusers", "transformers")
@@ -35,13 +53,22 @@ def require_extra(purpose: str, packages: tuple[str, ...] = REFERENCE_PACKAGES, 
             "unless you want CUDA's, e.g. pip install torch==2.13.0)")
 
 
-def __getattr__(name: str):
-    # Built on first use: the error types live with their modules, and those modules import this one.
-    if name == "BAD_INPUT_ERRORS":
-        from sd_parity.fixtures import FixtureError
-        from sd_parity.impl.errors import ModelInputError
-        from sd_parity.runs.hdf5 import RunFileError
-        from sd_parity.runs.selection import CaptureSpecError
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP asked the process to stop. A KeyboardInterrupt, so no `except Exception`
+    swallows it and every `finally` and context manager on the way out cleans up its temporary files."""
 
-        return (BadInput, CaptureSpecError, FixtureError, RunFileError, ModelInputError)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+# impl/ is clean-room (it imports nothing of sd_parity), so its bad-input type cannot derive from BadInput.
+BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (BadInput, ModelInputError)
+
+
+def is_bad_input(exc: BaseException) -> bool:
+    return isinstance(exc, BAD_INPUT_ERRORS)

@@ -82,9 +82,9 @@ def config_of(reference: str | os.PathLike) -> RunConfig:
     """The RunConfig a reference run was captured with (from the run file's metadata)."""
     if isinstance(reference, Reference):
         return reference.config
-    from sd_parity.runs.hdf5 import RunReader
+    from sd_parity.runs.open import open_run
 
-    with RunReader(reference) as reader:
+    with open_run(reference) as reader:
         metadata = reader.metadata
     names = {f.name for f in dataclasses.fields(RunConfig)}
     return RunConfig(**{key: value for key, value in metadata.items() if key in names})

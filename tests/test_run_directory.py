@@ -11,7 +11,8 @@ import pytest
 from sd_parity.cli import main
 from sd_parity.impl.tensor_files import write_safetensors
 from sd_parity.judging.compare import compare_runs
-from sd_parity.runs.directory import DirectoryRunReader, DirectoryRunWriter, Limits, scan, validate_directory
+from sd_parity.runs.directory import DirectoryRunReader, DirectoryRunWriter, scan, validate_directory
+from sd_parity.runs.limits import Limits
 from sd_parity.runs.hdf5 import RunFileError, RunReader, RunWriter, validate
 from sd_parity.runs.open import copy_run, open_run, validate_run
 
@@ -247,22 +248,21 @@ def test_truncated_and_foreign_files_are_named(tmp_path):
      "says dtype 'int8'"),
     ({"format": "sd-parity-run", "format_version": 1, "tensors": [{"key": "unet/step_000/a", "layout": "nhwc"}]},
      "layout may only be channels_last"),
-    ({"format": "sd-parity-run", "format_version": 1, "metadata": {"a": [[[[[[[[1]]]]]]]]}}, "nests deeper than 6"),
+    ({"format": "sd-parity-run", "format_version": 1, "metadata": {"a": [[[[[[[[1]]]]]]]]}}, "more than the limit of 6"),
 ])
 def test_bad_manifests_are_named(tmp_path, manifest, message):
-    assert message in _problems(_folder(tmp_path, manifest=manifest), Limits(json_depth=6))
+    assert message in _problems(_folder(tmp_path, manifest=manifest), Limits(metadata_depth=6))
 
 
 def test_limits_bound_what_a_folder_may_hold(tmp_path):
     run = _folder(tmp_path, {"unet/step_000/a.npy": np.zeros((2,) * 5, np.float32)},
                   manifest={"format": "sd-parity-run", "format_version": 1})
     assert _problems(run) == ""
-    assert "run.json is" in _problems(run, Limits(manifest_bytes=10))
-    assert "5 dimensions; the limit is 4" in _problems(run, Limits(ndim=4))
-    assert "bytes; the limit is 16" in _problems(run, Limits(tensor_bytes=16))
-    assert "bad tensor name 'a'" in _problems(run, Limits(name_chars=0))
+    assert "run.json is" in _problems(run, Limits(index_bytes=10))
+    assert "5 dimensions, more than the limit of 4" in _problems(run, Limits(ndim=4))
+    assert "bad tensor name 'a'" in _problems(run, Limits(name_length=0))
     (run / "run.json").write_text("[" * 100000 + "]" * 100000)
-    assert "run.json is not UTF-8 JSON" in _problems(run)
+    assert "run.json is nested too deeply to parse" in _problems(run)
 
 
 # --- HDF5 from other languages ---------------------------------------------------------------------

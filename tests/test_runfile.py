@@ -7,6 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from sd_parity.errors import OutputError
 from sd_parity.runs.hdf5 import RunFileError, RunReader, RunWriter, validate
 
 
@@ -82,7 +83,7 @@ def test_full_disk_is_reported_and_cleaned_up(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(h5py.Group, "create_dataset", no_space)
-    with pytest.raises(RunFileError, match="disk full"):
+    with pytest.raises(OutputError, match="disk is full"):
         writer.write("unet", "step_000", "a", np.zeros(3, np.float32))
     writer.abort()
     assert list(tmp_path.iterdir()) == []
@@ -97,7 +98,7 @@ def test_background_write_errors_reach_the_capturing_thread(tmp_path, monkeypatc
     writer = RunWriter(path, {}, background_bytes=1 << 20)
     monkeypatch.setattr(h5py.Group, "create_dataset", no_space)
     writer.write("unet", "step_000", "a", np.zeros(3, np.float32))
-    with pytest.raises(RunFileError, match="disk full"):
+    with pytest.raises(OutputError, match="disk is full"):
         writer.close()
     assert list(tmp_path.iterdir()) == []
 
@@ -129,7 +130,7 @@ def test_writer_rejects_duplicates_and_bad_output_folder(tmp_path):
         writer.write("unet", "step_000", "a", np.zeros(1, np.float32))
         with pytest.raises(RunFileError, match="written twice"):
             writer.write("unet", "step_000", "a", np.zeros(1, np.float32))
-    with pytest.raises(RunFileError, match="does not exist"):
+    with pytest.raises(OutputError, match="does not exist"):
         RunWriter(tmp_path / "missing" / "run.h5", {})
 
 
@@ -147,7 +148,7 @@ def test_validator_names_each_problem(tmp_path):
         file.create_dataset("weird/main/z", data=np.zeros(1))
     problems = validate(path)
     text = "\n".join(problems)
-    for expected in ("format is 'other'", "format_version is 7", "not marked complete", "metadata is missing or not JSON",
+    for expected in ("format is 'other'", "format_version is 7", "not marked complete", "metadata is not valid JSON",
                      "stored as float32, expected float16", "missing attribute 'dtype'", "order 0 also used",
                      "/weird: unknown component"):
         assert expected in text, expected

@@ -15,7 +15,8 @@ import numpy as np
 from sd_parity.errors import BadInput
 from sd_parity.impl.pipeline import seeded_noise
 from sd_parity.runs.config import RunConfig
-from sd_parity.runs.hdf5 import RunReader, step_label
+from sd_parity.runs.hdf5 import step_label
+from sd_parity.runs.open import open_run
 from sd_parity.runs.naming import with_call_index
 
 
@@ -31,7 +32,7 @@ class ReferenceReplay:
 
     def __init__(self, reference: str | os.PathLike):
         self.path = Path(reference)
-        self._reader = RunReader(self.path)
+        self._reader = open_run(self.path)
         if "pipeline/main/x_T" not in self._reader:
             self._reader.close()
             raise BadInput(f"{self.path} recorded no pipeline/main/x_T; capture the reference with sd-parity "

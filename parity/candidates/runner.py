@@ -12,6 +12,7 @@ import numpy as np
 from sd_parity.progress import step_progress
 from sd_parity.runs.config import RunConfig, run_metadata, unet_parameter_count
 from sd_parity.runs.hdf5 import Entry, RunReader, RunWriter
+from sd_parity.runs.open import open_run
 from sd_parity.runs.naming import block_of, is_block
 from sd_parity.runs.recorder import Recorder
 from sd_parity.runs.selection import MODULE_COMPONENTS, CaptureSpec
@@ -74,7 +75,7 @@ def run_isolated(candidate: Any, config: RunConfig, reference: Path, output: Pat
     if not (supports(candidate, "run_block") or supports(candidate, "run_stage")):
         raise NotImplementedError(f"{candidate_name(candidate)} runs neither blocks nor stages alone")
     model_dir = prepare(candidate, config)
-    with RunReader(reference) as ref:
+    with open_run(reference) as ref:
         metadata = {**run_metadata(config, impl=candidate_name(candidate), model_dir=model_dir,
                                    x_t=ref.read("pipeline/main/x_T"), scheduler_config=scheduler_config(model_dir),
                                    mode="isolated"), **candidate_facts(candidate)}

@@ -1,6 +1,8 @@
 """The `parity` command line. Each subcommand lives in its own module in this package.
 
-Exit codes: 0 success (or parity), 1 divergence, 2 bad input.
+Exit codes (docs/errors.md): 0 success or parity, 1 divergence and nothing else, 2 bad input (the
+message says what was wrong and what to do), 3 no verdict (an internal error, whose traceback goes to
+a log file or, with --debug, to stderr; or an interrupt by SIGINT, SIGTERM or SIGHUP).
 """
 from __future__ import annotations
 
@@ -8,10 +10,16 @@ import argparse
 import importlib
 import os
 import pkgutil
+import signal
 import sys
+import time
+import traceback
 
+from sd_parity.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, is_bad_input
+from sd_parity.escaping import printable_lines
+from sd_parity.interrupts import handled, message, set_label
 
-EXIT_BAD_INPUT = 2
+DEBUG_ENV = "SD_PARITY_DEBUG"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,35 +27,120 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="parity", description="Layer-by-layer parity for Stable Diffusion ports.")
     parser.add_argument("--version", action="version", version=f"%(prog)s (sd-parity) {__version__}")
+    add_global_options(parser)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{__name__}.{module_info.name}")
         module.register(subparsers)
+    for subparser in subparsers.choices.values():  # accepted after the subcommand too
+        add_global_options(subparser, default=argparse.SUPPRESS)
     return parser
+
+
+def add_global_options(parser: argparse.ArgumentParser, default=False) -> None:
+    """Options every command takes, before or after its name."""
+    parser.add_argument("--debug", action="store_true", default=default,
+                        help=f"print the traceback of an internal error (also: {DEBUG_ENV}=1)")
 
 
 def main(argv: list[str] | None = None) -> int:
     # Nothing in this tool may reach a model hub; a user's own environment cannot turn that back on.
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    with handled():
+        code = _run(argv)
+    _leave_if_hdf5_cannot_exit(code, argv)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
+    command = "parity"
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        return int(args.handler(args) or 0)
-    except KeyboardInterrupt:
-        print("parity: interrupted; no partial output was kept", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - map known bad-input errors to exit 2, re-raise the rest
-        if is_bad_input(exc):
-            print(f"parity {args.command}: error: {exc}", file=sys.stderr)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit:  # argparse: 0 after --help, 2 for a usage error it has explained
+            return EXIT_BAD_INPUT if exit.code not in (0, None) else 0
+        command = f"parity {args.command}"
+        set_label(command)
+        debug = debug or args.debug
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()
+        return code
+    except KeyboardInterrupt as exc:  # a signal deferred to the end of a critical section (sd_parity.interrupts)
+        _say(message(getattr(exc, "signum", signal.SIGINT), command))
+        return EXIT_INTERNAL
+    except BrokenPipeError:
+        _silence_stdout()
+        _say(f"{command}: error: standard output was closed before the output was complete (broken pipe); "
+             "pipe into a command that reads everything, or redirect to a file")
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # noqa: BLE001 - the exit contract: bad input is 2, anything else 3
+        if debug:
+            traceback.print_exc()
+        if is_bad_input(exc) or _environment_error(exc):
+            _say(f"{command}: error: {exc}")
             return EXIT_BAD_INPUT
-        raise
+        where = _log_traceback(command)
+        detail = f"the traceback is in {where}" if where else "run again with --debug for the traceback"
+        _say(f"{command}: internal error: {type(exc).__name__}: {_first_line(exc)}; no verdict. {detail[0].upper()}{detail[1:]}")
+        return EXIT_INTERNAL
 
 
-def is_bad_input(exc: BaseException) -> bool:
-    from sd_parity.errors import BAD_INPUT_ERRORS
+def _environment_error(exc: BaseException) -> bool:
+    """An OSError about a path the user gave or the machine (a missing file, a full or read-only disk)."""
+    from sd_parity.outputs import ENVIRONMENT_ERRNOS
 
-    return isinstance(exc, BAD_INPUT_ERRORS)
+    return isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS and exc.filename is not None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
+def _say(message: str) -> None:
+    try:
+        print(printable_lines(message), file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass  # stderr is gone too: the exit code is all that is left
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe, send what is still buffered nowhere, so the interpreter's exit is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _log_traceback(command: str) -> str | None:
+    """Write the current exception's traceback to a log file in the user cache; its path, or None."""
+    from sd_parity.outputs import write_atomic
+    from sd_parity.paths import cache_dir
+
+    try:
+        folder = cache_dir() / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"parity-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        return str(write_atomic(path, f"{command} {' '.join(sys.argv[1:])}\n{traceback.format_exc()}"))
+    except Exception:  # noqa: BLE001 - no log is no reason to fail differently
+        return None
+
+
+def _leave_if_hdf5_cannot_exit(code: int, argv: list[str] | None) -> None:
+    """After a failed HDF5 write, HDF5's own exit handler can crash the interpreter (exit 139 instead of
+    ours): the command line (argv None: a real process, not a test calling main) leaves at once."""
+    hdf5 = sys.modules.get("sd_parity.runs.hdf5")  # not imported: nothing was written
+    if argv is None and hdf5 is not None and hdf5.write_failed():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
 
 
 if __name__ == "__main__":

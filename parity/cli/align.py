@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sd_parity.errors import BadInput
 from sd_parity.judging.align import align_runs, write_map
-from sd_parity.reports.summary import _atomic_write  # noqa: PLC2701 - one writer of files that appear whole
+from sd_parity.outputs import write_atomic
 
 SHOWN = 12  # not-placed names listed per component on the terminal (the map lists them all)
 
@@ -38,9 +38,9 @@ def run(args) -> int:
         if path is not None and not (path.parent if str(path.parent) else Path(".")).is_dir():
             raise BadInput(f"{path}: folder {path.parent} does not exist; create it or choose another path")
     alignment = align_runs(args.reference, args.candidate)
-    _atomic_write(args.write_map, write_map(alignment, f"{args.reference.name} and {args.candidate.name}"))
+    write_atomic(args.write_map, write_map(alignment, f"{args.reference.name} and {args.candidate.name}"))
     if args.json is not None:
-        _atomic_write(args.json, json.dumps(alignment.to_dict(), indent=1) + "\n")
+        write_atomic(args.json, json.dumps(alignment.to_dict(), indent=1) + "\n")
     for part in alignment.components:
         placed, total = part.block_level()
         print(f"{part.component} ({part.invocation}): placed {len(part.placed)} of {len(part.ref_names)} reference "

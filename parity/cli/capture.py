@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from sd_parity.errors import BadInput
+from sd_parity.outputs import check_output_file
 from sd_parity.runs.config import DTYPES, PIPELINES, SCHEDULERS, RunConfig
 
 
@@ -75,6 +76,7 @@ def run(args) -> int:
     config = config_from_args(args)
     if args.output.is_dir():
         raise BadInput(f"--output {args.output} is a folder; give a file path such as {args.output / 'run.h5'}")
+    check_output_file(args.output, "--output")  # before any work
     started = time.perf_counter()
     if args.candidate == "reference":
         from sd_parity.reference.runner import run_reference

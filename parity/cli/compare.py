@@ -12,11 +12,13 @@ import sys
 from pathlib import Path
 
 from sd_parity.errors import BadInput
+from sd_parity.escaping import printable
+from sd_parity.outputs import check_output_file
 from sd_parity.judging.compare import compare_runs
 from sd_parity.judging.name_map import NameMap, NameMapError
 from sd_parity.judging.scope import REQUIRE, Scope, ScopeError
 from sd_parity.runs.open import open_run
-from sd_parity.reports.summary import build_summary, format_table, render_outputs
+from sd_parity.reports.summary import JUNIT_FILE, SUMMARY_FILE, build_summary, format_table, render_outputs
 from sd_parity.judging.tolerances import ToleranceConfigError, Tolerances
 from sd_parity.judging.verdict import make_verdict
 
@@ -115,7 +117,7 @@ def run(args) -> int:
     add_drilldowns(summary)
     written = render_outputs(summary, args.output_dir)
     print(format_table(summary, top=args.top))
-    print("written: " + ", ".join(str(p) for p in written))
+    print(printable("written: " + ", ".join(str(p) for p in written)))
     return verdict.exit_code
 
 
@@ -125,8 +127,13 @@ def _check_output_dir(out: Path) -> None:
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise BadInput(f"--output-dir {out}: {probe} is not writable; choose another folder")
+    if out.is_dir():  # refuse a FIFO or device in place of an output before any work, not after
+        from sd_parity.reports.html import REPORT_FILE
+
+        for name in (SUMMARY_FILE, JUNIT_FILE, REPORT_FILE):
+            check_output_file(out / name, "--output-dir")
 
 
 def _progress(position: int, total: int, key: str) -> None:
     if position % 25 == 0 or position == total - 1:
-        print(f"\rcomparing {position + 1}/{total} {key[:80]}\033[K", end="", file=sys.stderr, flush=True)
+        print(f"\rcomparing {position + 1}/{total} {printable(key[:80])}\033[K", end="", file=sys.stderr, flush=True)

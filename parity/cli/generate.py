@@ -1,11 +1,13 @@
 """`parity txt2img | img2img | inpaint`: run impl/ on a model and save a PNG."""
 from __future__ import annotations
 
+import io
 import sys
 import time
 from pathlib import Path
 
 from sd_parity.errors import BadInput
+from sd_parity.outputs import check_output_file, write_atomic
 from sd_parity.progress import step_progress
 from sd_parity.candidates.registry import builtin_names
 from .capture import add_run_arguments, config_from_args
@@ -37,6 +39,7 @@ def run(args) -> int:
         raise BadInput(f"--output {args.output} must end in .png")
     if not args.output.parent.is_dir():
         raise BadInput(f"--output folder {args.output.parent} does not exist")
+    check_output_file(args.output, "--output")  # before any work
     config = config_from_args(args)
     started = time.perf_counter()
     candidate = ImplCandidate(args.backend)
@@ -50,8 +53,12 @@ def run(args) -> int:
     images = to_uint8(pixels)
     paths = [args.output] if len(images) == 1 else [
         args.output.with_name(f"{args.output.stem}-{i}.png") for i in range(len(images))]
+    for path in paths:
+        check_output_file(path, "--output")
     for path, image in zip(paths, images):
-        Image.fromarray(image).save(path)
+        png = io.BytesIO()
+        Image.fromarray(image).save(png, format="PNG")
+        write_atomic(path, png.getvalue())
     print(f"wrote {', '.join(map(str, paths))}: {config.width}x{config.height}, {config.steps} steps of "
           f"{config.scheduler}, {args.backend} {config.dtype}; load {loaded - started:.1f} s, "
           f"run {finished - loaded:.1f} s ({(finished - loaded) / config.steps:.2f} s/step)")

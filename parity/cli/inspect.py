@@ -5,7 +5,14 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from sd_parity.errors import EXIT_BAD_INPUT
+from sd_parity.escaping import printable
 from sd_parity.runs.open import open_run, validate_run
+
+
+def say(line: str) -> None:
+    """Print one line whose names come from the run file (escaped: it stays one line)."""
+    print(printable(line))
 
 
 def register(subparsers) -> None:
@@ -30,9 +37,9 @@ def _size(nbytes: int) -> str:
 def run(args) -> int:
     with open_run(args.run) as reader:
         meta = reader.metadata
-        print(f"{args.run}: impl={meta.get('impl')} model={meta.get('model')} dtype={meta.get('dtype')} "
-              f"scheduler={meta.get('scheduler')} steps={meta.get('steps')} seed={meta.get('seed')}")
-        print("metadata: " + json.dumps(meta, sort_keys=True))
+        say(f"{args.run}: impl={meta.get('impl')} model={meta.get('model')} dtype={meta.get('dtype')} "
+            f"scheduler={meta.get('scheduler')} steps={meta.get('steps')} seed={meta.get('seed')}")
+        say("metadata: " + json.dumps(meta, sort_keys=True))
         groups: dict[tuple[str, str], list] = defaultdict(list)
         for entry in reader.entries():
             groups[(entry.component, entry.invocation)].append(entry)
@@ -42,16 +49,18 @@ def run(args) -> int:
             count = sum(len(groups[(component, inv)]) for inv in invocations)
             nbytes = sum(e.nbytes for inv in invocations for e in groups[(component, inv)])
             total += nbytes
-            print(f"\n{component}: {len(invocations)} invocation(s), {count} tensors, {_size(nbytes)}")
+            print()
+            say(f"{component}: {len(invocations)} invocation(s), {count} tensors, {_size(nbytes)}")
             for invocation in sorted(invocations):
                 entries = groups[(component, invocation)]
-                print(f"  {invocation}: {len(entries)} tensors, {_size(sum(e.nbytes for e in entries))}")
+                say(f"  {invocation}: {len(entries)} tensors, {_size(sum(e.nbytes for e in entries))}")
                 shown = entries if args.tensors else entries[:3]
                 for entry in shown:
-                    print(f"    {entry.name}  {entry.dtype}{list(entry.shape)}  {_size(entry.nbytes)}")
+                    say(f"    {entry.name}  {entry.dtype}{list(entry.shape)}  {_size(entry.nbytes)}")
                 if len(shown) < len(entries):
-                    print(f"    ... {len(entries) - len(shown)} more (--tensors lists all)")
-        print(f"\ntotal: {len(reader.entries())} tensors, {_size(total)}")
+                    say(f"    ... {len(entries) - len(shown)} more (--tensors lists all)")
+        print()
+        say(f"total: {len(reader.entries())} tensors, {_size(total)}")
     return 0
 
 
@@ -59,7 +68,7 @@ def run_validate(args) -> int:
     problems = validate_run(args.run)
     if problems:
         for problem in problems:
-            print(f"{args.run}: {problem}")
-        return 2
-    print(f"{args.run}: valid run {'folder' if args.run.is_dir() else 'file'}")
+            say(f"{args.run}: {problem}")
+        return EXIT_BAD_INPUT
+    say(f"{args.run}: valid run {'folder' if args.run.is_dir() else 'file'}")
     return 0

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sd_parity.errors import BadInput
+from sd_parity.escaping import printable
 from sd_parity.candidates.registry import builtin_names
 from sd_parity.cases.case import MODES, Case, CaseResult, run_case
 from sd_parity.runs.config import DTYPES, SCHEDULERS
@@ -91,8 +92,7 @@ def run(args) -> int:
 
 
 def execute(cases: list[Case], output_dir: Path, config: Path | None, title: str) -> int:
-    from sd_parity.reports.index import index_dict, write_index_json, write_merged_junit
-    from sd_parity.reports.html import write_index_html
+    from sd_parity.reports.index import index_dict, write_index_set
 
     try:
         tolerances = Tolerances.load(config) if config else Tolerances.discover(Path.cwd())
@@ -105,13 +105,12 @@ def execute(cases: list[Case], output_dir: Path, config: Path | None, title: str
         result = run_case(case, output_dir / case.name, tolerances, log)
         results.append(result)
         mark = "ok  " if result.passed else "FAIL"
-        print(f"{mark} {case.name:40s} {result.summary['verdict']['text']}  ({result.seconds:.1f} s)")
+        print(printable(f"{mark} {case.name:40s} {result.summary['verdict']['text']}  ({result.seconds:.1f} s)"))
     failed = [r for r in results if not r.passed]
     for result in failed:
         print(f"\n== {result.case.name} ==\n{format_table(result.summary)}")
     index = index_dict(results, title)
-    paths = [write_index_json(index, output_dir / "parity.json"), write_merged_junit(results, output_dir / "junit.xml"),
-             write_index_html(index, output_dir / "parity.html")]
+    paths = write_index_set(index, results, output_dir)
     print(f"\n{len(results) - len(failed)}/{len(results)} cases at parity. Reports:")
     for path in paths:
         print(f"  {path.resolve().as_uri() if path.suffix == '.html' else path}")

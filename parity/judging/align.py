@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from sd_parity.runs.hdf5 import Entry, RunReader
+from sd_parity.runs.open import open_run
 from sd_parity.runs.naming import is_block_level
 from .transforms import Transform
 
@@ -93,7 +94,7 @@ class Alignment:
 
 def align_runs(ref_path, cand_path) -> Alignment:
     """Pair the candidate's tensors with the reference's (see the module docstring)."""
-    with RunReader(ref_path) as ref, RunReader(cand_path) as cand:
+    with open_run(ref_path) as ref, open_run(cand_path) as cand:
         ref_first = _first_invocations(ref.entries())
         cand_first = _first_invocations(cand.entries())
         components, missing = [], []

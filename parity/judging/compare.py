@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from sd_parity.errors import BadInput
 from .diagnosis import Diagnoser, Diagnosis, summarize
 from .metrics import ExactMetrics, FloatMetrics, exact_metrics, is_float, oracle_error, tensor_metrics
 from .name_map import CandidateView, NameMap, Resolution
@@ -217,7 +218,8 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
     diagnoser.diagnose_extras(results)
 
     _fill_coverage(coverage, results, ref_entries, cand_entries, mapped)
-    warnings = _metadata_warnings(ref.metadata, cand.metadata, oracle)
+    _refuse_empty_comparison(coverage, ref.path, cand.path)
+    warnings = _metadata_warnings(ref.metadata, cand.metadata, oracle) + _nonfinite_warnings(results)
     if name_map is not None and mapped.unmatched:
         warnings.append(f"{len(mapped.unmatched)} candidate tensor(s) matched no rule of the name map "
                         f"({name_map.unmatched_policy}): first {mapped.unmatched[0]}")
@@ -289,6 +291,28 @@ def _compare_one(ref: RunReader, cand: RunReader, oracle: RunReader | None, entr
     result.decision = judge(metrics, rule, ref_vs_oracle=ref_err, cand_vs_oracle=cand_err)
     result.status = "pass" if result.decision.passed else "fail"
     return result, nbytes
+
+
+def _refuse_empty_comparison(coverage: Coverage, ref_path: Path, cand_path: Path) -> None:
+    """A comparison that judged no tensor must not read as parity (missing tensors already do not)."""
+    if coverage.compared or coverage.counts["missing"] or coverage.counts["shape_mismatch"]:
+        return
+    skipped = coverage.counts["skipped"]
+    raise BadInput(f"compared zero tensors: the reference {ref_path} holds {coverage.ref_tensors}, the candidate "
+                   f"{cand_path} {coverage.cand_tensors}" + (f", and overrides skip all {skipped}" if skipped else "")
+                   + "; give runs that hold tensors, and overrides that leave some to judge")
+
+
+def _nonfinite_warnings(results: list[TensorResult]) -> list[str]:
+    """Tensors whose NaN/Inf sit at the same places on both sides: they agree there, but nothing was compared."""
+    agreeing = [r for r in results if isinstance(r.metrics, FloatMetrics) and r.metrics.nonfinite_mismatch == 0
+                and r.metrics.finite < r.metrics.numel]
+    if not agreeing:
+        return []
+    first = agreeing[0].metrics
+    return [f"{len(agreeing)} tensor(s) hold NaN/Inf at the same places in both runs (first {agreeing[0].key}: "
+            f"{first.numel - first.finite} of {first.numel} elements); those elements were not compared, and a "
+            "NaN in the reference usually means an overflow upstream"]
 
 
 def _judging_dtype(ref_dtype: str, cand_dtype: str | None) -> str:

@@ -44,7 +44,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from sd_parity.errors import SdParityError
+from sd_parity.errors import BadInput
 from sd_parity.runs.hdf5 import COMPONENTS, INVOCATION_RE, Entry
 from sd_parity.runs.naming import glob_to_regex
 from .transforms import Chain, Transform, TransformError, apply_chain, chain_shape, parse_transform, split_part, \
@@ -57,7 +57,7 @@ _TOP_LEVEL = {"unmatched", "rule", "base", "split", "transform", "no_counterpart
 _LITERAL_NAME = re.compile(r"^[^*?/]+/\*/[^*?/]+$")  # component/*/name with a literal name: indexable
 
 
-class NameMapError(SdParityError, ValueError):
+class NameMapError(BadInput, ValueError):
     """A name map that cannot be read or used; the message says which rule and what to change."""
 
 

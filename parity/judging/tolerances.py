@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from sd_parity.errors import SdParityError
+from sd_parity.errors import BadInput
 
 from .metrics import ExactMetrics, FloatMetrics, OracleError, eps, is_float
 from .name_map import glob_to_regex, one_pattern
@@ -45,7 +45,7 @@ DEFAULT_FLOOR_ULPS = 2.0
 _NUMERIC = ("rtol", "atol", "k", "floor_ulps", "quantile", "outlier_factor")
 
 
-class ToleranceConfigError(SdParityError, ValueError):
+class ToleranceConfigError(BadInput, ValueError):
     """A tolerance configuration that cannot be used; the message names the key and the fix."""
 
 

@@ -6,7 +6,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from sd_parity.cases.case import CaseResult
-from .summary import JUNIT_FILE, SUMMARY_FILE, _atomic_write  # noqa: PLC2701 - one package
+from sd_parity.outputs import write_set
+from .summary import JUNIT_FILE, SUMMARY_FILE, xml_document
 
 
 def index_dict(results: list[CaseResult], title: str) -> dict:
@@ -33,11 +34,10 @@ def index_dict(results: list[CaseResult], title: str) -> dict:
     }
 
 
-def write_index_json(index: dict, path: Path) -> Path:
-    return _atomic_write(path, json.dumps(index, indent=2, sort_keys=False) + "\n")
+INDEX_JSON, INDEX_JUNIT, INDEX_HTML = "parity.json", "junit.xml", "parity.html"
 
 
-def write_merged_junit(results: list[CaseResult], path: Path) -> Path:
+def merged_junit_text(results: list[CaseResult]) -> str:
     merged = ET.Element("testsuites", name="parity")
     for result in results:
         root = ET.parse(result.out_dir / JUNIT_FILE).getroot()
@@ -46,5 +46,13 @@ def write_merged_junit(results: list[CaseResult], path: Path) -> Path:
             merged.append(suite)
     for attribute in ("tests", "failures", "errors", "skipped"):
         merged.set(attribute, str(sum(int(s.get(attribute, 0)) for s in merged)))
-    ET.indent(merged)
-    return _atomic_write(path, ET.tostring(merged, encoding="unicode", xml_declaration=True) + "\n")
+    return xml_document(merged)
+
+
+def write_index_set(index: dict, results: list[CaseResult], folder: Path) -> list[Path]:
+    """parity.json, junit.xml and parity.html over the cases, replaced as one set (parity.json last)."""
+    from .html.render import render_index
+
+    files = {INDEX_JSON: json.dumps(index, indent=2, sort_keys=False) + "\n", INDEX_JUNIT: merged_junit_text(results),
+             INDEX_HTML: render_index(index, folder)}
+    return write_set(folder, files, marker=INDEX_JSON)

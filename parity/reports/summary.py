@@ -2,7 +2,9 @@
 
 docs/summary-format.md is the normative description of summary.json (SCHEMA_VERSION below).
 `render_outputs(summary, out_dir)` is the single place that writes files for a comparison: the HTML
-report hooks in there.
+report hooks in there, and the three files are replaced as one set (sd_parity.outputs.write_set).
+Names are data: the terminal table and junit.xml show non-printable characters escaped
+(sd_parity.escaping); summary.json keeps them as they are.
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from sd_parity.escaping import printable, xml_safe
 from sd_parity.judging.compare import Comparison, TensorResult
 from sd_parity.judging.diagnosis import clause as diagnosis_clause
 from sd_parity.judging.scope import scope_clause
+from sd_parity.outputs import output_error, write_atomic, write_set
 from sd_parity.judging.verdict import Culprit, Verdict, describe_location, verdict_dict
 
 SCHEMA_VERSION = 1
@@ -227,26 +230,41 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-def write_summary_json(summary: dict[str, Any], path: str | os.PathLike) -> Path:
+def summary_json_text(summary: dict[str, Any]) -> str:
     # compact: with indent, json falls back to its pure-Python encoder (seconds for a big capture)
-    text = json.dumps(jsonable(summary), separators=(",", ":"), allow_nan=False)
-    return _atomic_write(Path(path), text)
+    return json.dumps(jsonable(summary), separators=(",", ":"), allow_nan=False)
+
+
+def write_summary_json(summary: dict[str, Any], path: str | os.PathLike) -> Path:
+    return write_atomic(path, summary_json_text(summary))
 
 
 # ---------------------------------------------------------------------------------------------------
 # JUnit
 
 
-def write_junit(summary: dict[str, Any], path: str | os.PathLike) -> Path:
+def junit_text(summary: dict[str, Any]) -> str:
     """One <testcase> per block (or top-level group) per invocation; failures name the worst tensor."""
     suites = ET.Element("testsuites", name="parity")
     _suite(suites, "parity", summary["blocks"], summary["tensors"], summary["timing"]["seconds"])
     if summary.get("isolated"):
         iso = summary["isolated"]
         _suite(suites, "parity-isolated", iso["blocks"], iso["tensors"], iso["timing"]["seconds"])
-    ET.indent(suites)
-    text = ET.tostring(suites, encoding="unicode", xml_declaration=True)
-    return _atomic_write(Path(path), text + "\n")
+    return xml_document(suites)
+
+
+def write_junit(summary: dict[str, Any], path: str | os.PathLike) -> Path:
+    return write_atomic(path, junit_text(summary))
+
+
+def xml_document(root: ET.Element) -> str:
+    """The tree as an XML document that any parser reads: characters XML cannot hold are escaped."""
+    for element in root.iter():
+        element.attrib.update((name, xml_safe(value)) for name, value in element.attrib.items())
+        if element.text:
+            element.text = xml_safe(element.text)
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 
 
 def _suite(parent: ET.Element, name: str, groups: list[dict], rows: list[dict], seconds: float) -> None:
@@ -278,16 +296,16 @@ def _failure_message(row: dict, group: dict) -> str:
 
 
 def _failure_details(row: dict, group: dict, rows: list[dict]) -> str:
-    lines = [f"worst tensor: {row['key']} (status {row['status']}, ratio {_num(row['ratio'])})"]
+    lines = [f"worst tensor: {printable(row['key'])} (status {row['status']}, ratio {_num(row['ratio'])})"]
     if row["metrics"] is not None:
         lines.append("metrics: " + json.dumps(jsonable(row["metrics"]), sort_keys=True))
     if row["threshold"] is not None:
         lines.append("threshold: " + json.dumps(jsonable(row["threshold"]["criteria"]), sort_keys=True))
-    lines += [f"note: {n}" for n in row["notes"]]
+    lines += [f"note: {printable(n)}" for n in row["notes"]]
     others = [r for r in rows if r["group"] == group["id"] and r["invocation"] == group["invocation"]
               and r["component"] == group["component"] and r["status"] in _GROUP_BAD and r is not row]
     for other in others[:20]:
-        lines.append(f"also {other['status']}: {other['key']} ratio {_num(other['ratio'])}")
+        lines.append(f"also {other['status']}: {printable(other['key'])} ratio {_num(other['ratio'])}")
     if len(others) > 20:
         lines.append(f"... and {len(others) - 20} more")
     return "\n".join(lines)
@@ -402,7 +420,7 @@ def format_table(summary: dict[str, Any], top: int = 10, width: int | None = Non
                 lines.append(f"  {'':<14} {'':>8}  {_clip_right(detail, max(40, width - 28))}")
     for warning in summary["warnings"]:
         lines.append(f"warning: {warning}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # one table line per line, whatever a name holds
 
 
 def _sortable(value) -> float:
@@ -432,23 +450,16 @@ def _list(items: list[str], limit: int = 6) -> str:
 
 def render_outputs(summary: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     """Write every output file of a comparison into out_dir and return their paths: summary.json,
-    junit.xml and the HTML report (rendered from the same summary dict that summary.json holds)."""
-    from .html import REPORT_FILE, write_report  # the report package imports this module
+    junit.xml and the HTML report (rendered from the same summary dict that summary.json holds),
+    replaced as one set: summary.json exists only beside the junit.xml and report.html of its run."""
+    from .html import REPORT_FILE  # the report package imports this module
+    from .html.render import render_report
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = [write_summary_json(summary, out / SUMMARY_FILE), write_junit(summary, out / JUNIT_FILE),
-               write_report(summary, out / REPORT_FILE)]
-    return written
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise output_error(exc, out) from exc
+    files = {SUMMARY_FILE: summary_json_text(summary), JUNIT_FILE: junit_text(summary),
+             REPORT_FILE: render_report(summary)}
+    return write_set(out, files, marker=SUMMARY_FILE)

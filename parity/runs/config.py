@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
-from dataclasses import asdict, dataclass
+import re
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
 from importlib import metadata as importlib_metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,20 +49,22 @@ class RunConfig:
     strength: float = 0.75
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.pipeline not in PIPELINES:
             raise BadInput(f"unknown pipeline {self.pipeline!r}; use one of {', '.join(PIPELINES)}")
+        for text in (*self.prompts(), *(self.negative_prompts() or [])):
+            _check_text(text)
+        _check_numbers(self)
         if self.pipeline != "txt2img":
             self._check_images()
         size = default_size(self.model)
-        self.height = self.height or size
-        self.width = self.width or size
+        self.height = size if self.height is None else self.height
+        self.width = size if self.width is None else self.width
         for side, value in (("height", self.height), ("width", self.width)):
             if value <= 0 or value % 8:
                 raise BadInput(f"--{side} {value} is not a positive multiple of 8; SD's VAE downsamples by 8")
-        if self.steps < 1:
-            raise BadInput(f"--steps {self.steps} must be at least 1")
-        if self.images_per_prompt < 1:
-            raise BadInput(f"--images-per-prompt {self.images_per_prompt} must be at least 1")
+            if value > MAX_SIDE:
+                raise BadInput(f"--{side} {value} is larger than {MAX_SIDE} pixels; SD runs at 512 to 1024")
         negatives = self.negative_prompts()
         if negatives is not None and len(negatives) != len(self.prompts()):
             raise BadInput(f"{len(negatives)} negative prompts for {len(self.prompts())} prompts; "
@@ -72,7 +79,7 @@ class RunConfig:
     def _check_images(self) -> None:
         if self.init_image is None:
             raise BadInput(f"{self.pipeline} needs --init-image")
-        if not 0.0 < self.strength <= 1.0:
+        if not 0.0 < self.strength <= 1.0:  # NaN fails this too
             raise BadInput(f"--strength {self.strength} is outside (0, 1]: it is the fraction of the schedule to run")
         image = _open_image(self.init_image, "--init-image")
         if image.mode != "RGB":
@@ -136,6 +143,92 @@ class RunConfig:
 
     def capture_spec(self, unet_parameters: int) -> str:
         return self.capture if self.capture is not None else default_spec(unet_parameters)
+
+
+MAX_SIDE = 8192  # pixels: far beyond any SD model, and a bound on what a typo can allocate
+MAX_STEPS = 1000  # the schedulers' training timesteps: no sampler can take more steps
+MAX_SEED = 2**63 - 1
+DEVICE_RE = re.compile(r"^(cpu|cuda|mps|xpu|meta|hip)(:\d+)?$")
+
+
+def _check_types(config: RunConfig) -> None:
+    """Every field has the type its annotation says (Python API callers and config files can pass anything)."""
+    hints = typing.get_type_hints(RunConfig)
+    for item in fields(config):
+        value = getattr(config, item.name)
+        if not _is_a(value, hints[item.name]):
+            raise BadInput(f"RunConfig.{item.name} is {value!r} ({type(value).__name__}); expected "
+                           f"{_describe(hints[item.name])}")
+
+
+def _is_a(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, option) for option in typing.get_args(hint))
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and bool(value) and all(_is_a(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        return f"a non-empty list of {typing.get_args(hint)[0].__name__}"
+    return "None" if hint is type(None) else f"{'an' if hint is int else 'a'} {hint.__name__}"
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise BadInput(f"prompt '{shown}' is not valid UTF-8 (the shell passed bytes that are no text); "
+                       "give the prompt as UTF-8") from None
+
+
+def _check_numbers(config: RunConfig) -> None:
+    if config.steps < 1:
+        raise BadInput(f"--steps {config.steps} must be at least 1")
+    if config.steps > MAX_STEPS:
+        raise BadInput(f"--steps {config.steps} is more than SD's schedule has timesteps (num_train_timesteps="
+                       f"{MAX_STEPS}); use at most {MAX_STEPS}")
+    if not 1 <= config.images_per_prompt <= 64:
+        raise BadInput(f"--images-per-prompt {config.images_per_prompt} is outside 1..64")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise BadInput(f"--seed {config.seed} is outside 0..{MAX_SEED} (2**63 - 1); seeds are non-negative")
+    for option, value in (("--guidance", config.guidance), ("--eta", config.eta), ("--strength", config.strength)):
+        if not math.isfinite(value):
+            raise BadInput(f"{option} {value} is not a finite number")
+    if config.eta < 0:
+        raise BadInput(f"--eta {config.eta} is negative; DDIM's eta is 0 (deterministic) to 1 (DDPM-like)")
+    if not DEVICE_RE.match(config.device):
+        raise BadInput(f"--device {config.device!r} is not a torch device; use cpu, cuda, cuda:N, mps or xpu")
+    if config.device != "cpu":
+        _check_device_present(config.device)
+
+
+def _check_device_present(device: str) -> None:
+    try:
+        import torch
+    except ImportError:
+        return  # only torch runs use the device, and they say torch is missing themselves
+    kind, _, number = device.partition(":")
+    backend = {"cuda": torch.cuda, "hip": torch.cuda, "xpu": getattr(torch, "xpu", None),
+               "mps": getattr(torch.backends, "mps", None)}.get(kind)
+    if backend is None:
+        return
+    count = backend.device_count() if hasattr(backend, "device_count") else int(backend.is_available())
+    if not backend.is_available() or int(number or 0) >= count:
+        raise BadInput(f"--device {device}: this machine's torch has no such device ({count} {kind} device(s)); "
+                       "use --device cpu or one that exists")
 
 
 def _open_image(path: str, option: str):

@@ -12,9 +12,11 @@ written in languages where HDF5 is a chore (docs/run-format.md, "The directory f
 last part) may start with its order, `<order>__<name>`; without either, tensors are listed by key.
 run.json itself is optional (metadata is then empty): a writer that can, writes it last.
 
-The folder is untrusted input. Everything the reader accepts from it is bounded by LIMITS and checked
-in `scan`: file kinds and places, names, dtypes, shapes, sizes against the file's length, links
-(a link leaving the folder, or to a folder, is refused), the manifest's size and nesting depth.
+The folder is untrusted input. Everything the reader accepts from it is bounded by the limits every run
+form shares (runs/limits.py: the manifest's size and nesting, tensor count, name length, rank) and
+checked in `scan`: file kinds and places, names, dtypes, shapes, sizes against the file's length, links
+(a link leaving the folder, or to a folder, is refused). Tensors are stored uncompressed, so a
+tensor's memory is its file's size: no expansion limit is needed.
 """
 from __future__ import annotations
 
@@ -32,8 +34,9 @@ import numpy as np
 from sd_parity.impl.errors import ModelInputError
 from sd_parity.impl.tensor_files import SafetensorsFile, write_safetensors
 
-from .hdf5 import (COMPONENTS, FORMAT, FORMAT_VERSION, INVOCATION_RE, LOGICAL_DTYPES, NAME_FORBIDDEN, Entry,
-                   RunFileError, RunReader, kind_of, logical_dtype)
+from .hdf5 import (COMPONENTS, FORMAT, FORMAT_VERSION, INVOCATION_RE, LOGICAL_DTYPES, WRITE_LIMITS, Entry, RunFileError,
+                   RunReader, kind_of, logical_dtype)
+from .limits import Limits, json_document, name_problem, nbytes_of, shape_problem
 
 MANIFEST = "run.json"
 NPY, SAFETENSORS = ".npy", ".safetensors"
@@ -44,21 +47,9 @@ IGNORED_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})  # put ther
 SHOWN_PROBLEMS = 20
 
 
-@dataclass(frozen=True)
-class Limits:
-    """What a run folder may hold. One place, so HDF5 run files can share the same bounds."""
-
-    manifest_bytes: int = 64 << 20  # a full-size all-tensor capture lists ~10^5 tensors: a few MiB
-    json_depth: int = 32
-    files: int = 1_000_000
-    folder_depth: int = 3  # <component>/<invocation>/<file>
-    name_chars: int = 1024
-    ndim: int = 32  # HDF5's own limit, so a folder always converts to a run file
-    tensor_bytes: int = 64 << 30
-    npy_header_bytes: int = 10_000  # NumPy's own default bound on .npy headers
-
-
-LIMITS = Limits()
+# The layout is <component>/<invocation>/<file>: deeper folders are not part of the format.
+FOLDER_DEPTH = 3
+NPY_HEADER_BYTES = 10_000  # NumPy's own default bound on .npy headers
 
 
 @dataclass(frozen=True)
@@ -93,22 +84,22 @@ class Index:
     safetensors: dict[Path, SafetensorsFile] = field(default_factory=dict)
 
 
-def key_problem(component: str, invocation: str, name: str, limits: Limits = LIMITS) -> str | None:
+def key_problem(component: str, invocation: str, name: str, limits: Limits) -> str | None:
     """Why (component, invocation, name) cannot name a tensor, or None when it can."""
     if component not in COMPONENTS:
         return f"unknown component {component!r}; expected one of {', '.join(COMPONENTS)}"
     if not INVOCATION_RE.match(invocation):
         return f"bad invocation {invocation!r} in {component}; expected main, call_N or step_NNN"
-    if not name or NAME_FORBIDDEN.search(name) or len(name) > limits.name_chars:
-        return (f"bad tensor name {name!r} in {component}/{invocation}: names are 1 to {limits.name_chars} "
-                "characters without '/' or NUL")
-    return None
+    problem = name_problem(name, limits)
+    return f"bad tensor name {name!r} in {component}/{invocation}: {problem}" if problem else None
 
 
 # --- reading -----------------------------------------------------------------------------------------
-def scan(root: str | os.PathLike, limits: Limits = LIMITS) -> Index:
-    """Index a run folder without reading tensor data, checking everything against `limits`."""
+def scan(root: str | os.PathLike, limits: Limits | None = None) -> Index:
+    """Index a run folder without reading tensor data, checking everything against `limits` (default:
+    the SD_PARITY_MAX_* limits)."""
     root = Path(root)
+    limits = limits or Limits.from_env()
     index = Index()
     if not root.is_dir():
         index.problems.append(f"{root} is not a folder")
@@ -156,7 +147,7 @@ def scan(root: str | os.PathLike, limits: Limits = LIMITS) -> Index:
     return index
 
 
-def validate_directory(root: str | os.PathLike, limits: Limits = LIMITS) -> list[str]:
+def validate_directory(root: str | os.PathLike, limits: Limits | None = None) -> list[str]:
     """Every way the folder breaks the run format (empty when it is a valid run)."""
     return scan(root, limits).problems
 
@@ -168,20 +159,13 @@ def _read_manifest(root: Path, limits: Limits, problems: list[str]) -> dict | No
     if path.is_symlink() or not path.is_file():
         problems.append(f"{MANIFEST} must be a plain file")
         return None
-    size = path.stat().st_size
-    if size > limits.manifest_bytes:
-        problems.append(f"{MANIFEST} is {size} bytes; the limit is {limits.manifest_bytes}")
-        return None
     try:
-        manifest = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        problems.append(f"{MANIFEST} is not UTF-8 JSON: {exc}")
+        manifest = json_document(path.read_bytes(), limits.index_bytes, limits.metadata_depth, MANIFEST)
+    except RunFileError as exc:
+        problems.append(str(exc))
         return None
     if not isinstance(manifest, dict):
         problems.append(f"{MANIFEST} is not a JSON object")
-        return None
-    if _json_depth(manifest) > limits.json_depth:
-        problems.append(f"{MANIFEST} nests deeper than {limits.json_depth} levels")
         return None
     if manifest.get("format") != FORMAT:
         problems.append(f"{MANIFEST}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
@@ -199,15 +183,6 @@ def _read_manifest(root: Path, limits: Limits, problems: list[str]) -> dict | No
     return manifest
 
 
-def _json_depth(value: Any) -> int:
-    depth, level = 0, [value]
-    while level:
-        depth += 1
-        level = [child for item in level if isinstance(item, (dict, list))
-                 for child in (item.values() if isinstance(item, dict) else item)]
-    return depth - 1
-
-
 def _files(root: Path, limits: Limits, problems: list[str]) -> list[Path]:
     """The regular files under `root`; links are followed only to files inside `root`."""
     real_root = root.resolve()
@@ -219,7 +194,7 @@ def _files(root: Path, limits: Limits, problems: list[str]) -> list[Path]:
             if (here / sub).is_symlink():
                 problems.append(f"{(here / sub).relative_to(root)}: links to folders are not followed")
                 subfolders.remove(sub)
-            elif depth + 1 >= limits.folder_depth:
+            elif depth + 1 >= FOLDER_DEPTH:
                 problems.append(f"{(here / sub).relative_to(root)}: nested deeper than "
                                 "<component>/<invocation>/<file>")
                 subfolders.remove(sub)
@@ -237,8 +212,9 @@ def _files(root: Path, limits: Limits, problems: list[str]) -> list[Path]:
                 problems.append(f"{path.relative_to(root)} is not a regular file")
                 continue
             files.append(path)
-            if len(files) > limits.files:
-                problems.append(f"more than {limits.files} files; not a run folder")
+            if len(files) > limits.tensors:
+                problems.append(f"more than {limits.tensors} files, the limit of tensors in a run "
+                                "(SD_PARITY_MAX_TENSORS)")
                 return []
     return sorted(files)
 
@@ -264,7 +240,7 @@ def _npy_tensor(root: Path, relative: Path, limits: Limits, problems: list[str])
             version = np.lib.format.read_magic(handle)
             read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                            else np.lib.format.read_array_header_2_0)
-            shape, _fortran, stored = read_header(handle, max_header_size=limits.npy_header_bytes)
+            shape, _fortran, stored = read_header(handle, max_header_size=NPY_HEADER_BYTES)
             data_start = handle.tell()
     except (ValueError, OSError, SyntaxError) as exc:
         problems.append(f"{relative}: not a readable .npy file ({exc})")
@@ -274,11 +250,11 @@ def _npy_tensor(root: Path, relative: Path, limits: Limits, problems: list[str])
         problems.append(f"{relative}: dtype {stored} is not a run dtype ({', '.join(sorted(LOGICAL_DTYPES))}; "
                         "bfloat16 as uint16 bits)")
         return None
-    shape_problem = _shape_problem(shape, stored.itemsize, limits)
-    if shape_problem:
-        problems.append(f"{relative}: {shape_problem}")
+    problem = shape_problem(shape, limits)
+    if problem:
+        problems.append(f"{relative}: {problem}")
         return None
-    expected = data_start + int(np.prod(shape, dtype=np.int64)) * stored.itemsize
+    expected = data_start + nbytes_of(shape, stored.itemsize)
     size = path.stat().st_size
     if size != expected:
         problems.append(f"{relative}: {size} bytes, but its header says {expected} (truncated or padded file)")
@@ -295,15 +271,6 @@ def _logical(stored: np.dtype) -> str | None:
         return "bfloat16"
     name = stored.newbyteorder("=").name if stored.byteorder in "<>" else stored.name
     return name if name in LOGICAL_DTYPES or name == BFLOAT16_BITS else None
-
-
-def _shape_problem(shape: tuple[int, ...], itemsize: int, limits: Limits) -> str | None:
-    if len(shape) > limits.ndim:
-        return f"{len(shape)} dimensions; the limit is {limits.ndim}"
-    nbytes = int(np.prod(shape, dtype=np.float64)) * itemsize
-    if nbytes > limits.tensor_bytes:
-        return f"shape {list(shape)} is {nbytes} bytes; the limit is {limits.tensor_bytes}"
-    return None
 
 
 def _safetensors_tensors(path: Path, relative: Path, limits: Limits, index: Index) -> list[_Stored]:
@@ -323,7 +290,7 @@ def _safetensors_tensors(path: Path, relative: Path, limits: Limits, index: Inde
         order, name = _split_order(stem)
         problem = key_problem(component, invocation, name, limits)
         array = file[key]
-        problem = problem or _shape_problem(array.shape, array.itemsize, limits)
+        problem = problem or shape_problem(array.shape, limits)
         dtype = _logical(array.dtype)
         if problem or dtype is None:
             index.problems.append(f"{relative}: {key}: {problem or f'dtype {array.dtype} is not a run dtype'}")
@@ -387,7 +354,7 @@ class DirectoryRunReader(RunReader):
     """RunReader over a run folder. It keeps RunReader's index methods (entries, entry, components,
     invocations, `in`) and reads tensors from the folder's files instead of an HDF5 file."""
 
-    def __init__(self, path: str | os.PathLike, limits: Limits = LIMITS):
+    def __init__(self, path: str | os.PathLike, limits: Limits | None = None):
         self.path = Path(path)
         index = scan(self.path, limits)
         if index.problems:
@@ -464,7 +431,7 @@ class DirectoryRunWriter:
         self._metadata.update(json.loads(json.dumps(fields, default=str)))
 
     def write(self, component: str, invocation: str, name: str, array: np.ndarray, layout: str | None = None) -> None:
-        problem = key_problem(component, invocation, name)
+        problem = key_problem(component, invocation, name, WRITE_LIMITS)
         if problem:
             raise RunFileError(problem)
         key = f"{component}/{invocation}/{name}"

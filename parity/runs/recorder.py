@@ -60,6 +60,12 @@ class Recorder:
         self._invocation_count: dict[str, int] = defaultdict(int)
         self._calls: dict[str, int] = defaultdict(int)
         self.step = -1  # the denoising step the pipeline is in; -1 before the loop
+        self.offered = self.kept = 0  # module tensors produced, and kept by the selection
+        self._example: str | None = None
+        spec.check_steps(total_steps)
+        checks = getattr(writer, "before_close", None)  # RunWriter's; test doubles may lack it
+        if checks is not None:
+            checks.append(lambda: spec.check_selected(self.offered, self.kept, self._example))
 
     def begin_invocation(self, component: str, label: str | None = None) -> str:
         """Start the next invocation of `component`: call_N, or step_NNN for the UNet (or `label`)."""
@@ -121,5 +127,10 @@ class Recorder:
 
     def _write_nested(self, component: str, invocation: str, name: str, value: Any) -> None:
         for leaf, tensor in flatten(name, value, _is_tensor):
+            module = component != "pipeline"
+            if module:
+                self.offered += 1
+                self._example = self._example or f"{component}/{leaf}"
             if self.spec.wants(component, leaf):
+                self.kept += module
                 self.writer.write(component, invocation, leaf, to_numpy(tensor), layout=layout_of(tensor))

@@ -21,14 +21,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
-from sd_parity.errors import SdParityError
+from sd_parity.errors import BadInput
 
 from .naming import glob_to_regex, is_block_level
 
 MODULE_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
 
 
-class CaptureSpecError(SdParityError, ValueError):
+class CaptureSpecError(BadInput, ValueError):
     """A --capture SPEC that cannot be parsed."""
 
 
@@ -38,6 +38,7 @@ class CaptureSpec:
     components: frozenset[str] = frozenset(MODULE_COMPONENTS)
     name_filters: list[Callable[[str, str], bool]] = field(default_factory=list)
     steps: tuple[int, ...] | None = None
+    modules: bool = True  # False for `pipeline`: no module tensor is wanted
     _cache: dict[tuple[str, str], bool] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -77,7 +78,7 @@ class CaptureSpec:
         elif not filters:
             filters = [lambda component, name: True]
         return cls(text=text, components=frozenset(components or MODULE_COMPONENTS),
-                   name_filters=filters, steps=tuple(steps) if steps is not None else None)
+                   name_filters=filters, steps=tuple(steps) if steps is not None else None, modules=module_capture)
 
     def wants(self, component: str, name: str) -> bool:
         """Whether a module tensor is kept (pipeline-level tensors always are)."""
@@ -97,6 +98,19 @@ class CaptureSpec:
         if self.steps is None:
             return True
         return any(s == step or (s < 0 and total + s == step) for s in self.steps)
+
+    def check_steps(self, total: int) -> None:
+        """Refuse a steps= term that selects none of a run's `total` denoising steps."""
+        if self.steps is not None and not any(self.wants_step(step, total) for step in range(total)):
+            raise CaptureSpecError(f"capture {self.text!r}: steps={','.join(map(str, self.steps))} selects none of "
+                                   f"the run's {total} steps (0..{total - 1}, or -1 for the last)")
+
+    def check_selected(self, offered: int, kept: int, example: str | None) -> None:
+        """Refuse a selection that kept none of the `offered` module tensors (unless `pipeline` asked for that)."""
+        if self.modules and offered and not kept:
+            raise CaptureSpecError(f"capture {self.text!r} selected none of the {offered} module tensors the run "
+                                   f"produced (one was {example!r}); `parity inspect --tensors` of a run captured "
+                                   "with --capture all lists the names to match")
 
 
 def _parse_steps(text: str) -> list[int]:

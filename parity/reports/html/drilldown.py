@@ -38,7 +38,7 @@ def add_drilldowns(summary: dict[str, Any], top_n: int = TOP_N) -> dict[str, Any
             candidate = runs["candidate"] if source == "free" else runs["isolated"]
             ref = readers.read(runs["reference"], row["key"])
             cand = readers.read(candidate, row["cand_key"] or row["key"])
-            if ref is None or cand is None or ref.size != cand.size:
+            if ref is None or cand is None or ref.size != cand.size or not ref.size:
                 continue
             drill["tensors"].append({"source": source, "index": row["index"], "key": row["key"], "why": why,
                                      **tensor_detail(ref, cand.reshape(ref.shape), _layout(row, ref.ndim))})

@@ -19,7 +19,8 @@ from urllib.parse import quote
 import jinja2
 from markupsafe import Markup
 
-from sd_parity.reports.summary import _atomic_write  # noqa: PLC2701 - one package
+from sd_parity.escaping import printable
+from sd_parity.outputs import write_atomic
 from .columns import table_columns
 from .depth import depth_series
 from .heatmap import step_heatmap
@@ -84,8 +85,14 @@ def scripts(names: tuple[str, ...]) -> dict[str, Any]:
     return {"scripts": texts, "csp": csp}
 
 
+def _shown_text(value: Any) -> Any:
+    """Every value a template prints: names are data, so their non-printable characters show escaped."""
+    return value if isinstance(value, Markup) or not isinstance(value, str) else printable(value)
+
+
 _ENV = jinja2.Environment(loader=jinja2.PackageLoader(__package__, "templates"), autoescape=True,
-                          undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+                          undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                          finalize=_shown_text)
 _ENV.globals["asset"] = inline_asset
 _ENV.filters["script_json"] = script_json
 _ENV.filters["shown"] = shown
@@ -123,12 +130,12 @@ def render_index(index: dict[str, Any], folder: Path) -> str:
 
 
 def write_report(summary: dict[str, Any], path: str | os.PathLike) -> Path:
-    return _atomic_write(Path(path), render_report(summary))
+    return write_atomic(path, render_report(summary))
 
 
 def write_index(index: dict[str, Any], path: str | os.PathLike) -> Path:
     path = Path(path)
-    return _atomic_write(path, render_index(index, path.parent))
+    return write_atomic(path, render_index(index, path.parent))
 
 
 def _anchor(source: str, index: int) -> str:

@@ -27,10 +27,24 @@
     return a >= 1e-3 && a < 1e6 ? String(Number(v.toPrecision(5))) : v.toExponential(3).replace(/\.?0+e/, "e");
   }
 
+  // names are data: characters that are not printable (controls, format characters, separators other
+  // than the space) show as escapes, the rule of sd_parity.escaping.printable
+  const UNPRINTABLE = /[\p{C}\p{Z}]/gu;
+
+  function visible(text) {
+    return String(text).replace(UNPRINTABLE, (ch) => {
+      if (ch === " ") return ch;
+      const code = ch.codePointAt(0);
+      const hex = code.toString(16);
+      return code <= 0xff ? "\\x" + hex.padStart(2, "0") : code <= 0xffff ? "\\u" + hex.padStart(4, "0")
+        : "\\U" + hex.padStart(8, "0");
+    });
+  }
+
   function el(tag, attrs, text) {
     const node = document.createElement(tag);
     for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
-    if (text !== undefined && text !== null) node.textContent = text;
+    if (text !== undefined && text !== null) node.textContent = visible(text);
     return node;
   }
 
@@ -47,10 +61,10 @@
       values: v,
       text: (column, i) => (column in v ? v[column][c[column][i]] : c[column][i]),
       num: (column, i) => num(c[column][i]),
-      key: (i) => v.component[c.component[i]] + "/" + v.invocation[c.invocation[i]] + "/" + c.name[i],
+      key: (i) => visible(v.component[c.component[i]] + "/" + v.invocation[c.invocation[i]] + "/" + c.name[i]),
       describe: function (i) {
         const lines = [
-          this.key(i) + (table.cand_keys[i] ? "  (candidate: " + table.cand_keys[i] + ")" : ""),
+          this.key(i) + (table.cand_keys[i] ? "  (candidate: " + visible(table.cand_keys[i]) + ")" : ""),
           source + " run · " + this.text("status", i) + " · ratio to threshold " + fmt(this.num("ratio", i)),
           "rel-L2 " + fmt(this.num("rel_l2", i)) + " (tolerance ≈ " + fmt(this.num("tol_rel_l2", i)) + ")" +
             " · SQNR " + fmt(this.num("sqnr_db", i)) + " dB",
@@ -557,7 +571,7 @@
       } else if (NUMERIC.has(column) && column !== "order") {
         td.textContent = fmt(R.num(column, i));
       } else {
-        td.textContent = R.text(column, i) === null ? "-" : String(R.text(column, i));
+        td.textContent = R.text(column, i) === null ? "-" : visible(R.text(column, i));
         if (column === "reason") td.title = td.textContent;  // the cell is cut to one line
       }
       return td;
