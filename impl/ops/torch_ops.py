@@ -178,6 +178,9 @@ class TorchOps(Ops):
     def argmax(self, x, axis):
         return x.argmax(dim=axis)
 
+    def std(self, x, axes):
+        return x.std(dim=list(axes), keepdim=True)
+
     # --- model specific ------------------------------------------------------------------------
     def timestep_embedding(self, timesteps, dim, flip_sin_to_cos, freq_shift, scale=1.0, max_period=10000):
         half = dim // 2

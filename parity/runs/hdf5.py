@@ -25,11 +25,13 @@ import h5py
 import ml_dtypes
 import numpy as np
 
+from sd_parity.impl.families import COMPONENTS as MODULE_COMPONENTS
+
 FORMAT = "sd-parity-run"
 INDEX = "index"  # optional root dataset: the tensor list as JSON, so readers need not visit every dataset
 CHUNK_BYTES = 16 << 20  # as fast to read as contiguous storage, and small enough to compress
 FORMAT_VERSION = 1
-COMPONENTS = ("pipeline", "text_encoder", "unet", "vae_encoder", "vae_decoder")
+COMPONENTS = ("pipeline", *MODULE_COMPONENTS)  # every family's networks (sd_parity.impl.families)
 INVOCATION_RE = re.compile(r"^(main|call_\d+|step_\d{3,})$")
 NAME_FORBIDDEN = re.compile(r"[/\x00]")
 KINDS = ("output", "input", "pipeline")
