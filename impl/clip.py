@@ -148,17 +148,20 @@ class ClipTextTransformer:
 
 
 class ClipTextModel(Component):
-    """`text_encoder(input_ids, taps=None, output_hidden_states=False)` -> the reference's output dict:
+    """`text_encoder(input_ids, taps=None, output_hidden_states=None)` -> the reference's output dict:
     CLIPTextModel's {"last_hidden_state", "pooler_output"[, "hidden_states"]}, or with `projection`
     CLIPTextModelWithProjection's {"text_embeds", "last_hidden_state"[, "hidden_states"]};
     `embed(input_ids, embedder)` -> (context, pooled text embedding or None) as a family conditions on it;
-    `encode(input_ids, clip_skip=0)` -> SD 1.x/2.x's context. `name` is the run-file component name."""
+    `encode(input_ids, clip_skip=0)` -> SD 1.x/2.x's context. `name` is the run-file component name.
+    `output_hidden_states` is what a call (and a run of the root block) does when not told: whether the
+    family's pipeline asks the encoder for its hidden states (SDXL's always does)."""
 
     def __init__(self, config: dict[str, Any], store, ops, weight_prefix: str | None = None,
-                 projection: bool = False, name: str = "text_encoder"):
+                 projection: bool = False, name: str = "text_encoder", output_hidden_states: bool = False):
         self.ops = ops
         self.name = name
         self.projection = projection
+        self.output_hidden_states = output_hidden_states
         if weight_prefix is None:
             # CLIPTextModel's module paths start at the text model while SD folders store its weights
             # under `text_model.`; CLIPTextModelWithProjection's paths include `text_model.` themselves
@@ -178,7 +181,7 @@ class ClipTextModel(Component):
         self._blocks = {"": self._root_block, **{layer.s.path: layer for layer in self.text_model.layers}}
 
     # --- forward -------------------------------------------------------------------------------
-    def __call__(self, input_ids, taps=None, output_hidden_states: bool = False) -> dict:
+    def __call__(self, input_ids, taps=None, output_hidden_states: bool | None = None) -> dict:
         ids = self.ops.asarray(input_ids if self.ops.is_array(input_ids) else np.asarray(input_ids, dtype=np.int64))
         with self.scope.bind(taps), self.ops.inference():
             return self._root_block(ids, output_hidden_states=output_hidden_states)
@@ -207,7 +210,9 @@ class ClipTextModel(Component):
         layer norm applied to the output of layer num_layers - k (diffusers' clip_skip)."""
         return self.embed(input_ids, SD1.conditioning.embedders[0], clip_skip, taps)[0]
 
-    def _root_block(self, input_ids, output_hidden_states: bool = False):
+    def _root_block(self, input_ids, output_hidden_states: bool | None = None):
+        if output_hidden_states is None:
+            output_hidden_states = self.output_hidden_states
         self.scope.tap_inputs({"input_ids": input_ids})
         out = self.text_model(input_ids, output_hidden_states)
         if self.text_projection is not None:

@@ -28,10 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .clip import ClipTextModel
 from .errors import ModelInputError
-from .families import COMPONENTS, Family, detect_family
+from .families import COMPONENTS, Family, TextEmbedder, detect_family
 from .ops import Ops, at_dtype, get_ops
+from .ops.numpy_ops import storage_dtype
 from .unet import UNet
 from .vae import AutoencoderKL, VaeConfig
 from .weights import WeightStore
@@ -74,14 +77,17 @@ def _ops(ops: Ops | str | None, dtype: str | None) -> Ops:
 
 
 def load_text_encoder(folder: str | Path, ops: Ops | str | None = None, dtype: str | None = None,
-                      component: str = "text_encoder") -> ClipTextModel:
-    """The text encoder `component` (text_encoder, or SDXL's text_encoder_2 with its projection)."""
+                      component: str = "text_encoder", embedder: TextEmbedder | None = None) -> ClipTextModel:
+    """The text encoder `component` (text_encoder, or SDXL's text_encoder_2 with its projection); with the
+    family's `embedder` for it, its calls return the hidden states whenever the embedder needs them."""
     spec = COMPONENTS.get(component)
     if spec is None or not spec.model.startswith("clip_text"):
         raise ModelInputError(f"{component!r} is not a text encoder component")
     path = component_folder(folder, spec.folder)
+    needs_hidden = embedder is not None and not (embedder.hidden_layer == -1 and embedder.final_norm)
     return ClipTextModel(read_config(path), _store(path), _ops(ops, dtype),
-                         projection=spec.model == "clip_text_with_projection", name=component)
+                         projection=spec.model == "clip_text_with_projection", name=component,
+                         output_hidden_states=needs_hidden)
 
 
 def load_unet(folder: str | Path, ops: Ops | str | None = None, dtype: str | None = None) -> UNet:
@@ -89,13 +95,29 @@ def load_unet(folder: str | Path, ops: Ops | str | None = None, dtype: str | Non
     return UNet(read_config(path), _store(path), _ops(ops, dtype))
 
 
+class _Upcast:
+    """The float32 op set of a network loaded at `dtype` and then moved to float32 (diffusers'
+    `vae.to(torch.float32)`): its weights are the file's rounded to `dtype`, held at float32."""
+
+    def __init__(self, ops: Ops, dtype: str):
+        self._ops = at_dtype(ops, "fp32")
+        self._rounding = storage_dtype(dtype)
+
+    def __getattr__(self, name: str):
+        return getattr(self._ops, name)
+
+    def weight(self, array):
+        return self._ops.weight(np.asarray(array).astype(self._rounding).astype(np.float32))
+
+
 def load_vae(folder: str | Path, ops: Ops | str | None = None, dtype: str | None = None,
              parts: tuple[str, ...] = ("encoder", "decoder"), float32_parts: tuple[str, ...] = ()) -> AutoencoderKL:
-    """The VAE; the halves in `float32_parts` run at float32 whatever `ops`'s dtype."""
+    """The VAE; the halves in `float32_parts` run at float32 whatever `ops`'s dtype, on weights rounded to
+    that dtype (as a pipeline that upcasts a VAE loaded at half precision has them)."""
     path = component_folder(folder, "vae")
     ops = _ops(ops, dtype)
     return AutoencoderKL(read_config(path), _store(path), ops, parts=parts,
-                         part_ops={part: at_dtype(ops, "fp32") for part in float32_parts})
+                         part_ops={part: _Upcast(ops, ops.dtype) for part in float32_parts})
 
 
 @dataclass
@@ -132,8 +154,8 @@ def load_models(folder: str | Path, ops: Ops | str | None = None, dtype: str | N
     """Every network of the folder's family (detected from the folder unless given)."""
     ops = _ops(ops, dtype)
     family = family or detect_family(folder)
-    text_encoders = {c.name: load_text_encoder(folder, ops, component=c.name)
-                     for c in family.components if c.model.startswith("clip_text")}
+    text_encoders = {e.component: load_text_encoder(folder, ops, component=e.component, embedder=e)
+                     for e in family.conditioning.embedders}
     vae_config = VaeConfig(read_config(component_folder(folder, "vae")))
     float32_parts = tuple(part for part in vae_parts if vae_config.force_upcast
                           and ops.dtype in family.vae_float32_at.get(f"vae_{part}", ()))
