@@ -192,6 +192,15 @@ class Family:
     def tokenizers(self) -> tuple[str, ...]:
         return tuple(e.tokenizer for e in self.conditioning.embedders)
 
+    def model_index(self, pipeline: str | None = None) -> dict[str, Any]:
+        """model_index.json of a folder of this family: the pipeline class (default: txt2img's), the
+        pipeline options, the scheduler's and each component and tokenizer folder's class."""
+        index = {"_class_name": pipeline or self.pipelines["txt2img"], "_diffusers_version": DIFFUSERS_VERSION,
+                 **self.pipeline_options, "scheduler": ["diffusers", self.scheduler["_class_name"]]}
+        index.update({c.folder: list(c.reference_class) for c in self.components})
+        index.update({tokenizer: ["transformers", "CLIPTokenizer"] for tokenizer in self.tokenizers})
+        return index
+
 
 _SD_PIPELINES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
                  "inpaint": "StableDiffusionInpaintPipeline"}

@@ -169,7 +169,9 @@ class StableDiffusion:
 
 
 class _Run:
-    """One pipeline run: the state diffusers keeps in its __call__, one method per stage."""
+    """One pipeline run: the state diffusers keeps in its __call__, one method per stage. Arithmetic with
+    Python scalars (samplers, guidance) is cast back to the storage dtype: NumPy promotes bfloat16
+    arrays to float32 there (ml_dtypes has no weak scalars); elsewhere the casts change nothing."""
 
     def __init__(self, sd: StableDiffusion, request: Request, observer: Observer):
         self.sd, self.request, self.observer = sd, request, observer
@@ -279,7 +281,7 @@ class _Run:
         """Latents entering the loop, and what the loop needs besides (mask, image latents, noise)."""
         ops, request, sampler = self.ops, self.request, self.sampler
         if self.kind == "txt2img":
-            return x_t * sampler.init_noise_sigma, {}
+            return ops.cast(sampler.initial_latents(x_t)), {}
         height, width = request.height, request.width
         image = ops.asarray(image_to_array(request.init_image, height, width))
         if self.kind == "img2img":
@@ -293,7 +295,7 @@ class _Run:
             # layout decides which convolution kernels (and roundings) the torch backend gets later
             extra["image_latents"] = ops.contiguous(self._encode_image(image))
         if full_strength:
-            latents = x_t * sampler.init_noise_sigma
+            latents = ops.cast(sampler.initial_latents(x_t))
         else:
             latents = self._noised(extra["image_latents"], x_t, start)
         # diffusers' masked image keeps the pixels where the mask is below one half
@@ -326,7 +328,7 @@ class _Run:
         return self.ops.cat([latents] * copies, 0) if copies > 1 else latents
 
     def _noised(self, latents, noise, index: int, step: int | None = None):
-        result = self.sampler.add_noise(latents, noise, index)
+        result = self.ops.cast(self.sampler.add_noise(latents, noise, index))
         self.observer.tensor("add_noise_original", latents, step=step)
         self.observer.tensor("add_noise_output", result, step=step)
         return result
@@ -335,7 +337,7 @@ class _Run:
         """One denoising step: diffusers' loop body, tensor for tensor."""
         ops, sampler, observe = self.ops, self.sampler, self.observer.tensor
         model_input = ops.cat([latents, latents], 0) if self.guided else latents
-        model_input = sampler.scale_model_input(model_input, index)
+        model_input = ops.cast(sampler.scale_model_input(model_input, index))
         if self.in_channels == 9:
             model_input = ops.cat([model_input, extra["mask"], extra["masked_image_latents"]], 1)
         timestep = np.asarray([sampler.timesteps[index]])
@@ -350,12 +352,13 @@ class _Run:
             prediction = self.sd.guide(uncond, text, self.request.guidance)
             if self.request.guidance_rescale > 0:
                 prediction = self.sd.rescale_guidance(prediction, text, self.request.guidance_rescale)
+            prediction = ops.cast(prediction)
         observe("noise_pred", prediction, step=loop)
         noise = None
         if sampler.needs_noise(index):
             noise = ops.asarray(self.request.noise("step", loop, tuple(latents.shape)))
             observe("noise", noise, step=loop)
-        latents = sampler.step(prediction, index, latents, noise=noise)
+        latents = ops.cast(sampler.step(prediction, index, latents, noise=noise))
         observe("step_output", latents, step=loop)
         if self.kind == "inpaint" and self.in_channels == 4:
             latents = self._blend(loop, index, latents, extra)
@@ -369,7 +372,7 @@ class _Run:
         mask = ops.chunk(extra["mask"], 2, 0)[0] if self.guided else extra["mask"]
         if index + 1 < len(self.sampler.timesteps):
             known = self._noised(known, extra["noise"], index + 1, step=loop)
-        return (1 - mask) * known + mask * latents
+        return ops.cast((1 - mask) * known + mask * latents)
 
     def _decode(self, latents) -> np.ndarray:
         """The latents divided by the scaling factor, decoded, as pixels in [0, 1]. A decoder kept at

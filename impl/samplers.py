@@ -10,7 +10,7 @@ SAMPLERS (the harness reads the sampler names and reference classes from there).
 every sampler the same way:
 
     sampler = make_sampler("euler", scheduler_config, 20)
-    x = initial_noise * sampler.init_noise_sigma
+    x = sampler.initial_latents(initial_noise)      # initial_noise * init_noise_sigma
     for i in range(sampler.img2img_start(strength) if img2img else 0, len(sampler.timesteps)):
         eps = unet(sampler.scale_model_input(x, i), sampler.timesteps[i])
         x = sampler.step(eps, i, x, noise=next_recorded_noise() if sampler.needs_noise(i) else None)
@@ -35,7 +35,8 @@ sample's type (`Sampler._math`):
   imported (looked up in sys.modules): bit-identical to the reference.
 
 The public constants (`timesteps`, `sigmas`, `init_noise_sigma`) are the NumPy ones; the torch path
-derives its own copy of the sigmas on first use (they differ only where a training sigma does).
+derives its own copy of the sigmas on first use (they differ only where a training sigma does), and
+`initial_latents` scales the initial noise by the init_noise_sigma of the noise's own math.
 """
 from __future__ import annotations
 
@@ -123,6 +124,14 @@ class Sampler:
         self.init_noise_sigma = 1.0
         self._sigmas_by_math: dict[str, np.ndarray] = {}
         self.reset()
+
+    def initial_latents(self, noise):
+        """The first latents of a run from standard normal `noise`: noise * init_noise_sigma, that sigma
+        computed with the noise's math (on torch tensors torch's, as the reference's)."""
+        return noise * float(self._init_noise_sigma(self._math(noise)))
+
+    def _init_noise_sigma(self, math) -> float:
+        return self.init_noise_sigma
 
     def _math(self, sample):
         """The float32 sqrt/log/exp for steps on `sample`: torch's own on torch tensors, NumPy's otherwise."""
@@ -386,10 +395,12 @@ class _SigmaSampler(Sampler):
         super().__init__(config, num_inference_steps, eta=eta, karras=karras)
         self.timesteps, self.sigmas = self._derive(NUMPY_F32)
         self._sigmas_by_math[NUMPY_F32.name] = self.sigmas
-        top = self.sigmas.max()
+        self.init_noise_sigma = self._init_noise_sigma(NUMPY_F32)
+
+    def _init_noise_sigma(self, math) -> float:
+        top = self._sigmas_for(math).max()
         # "leading" never reaches the last training timestep, so the reference starts from unit-variance x_VP.
-        self.init_noise_sigma = float(top if self.schedule.timestep_spacing != "leading"
-                                      else NUMPY_F32.sqrt(top * top + 1))
+        return float(top if self.schedule.timestep_spacing != "leading" else math.sqrt(top * top + 1))
 
     def _derive(self, math):
         timesteps = self.schedule.spaced(self.num_inference_steps).astype(np.float32)
