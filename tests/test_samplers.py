@@ -471,6 +471,8 @@ for name in SAMPLERS:
     options += [{"karras": True}] if name in ("euler", "lms", "dpmpp_2m") else []
     options += [{"eta": 0.5}] if name == "ddim" else []
     options += [{"skip_prk_steps": False}] if name == "pndm" else []
+    options += [{"prediction_type": "v_prediction", "timestep_spacing": "trailing", "rescale_betas_zero_snr": True}] \
+        if SAMPLERS[name].supports_zero_snr else []
     for option in options:
         kwargs = {k: option.pop(k) for k in ("karras", "eta") if k in option}
         sampler = make_sampler(name, {**config, **option}, 6, **kwargs)
@@ -491,13 +493,13 @@ print("numpy alone:", runs, "runs")
 
 
 def test_numpy_alone_suffices(sd_config):
-    """Every sampler (and option) runs on numpy arrays in a process where torch, scipy and diffusers
-    cannot be imported."""
+    """Every sampler (and option, zero terminal SNR included) runs on numpy arrays in a process where
+    torch, scipy and diffusers cannot be imported."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", NUMPY_ALONE, json.dumps(sd_config)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "numpy alone: 19 runs" in result.stdout
+    assert "numpy alone: 24 runs" in result.stdout
 
 
 # --- interface and bad input -----------------------------------------------------------------------------
