@@ -17,34 +17,19 @@ from functools import lru_cache
 import numpy as np
 import pytest
 
-from sd_parity.fixtures import FIXTURES, ensure_fixture, fixture_family
+from sd_parity.fixtures import ensure_fixture, fixture_family
 from sd_parity.impl.errors import ModelInputError
-from sd_parity.impl.families import COMPONENTS, FAMILIES, detect_family
+from sd_parity.impl.families import FAMILIES, detect_family
 from sd_parity.impl.models import load_models
 from sd_parity.impl.ops import get_ops
-from sd_parity.runs.naming import Block, blocks_in
+from sd_parity.runs.naming import blocks_in
 from sd_parity.runs.recorder import to_numpy
-from unit_parity import BACKENDS, DTYPES, Collect, check_floor, compare_unit, rel_l2, unit_floor, unit_inputs
+from unit_parity import (BACKENDS, DTYPES, Collect, block_paths, check_floor, compare_unit, rel_l2, unit_floor,
+                         unit_id, unit_inputs)
 
 FIXTURE_NAMES = ("tiny-sd2", "tiny-sdxl")
 PROMPT, NEGATIVE = "a photograph of an astronaut riding a horse", "blurry"
 FIRST = {"unet": "step_000"}  # the invocation each component's units are taken from (else call_0)
-
-
-def block_paths(fixture: str, component: str) -> list[str]:
-    """The blocks of a fixture's component, from its configs (no model needs to exist to collect tests)."""
-    spec, prefix = FIXTURES[fixture], COMPONENTS[component].top_prefix
-    if component.startswith("text_encoder"):
-        return [f"{prefix}encoder.layers.{i}" for i in range(spec[component]["num_hidden_layers"])]
-    if component == "unet":
-        n = len(spec["unet"]["block_out_channels"])
-        return [f"down_blocks.{i}" for i in range(n)] + ["mid_block"] + [f"up_blocks.{i}" for i in range(n)]
-    n = len(spec["vae"]["block_out_channels"])
-    return ["decoder.mid_block"] + [f"decoder.up_blocks.{i}" for i in range(n)]
-
-
-def unit_id(component: str, path: str) -> str:
-    return Block(component, path).test_id if path else f"{COMPONENTS[component].test_stem}_e2e"
 
 
 UNITS = [(f, c.name, p) for f in FIXTURE_NAMES for c in fixture_family(f).components if c.name != "vae_encoder"

@@ -23,34 +23,17 @@ from sd_parity.impl.ops import get_ops
 from sd_parity.impl.ops.numpy_ops import NumpyOps
 from sd_parity.impl.weights import WeightStore
 from sd_parity.fixtures import FIXTURES, ensure_fixture
-from sd_parity.runs.naming import Block
 from sd_parity.runs.recorder import to_numpy
 from sd_parity.runs.hdf5 import RunReader
-from unit_parity import (BACKENDS, DTYPES, Collect, capture, check_floor, compare_unit, rel_l2, unit_floor,
-                         unit_inputs)
+from unit_parity import (BACKENDS, DTYPES, Collect, block_paths, capture, check_floor, compare_unit, rel_l2,
+                         unit_floor, unit_id, unit_inputs)
 
 INVOCATION = {"text_encoder": "call_0", "unet": "step_000", "vae_decoder": "call_0"}
 TINY = FIXTURES["tiny-sd1"]
 
 
-def _block_paths(component: str) -> list[str]:
-    if component == "text_encoder":
-        return [f"encoder.layers.{i}" for i in range(TINY["text_encoder"]["num_hidden_layers"])]
-    if component == "unet":
-        n = len(TINY["unet"]["block_out_channels"])
-        return [f"down_blocks.{i}" for i in range(n)] + ["mid_block"] + [f"up_blocks.{i}" for i in range(n)]
-    n = len(TINY["vae"]["block_out_channels"])
-    return ["decoder.mid_block"] + [f"decoder.up_blocks.{i}" for i in range(n)]
-
-
-def _unit_id(component: str, path: str) -> str:
-    if not path:
-        return {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae_decoder"}[component] + "_e2e"
-    return Block(component, path).test_id
-
-
-UNITS = [(c, p) for c in ("text_encoder", "unet", "vae_decoder") for p in ["", *_block_paths(c)]]
-CASES = [pytest.param(c, p, b, d, id=f"{_unit_id(c, p)}-{b}-{d}") for c, p in UNITS for b in BACKENDS for d in DTYPES]
+UNITS = [(c, p) for c in ("text_encoder", "unet", "vae_decoder") for p in ["", *block_paths("tiny-sd1", c)]]
+CASES = [pytest.param(c, p, b, d, id=f"{unit_id(c, p)}-{b}-{d}") for c, p in UNITS for b in BACKENDS for d in DTYPES]
 
 
 @pytest.fixture(scope="session")
@@ -92,9 +75,9 @@ def test_unit_matches_reference(reference_tensors, component, path, backend, dty
 
 def test_block_names_are_the_reference_blocks():
     m = models("numpy", "fp32")
-    assert m.text_encoder.block_names() == _block_paths("text_encoder")
-    assert m.unet.block_names() == _block_paths("unet")
-    assert m.vae.decoder.block_names() == _block_paths("vae_decoder")
+    assert m.text_encoder.block_names() == block_paths("tiny-sd1", "text_encoder")
+    assert m.unet.block_names() == block_paths("tiny-sd1", "unet")
+    assert m.vae.decoder.block_names() == block_paths("tiny-sd1", "vae_decoder")
     n = len(TINY["vae"]["block_out_channels"])
     assert m.vae.encoder.block_names() == [f"encoder.down_blocks.{i}" for i in range(n)] + ["encoder.mid_block"]
 

@@ -18,7 +18,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from sd_parity.runs.naming import flatten, module_path, with_call_index
+from sd_parity.fixtures import FIXTURES
+from sd_parity.impl.families import COMPONENTS
+from sd_parity.runs.naming import Block, flatten, module_path, with_call_index
 from sd_parity.runs.recorder import to_numpy
 
 BACKENDS = ("torch", "numpy")
@@ -29,6 +31,22 @@ FLOORS.update({("numpy", "fp32"): 1e-5, ("numpy", "fp64"): 1e-12, ("numpy", "fp1
 # NumPy fp64, UNet end to end: the time embedding is float32 in both implementations (as diffusers
 # computes it), and NumPy's float32 sin/cos differ from torch's in the last bit (docs/precision.md).
 UNET_E2E_FP64 = 1e-6
+
+
+def block_paths(fixture: str, component: str) -> list[str]:
+    """The blocks of a fixture's component, from its configs (no model needs to exist to collect tests)."""
+    spec, prefix = FIXTURES[fixture], COMPONENTS[component].top_prefix
+    if component.startswith("text_encoder"):
+        return [f"{prefix}encoder.layers.{i}" for i in range(spec[component]["num_hidden_layers"])]
+    if component == "unet":
+        n = len(spec["unet"]["block_out_channels"])
+        return [f"down_blocks.{i}" for i in range(n)] + ["mid_block"] + [f"up_blocks.{i}" for i in range(n)]
+    n = len(spec["vae"]["block_out_channels"])
+    return ["decoder.mid_block"] + [f"decoder.up_blocks.{i}" for i in range(n)]
+
+
+def unit_id(component: str, path: str) -> str:
+    return Block(component, path).test_id if path else f"{COMPONENTS[component].test_stem}_e2e"
 
 
 def is_tensor(value) -> bool:
