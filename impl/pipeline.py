@@ -114,9 +114,11 @@ class StableDiffusion:
         self.ops = models.ops
         self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
-        options = {**self.family.pipeline_options, **(pipeline_options or {})}
-        self.force_zeros_for_empty_prompt = bool(options.get("force_zeros_for_empty_prompt", False)) \
-            if self.conditioning.force_zeros_for_empty_prompt is not None else False
+        # the family's default, unless the folder's model_index.json says otherwise (families without
+        # the option never zero)
+        default = self.conditioning.force_zeros_for_empty_prompt
+        self.force_zeros_for_empty_prompt = default is not None and bool(
+            (pipeline_options or {}).get("force_zeros_for_empty_prompt", default))
 
     @classmethod
     def from_folder(cls, folder: str | Path, backend: str = "numpy", dtype: str = "fp32", **ops_options):

@@ -2,7 +2,7 @@
 
 Used by the benchmarks in-process (timings) and as a script in a fresh process (peak memory):
     python -m tests.benchmarks.networks MODEL_DIR IMPL COMPONENT LATENT [BATCH [THREADS]]
-prints JSON: seconds of one call after a warm-up, peak RSS, RSS after loading. THREADS sets torch's
+prints JSON: seconds (wall and CPU) of one call after a warm-up, peak RSS, RSS after loading. THREADS sets torch's
 intra-op threads and the NumPy backend's worker threads (default: each library's own choice).
 An SDXL UNet (addition_embed_type text_time) also gets its added conditions (pooled text embeds, time ids).
 """
@@ -101,10 +101,10 @@ def main() -> None:
     call, weights = network(model_dir, impl, component, latent, batch, threads)
     loaded = peak_rss()
     call()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     call()
-    seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "peak_rss": peak_rss(),
+    seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_rss": peak_rss(),
                       "rss_after_load": loaded, "weight_bytes": weights}))
 
 
