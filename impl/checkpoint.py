@@ -17,6 +17,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from .errors import ModelInputError
+from .families import DIFFUSERS_VERSION, SD1
 from .ldm_keys import COMPONENTS, IGNORED_KEYS, LDM_PREFIX, POSITION_IDS, key_map
 from .tensor_files import open_component, open_tensor_file, write_checkpoint, write_safetensors
 
@@ -25,9 +26,6 @@ WEIGHT_FILE = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_
 TEXT_MODEL_PREFIX = "text_model."
 CLIP_HEAD_DIM = 64
 
-# Written into the diffusers configs made here: the diffusers release their layout was checked against.
-# diffusers reads it back (an inpainting model_index.json of <= 0.5.1 loads the legacy pipeline).
-DIFFUSERS_VERSION = "0.42.1"
 # SD 1.5's published config values for the fields tensor shapes do not determine.
 SD1_DEFAULTS = {
     "unet": {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION, "act_fn": "silu",
@@ -41,19 +39,7 @@ SD1_DEFAULTS = {
                      "initializer_range": 0.02, "layer_norm_eps": 1e-05, "model_type": "clip_text_model",
                      "pad_token_id": 1},
 }
-SD1_SCHEDULER = {
-    "_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "beta_end": 0.012,
-    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
-    "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
-}
-# Diffusers' names for the libraries and classes of a pipeline folder's components.
-MODEL_INDEX = {
-    "_diffusers_version": DIFFUSERS_VERSION, "feature_extractor": [None, None], "requires_safety_checker": False,
-    "safety_checker": [None, None],
-    "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
+SD1_SCHEDULER = SD1.scheduler  # SD 1.5's published scheduler config (the model-family registry's)
 INPAINT_IN_CHANNELS = 9  # latents + mask + masked-image latents
 SHOWN_PER_KIND = 5
 
@@ -284,8 +270,7 @@ def single_file_to_folder(path: str | Path, out_folder: str | Path,
             shutil.copy2(config_folder / "model_index.json", tmp / "model_index.json")
         else:
             inpaint = model.unet.config["in_channels"] == INPAINT_IN_CHANNELS
-            pipeline = "StableDiffusionInpaintPipeline" if inpaint else "StableDiffusionPipeline"
-            _write_json(tmp / "model_index.json", {"_class_name": pipeline, **MODEL_INDEX})
+            _write_json(tmp / "model_index.json", SD1.model_index(SD1.pipelines["inpaint" if inpaint else "txt2img"]))
         for component in COMPONENTS:
             part = getattr(model, component)
             _write_json(tmp / component / "config.json", part.config)

@@ -1,13 +1,22 @@
-"""Stable Diffusion pipelines (txt2img, img2img, inpainting) over impl's networks and samplers.
+"""Stable Diffusion pipelines (txt2img, img2img, inpainting) over impl's networks and samplers, for every
+model family of impl.families (SD 1.x, SD 2.x; SDXL txt2img and img2img).
 
     sd = StableDiffusion.from_folder("fixtures/models/tiny-sd1", backend="torch", dtype="fp32")
     pixels = sd(Request(prompt="a red cube", steps=20, sampler="ddim", x_T=noise))  # (B, H, W, 3) in [0, 1]
 
+The family's conditioning is data (impl.families.Conditioning): each text embedder's tokenizer and
+encoder give a context (concatenated on the channel axis) and possibly the pooled text embedding, and
+the added conditions (SDXL's text_time: pooled embeds and add_time_ids) go to the UNet alongside.
 Every random draw comes from the request's `noise` source: the initial noise is `x_T` (a file, not an
 RNG), and the sampler's and VAE posterior's draws are asked for by (kind, index), so a parity run can
 replay the reference's recorded draws and a standalone run can draw them from a seed.
 An `Observer` sees each component invocation (and gives it taps) and each pipeline-level tensor,
-named as in the run-file format (docs/run-format.md).
+named as in the run-file format (docs/run-format.md): token ids per embedder (`token_ids`,
+`token_ids_2`, and `negative_...`), and for SDXL `add_text_embeds` and `add_time_ids` as they enter the
+UNet (diffusers' variable names).
+
+Left out: SDXL inpainting, the refiner's aesthetic-score conditioning (requires_aesthetics_score),
+denoising_start/denoising_end, separate prompts for the second text encoder (prompt_2).
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ from typing import Any, Callable, ContextManager, Iterator
 import numpy as np
 
 from .errors import ModelInputError
+from .families import detect_family
 from .images import image_to_array, mask_to_array, to_pixels
 from .models import StableDiffusionModels, load_models
 from .ops import get_ops
@@ -56,10 +66,11 @@ class Observer:
 @dataclass
 class Request:
     prompt: str | list[str] = ""
-    negative_prompt: str | list[str] | None = None
+    negative_prompt: str | list[str] | None = None  # None: the empty prompt, or zeros (SDXL's force_zeros)
     steps: int = 20
     sampler: str = "ddim"
     guidance: float = 7.5
+    guidance_rescale: float = 0.0  # "Common Diffusion Noise Schedules..." sec. 3.4 (txt2img; SDXL img2img too)
     eta: float = 0.0
     karras: bool = False
     x_T: np.ndarray | None = None  # (prompts * images_per_prompt, C, H/8, W/8)
@@ -69,6 +80,10 @@ class Request:
     init_image: Any = None  # PIL RGB image: img2img and inpainting
     mask: Any = None  # PIL mask image: inpainting (white = repaint)
     strength: float = 1.0
+    # SDXL micro-conditioning, each (height, width) or (top, left); sizes default to the run's
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
     noise: NoiseSource = field(default_factory=lambda: seeded_noise(0))
 
     @property
@@ -88,11 +103,22 @@ class Request:
 
 
 class StableDiffusion:
-    def __init__(self, models: StableDiffusionModels, tokenizer: Tokenizer, scheduler_config: dict):
+    """A model folder's pipelines. `conditioning` (the family's, impl.families) and `add_time_ids` are
+    what the pipeline conditions on, kept as attributes so that a run can swap them (fault injection)."""
+
+    def __init__(self, models: StableDiffusionModels, tokenizers: dict[str, Tokenizer], scheduler_config: dict,
+                 pipeline_options: dict | None = None):
         self.models = models
+        self.family = models.family
+        self.conditioning = models.family.conditioning
         self.ops = models.ops
-        self.tokenizer = tokenizer
+        self.tokenizers = tokenizers
         self.scheduler_config = scheduler_config
+        # the family's default, unless the folder's model_index.json says otherwise (families without
+        # the option never zero)
+        default = self.conditioning.force_zeros_for_empty_prompt
+        self.force_zeros_for_empty_prompt = default is not None and bool(
+            (pipeline_options or {}).get("force_zeros_for_empty_prompt", default))
 
     @classmethod
     def from_folder(cls, folder: str | Path, backend: str = "numpy", dtype: str = "fp32", **ops_options):
@@ -100,8 +126,16 @@ class StableDiffusion:
         config_path = folder / "scheduler" / "scheduler_config.json"
         if not config_path.is_file():
             raise ModelInputError(f"{folder} has no scheduler/scheduler_config.json; pass a diffusers SD folder")
-        models = load_models(folder, get_ops(backend, dtype, **ops_options))
-        return cls(models, Tokenizer.from_folder(folder / "tokenizer"), json.loads(config_path.read_text()))
+        family = detect_family(folder)
+        models = load_models(folder, get_ops(backend, dtype, **ops_options), family=family)
+        tokenizers = {name: Tokenizer.from_folder(folder / name) for name in family.tokenizers}
+        index = json.loads((folder / "model_index.json").read_text())
+        return cls(models, tokenizers, json.loads(config_path.read_text()),
+                   {k: v for k, v in index.items() if k in family.pipeline_options})
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.tokenizers[self.conditioning.embedders[0].tokenizer]
 
     def sampler(self, name: str, steps: int, eta: float = 0.0, karras: bool = False):
         """The sampler for a run, configured from the model's scheduler config."""
@@ -111,6 +145,19 @@ class StableDiffusion:
     def guide(uncond, text, scale: float):
         """Classifier-free guidance, in the reference's order of operations."""
         return uncond + scale * (text - uncond)
+
+    def rescale_guidance(self, guided, text, rescale: float):
+        """diffusers' rescale_noise_cfg: the guided prediction rescaled to the text prediction's standard
+        deviation per sample, mixed with the unrescaled one by `rescale`."""
+        axes = tuple(range(1, len(text.shape)))
+        rescaled = guided * (self.ops.std(text, axes) / self.ops.std(guided, axes))
+        return rescale * rescaled + (1 - rescale) * guided
+
+    def add_time_ids(self, original_size, crops_coords_top_left, target_size) -> list[float]:
+        """The micro-conditioning numbers, in the order the family's added conditions name them."""
+        pairs = {"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+                 "target_size": target_size}
+        return [float(v) for name in self.conditioning.added.time_ids for v in pairs[name]]
 
     @property
     def vae_scale(self) -> int:
@@ -124,7 +171,9 @@ class StableDiffusion:
 
 
 class _Run:
-    """One pipeline run: the state diffusers keeps in its __call__, one method per stage."""
+    """One pipeline run: the state diffusers keeps in its __call__, one method per stage. Arithmetic with
+    Python scalars (samplers, guidance) is cast back to the storage dtype: NumPy promotes bfloat16
+    arrays to float32 there (ml_dtypes has no weak scalars); elsewhere the casts change nothing."""
 
     def __init__(self, sd: StableDiffusion, request: Request, observer: Observer):
         self.sd, self.request, self.observer = sd, request, observer
@@ -134,35 +183,38 @@ class _Run:
         self.batch = len(request.prompts) * request.images_per_prompt
         self.in_channels = self.unet.in_channels
         self.kind = "txt2img" if request.init_image is None else "inpaint" if request.mask is not None else "img2img"
+        family = sd.family
+        if self.kind not in family.pipelines:
+            raise ModelInputError(f"{family.title} has no {self.kind} pipeline here; it has "
+                                  f"{', '.join(family.pipelines)}")
         if self.kind == "txt2img" and self.in_channels != 4:
             raise ModelInputError(f"this UNet takes {self.in_channels} input channels (an inpainting model); "
                                   "run it with an init image and a mask")
+        if request.guidance_rescale and self.kind not in family.guidance_rescale:
+            raise ModelInputError(f"guidance_rescale is not part of {family.title}'s {self.kind} pipeline "
+                                  f"(only {', '.join(family.guidance_rescale)}); leave it at 0")
         self.posterior_draws = 0
         self.sampler = sd.sampler(request.sampler, request.steps, eta=request.eta, karras=request.karras)
 
     # --- stages ----------------------------------------------------------------------------------
     def execute(self) -> np.ndarray:
-        request, ops = self.request, self.ops
+        request = self.request
         x_t = self._initial_noise()
         self.observer.tensor("x_T", x_t)
-        context = self._encode_prompts()
+        context, added = self._encode_prompts()
         start = 0 if self.kind == "txt2img" else self.sampler.img2img_start(request.strength)
         latents, extra = self._initial_latents(x_t, start)
         total = len(self.sampler.timesteps) - start
         for loop in range(total):
-            latents = self._denoise(loop, start + loop, latents, context, extra)
+            latents = self._denoise(loop, start + loop, latents, context, added, extra)
             self.observer.progress(loop + 1, total)
-        with self._invocation("vae_decoder") as taps:
-            decoded = self.vae.decode(latents / self.vae.scaling_factor, taps)
-        pixels = to_pixels(ops.to_numpy(ops.clamp(ops.scale_shift(decoded, 0.5, 0.5), 0.0, 1.0)))
-        return pixels
+        return self._decode(latents)
 
     def _initial_noise(self):
-        request = self.request
-        shape = (self.batch, 4, request.height // self.sd.vae_scale, request.width // self.sd.vae_scale)
-        if request.height % self.sd.vae_scale or request.width % self.sd.vae_scale:
-            raise ModelInputError(f"height and width must be multiples of {self.sd.vae_scale}; "
-                                  f"got {request.height}x{request.width}")
+        request, scale = self.request, self.sd.vae_scale
+        shape = (self.batch, self.vae.config.latent_channels, request.height // scale, request.width // scale)
+        if request.height % scale or request.width % scale:
+            raise ModelInputError(f"height and width must be multiples of {scale}; got {request.height}x{request.width}")
         if request.x_T is None:
             raise ModelInputError("the request has no x_T; pass the initial noise (e.g. from fixtures/noise/)")
         if tuple(request.x_T.shape) != shape:
@@ -170,34 +222,68 @@ class _Run:
         return self.ops.asarray(request.x_T)
 
     def _encode_prompts(self):
-        """Prompt embeddings, [negative; prompt] when guided, each repeated per image as diffusers does."""
+        """(context, added_cond_kwargs or None): [negative; prompt] when guided, each repeated per image as
+        diffusers does. With force_zeros_for_empty_prompt and no negative prompt the negative half is zeros."""
         ops, request = self.ops, self.request
-        ids = self.sd.tokenizer(request.prompts)
-        self.observer.tensor("token_ids", ids)
-        with self._invocation("text_encoder") as taps:
-            embeddings = self._per_image(self.sd.models.text_encoder.encode(ids, taps=taps))
-        if not self.guided:
-            return embeddings
-        negative_ids = self.sd.tokenizer(request.negative_prompts)
-        self.observer.tensor("negative_token_ids", negative_ids)
-        with self._invocation("text_encoder") as taps:
-            negative = self._per_image(self.sd.models.text_encoder.encode(negative_ids, taps=taps))
-        return ops.cat([negative, embeddings], 0)
+        context, pooled = self._embed(request.prompts, "")
+        if self.guided:
+            if request.negative_prompt is None and self.sd.force_zeros_for_empty_prompt:
+                negative, negative_pooled = (None if x is None else ops.asarray(np.zeros(x.shape, np.float32))
+                                             for x in (context, pooled))
+            else:
+                negative, negative_pooled = self._embed(request.negative_prompts, "negative_")
+            context = ops.cat([negative, context], 0)
+            pooled = None if pooled is None else ops.cat([negative_pooled, pooled], 0)
+        return context, self._added_conditions(pooled)
+
+    def _embed(self, prompts: list[str], role: str):
+        """The family's embedders on `prompts`: (concatenated contexts, pooled embedding or None), per image."""
+        contexts, pooled = [], None
+        for embedder in self.sd.conditioning.embedders:
+            ids = self.sd.tokenizers[embedder.tokenizer](prompts)
+            self.observer.tensor(role + embedder.token_ids, ids)
+            with self._invocation(embedder.component) as taps:
+                hidden, pool = self.sd.models.text_encoders[embedder.component].embed(ids, embedder, taps=taps)
+            contexts.append(hidden)
+            pooled = pool if pool is not None else pooled
+        context = contexts[0] if len(contexts) == 1 else self.ops.cat(contexts, -1)
+        return self._per_image(context), None if pooled is None else self._per_image(pooled)
+
+    def _added_conditions(self, pooled) -> dict | None:
+        """The UNet's added_cond_kwargs (SDXL's text_time: pooled text embeds and add_time_ids), or None."""
+        added = self.sd.conditioning.added
+        if added is None:
+            return None
+        if added.kind != "text_time" or pooled is None:
+            raise ModelInputError(f"added conditions {added.kind!r} need a pooled text embedding; the family's "
+                                  "conditioning gives none")
+        ops, request = self.ops, self.request
+        size = (request.height, request.width)
+        ids = self.sd.add_time_ids(request.original_size or size, request.crops_coords_top_left,
+                                   request.target_size or size)
+        time_ids = ops.asarray(np.asarray([ids], dtype=np.float32))
+        if self.guided:
+            time_ids = ops.cat([time_ids, time_ids], 0)  # the negative prompt's are the same
+        time_ids = ops.cat([time_ids] * self.batch, 0)
+        self.observer.tensor("add_text_embeds", pooled)
+        self.observer.tensor("add_time_ids", time_ids)
+        return {"text_embeds": pooled, "time_ids": time_ids}
 
     def _per_image(self, embeddings):
+        """Each prompt's row repeated images_per_prompt times in place (diffusers' repeat + view)."""
         copies = self.request.images_per_prompt
         if copies == 1:
             return embeddings
         ops = self.ops
-        batch, tokens, width = embeddings.shape
-        return ops.reshape(ops.cat([ops.reshape(embeddings, (batch, 1, tokens, width))] * copies, 1),
-                           (batch * copies, tokens, width))
+        batch, *rest = embeddings.shape
+        return ops.reshape(ops.cat([ops.reshape(embeddings, (batch, 1, *rest))] * copies, 1),
+                           (batch * copies, *rest))
 
     def _initial_latents(self, x_t, start: int):
         """Latents entering the loop, and what the loop needs besides (mask, image latents, noise)."""
         ops, request, sampler = self.ops, self.request, self.sampler
         if self.kind == "txt2img":
-            return x_t * sampler.init_noise_sigma, {}
+            return ops.cast(sampler.initial_latents(x_t)), {}
         height, width = request.height, request.width
         image = ops.asarray(image_to_array(request.init_image, height, width))
         if self.kind == "img2img":
@@ -211,7 +297,7 @@ class _Run:
             # layout decides which convolution kernels (and roundings) the torch backend gets later
             extra["image_latents"] = ops.contiguous(self._encode_image(image))
         if full_strength:
-            latents = x_t * sampler.init_noise_sigma
+            latents = ops.cast(sampler.initial_latents(x_t))
         else:
             latents = self._noised(extra["image_latents"], x_t, start)
         # diffusers' masked image keeps the pixels where the mask is below one half
@@ -228,47 +314,53 @@ class _Run:
         return latents, extra
 
     def _encode_image(self, image):
-        """VAE posterior sample times the scaling factor, with the posterior's noise drawn in order."""
+        """VAE posterior sample times the scaling factor, with the posterior's noise drawn in order. An
+        encoder kept at float32 (SDXL's force_upcast) takes the image upcast, and its sample comes back
+        to the storage dtype before the scaling, as diffusers does."""
+        encoder = self.vae.encoder
         with self._invocation("vae_encoder") as taps:
             mean, logvar = self.vae.encode(image, taps)
         index = self.posterior_draws
         self.posterior_draws += 1
-        noise = self.ops.asarray(self.request.noise("posterior", index, tuple(mean.shape)))
+        noise = encoder.ops.asarray(self.request.noise("posterior", index, tuple(mean.shape)))
         self.observer.tensor("posterior_noise" if index == 0 else f"posterior_noise#{index}", noise)
-        sample = self.vae.encoder.sample(mean, logvar, noise)
+        sample = self.ops.asarray(encoder.sample(mean, logvar, noise))
         latents = self.vae.scaling_factor * sample
         copies = self.batch // latents.shape[0]
         return self.ops.cat([latents] * copies, 0) if copies > 1 else latents
 
     def _noised(self, latents, noise, index: int, step: int | None = None):
-        result = self.sampler.add_noise(latents, noise, index)
+        result = self.ops.cast(self.sampler.add_noise(latents, noise, index))
         self.observer.tensor("add_noise_original", latents, step=step)
         self.observer.tensor("add_noise_output", result, step=step)
         return result
 
-    def _denoise(self, loop: int, index: int, latents, context, extra: dict):
+    def _denoise(self, loop: int, index: int, latents, context, added, extra: dict):
         """One denoising step: diffusers' loop body, tensor for tensor."""
         ops, sampler, observe = self.ops, self.sampler, self.observer.tensor
         model_input = ops.cat([latents, latents], 0) if self.guided else latents
-        model_input = sampler.scale_model_input(model_input, index)
+        model_input = ops.cast(sampler.scale_model_input(model_input, index))
         if self.in_channels == 9:
             model_input = ops.cat([model_input, extra["mask"], extra["masked_image_latents"]], 1)
         timestep = np.asarray([sampler.timesteps[index]])
         observe("latent_model_input", model_input, step=loop)
         observe("timestep", timestep, step=loop)
         with self._invocation("unet") as taps:
-            prediction = self.unet(model_input, timestep, context, taps=taps)
+            prediction = self.unet(model_input, timestep, context, added, taps=taps)
         if self.guided:
             uncond, text = ops.chunk(prediction, 2, 0)
             observe("noise_pred_uncond", uncond, step=loop)
             observe("noise_pred_text", text, step=loop)
             prediction = self.sd.guide(uncond, text, self.request.guidance)
+            if self.request.guidance_rescale > 0:
+                prediction = self.sd.rescale_guidance(prediction, text, self.request.guidance_rescale)
+            prediction = ops.cast(prediction)
         observe("noise_pred", prediction, step=loop)
         noise = None
         if sampler.needs_noise(index):
             noise = ops.asarray(self.request.noise("step", loop, tuple(latents.shape)))
             observe("noise", noise, step=loop)
-        latents = sampler.step(prediction, index, latents, noise=noise)
+        latents = ops.cast(sampler.step(prediction, index, latents, noise=noise))
         observe("step_output", latents, step=loop)
         if self.kind == "inpaint" and self.in_channels == 4:
             latents = self._blend(loop, index, latents, extra)
@@ -282,7 +374,16 @@ class _Run:
         mask = ops.chunk(extra["mask"], 2, 0)[0] if self.guided else extra["mask"]
         if index + 1 < len(self.sampler.timesteps):
             known = self._noised(known, extra["noise"], index + 1, step=loop)
-        return (1 - mask) * known + mask * latents
+        return ops.cast((1 - mask) * known + mask * latents)
+
+    def _decode(self, latents) -> np.ndarray:
+        """The latents divided by the scaling factor, decoded, as pixels in [0, 1]. A decoder kept at
+        float32 (SDXL's force_upcast) takes the latents upcast before the division, as diffusers does."""
+        decoder = self.vae.decoder
+        with self._invocation("vae_decoder") as taps:
+            decoded = self.vae.decode(decoder.ops.asarray(latents) / self.vae.scaling_factor, taps)
+        ops = decoder.ops
+        return to_pixels(ops.to_numpy(ops.clamp(ops.scale_shift(decoded, 0.5, 0.5), 0.0, 1.0)))
 
     @contextmanager
     def _invocation(self, component: str) -> Iterator[Any]:

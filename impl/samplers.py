@@ -1,11 +1,16 @@
 """Diffusion samplers: DDIM, PNDM/PLMS, DDPM, Euler, Euler ancestral, LMS and DPM-Solver++ 2M.
 
 Each is written from its paper over the shared schedule in impl/schedule.py, in the style of
-k-diffusion's sampling.py, and matches diffusers' scheduler of the same name step for step. The
-pipeline drives every sampler the same way:
+k-diffusion's sampling.py, and matches diffusers' scheduler of the same name (its `reference`) step for
+step. What the model predicts (epsilon or v) is read once, by the schedule's Parameterization (as
+k-diffusion's denoiser wrappers do): a sampler asks it for x0 or eps and never branches on the
+prediction type. Zero terminal SNR (rescale_betas_zero_snr) is the schedule's too; a sampler whose
+diffusers class does not implement it refuses it. Adding a sampler is one class here, listed in
+SAMPLERS (the harness reads the sampler names and reference classes from there). The pipeline drives
+every sampler the same way:
 
     sampler = make_sampler("euler", scheduler_config, 20)
-    x = initial_noise * sampler.init_noise_sigma
+    x = sampler.initial_latents(initial_noise)      # initial_noise * init_noise_sigma
     for i in range(sampler.img2img_start(strength) if img2img else 0, len(sampler.timesteps)):
         eps = unet(sampler.scale_model_input(x, i), sampler.timesteps[i])
         x = sampler.step(eps, i, x, noise=next_recorded_noise() if sampler.needs_noise(i) else None)
@@ -30,7 +35,8 @@ sample's type (`Sampler._math`):
   imported (looked up in sys.modules): bit-identical to the reference.
 
 The public constants (`timesteps`, `sigmas`, `init_noise_sigma`) are the NumPy ones; the torch path
-derives its own copy of the sigmas on first use (they differ only where a training sigma does).
+derives its own copy of the sigmas on first use (they differ only where a training sigma does), and
+`initial_latents` scales the initial noise by the init_noise_sigma of the noise's own math.
 """
 from __future__ import annotations
 
@@ -80,14 +86,24 @@ class Sampler:
     """Shared bookkeeping: validation, step order, recorded noise and img2img start."""
 
     name = ""
+    reference: tuple[str, dict] = ("", {})  # the diffusers scheduler class it matches, and its config overrides
     default_spacing = "leading"  # what the matching diffusers class assumes when timestep_spacing is absent
     supports_karras = False
     supports_eta = False
+    supports_zero_snr = True  # whether the reference implements rescale_betas_zero_snr
+    terminal_alpha: float | None = None  # the last alpha_cumprod of a zero-SNR schedule (None: exactly 0)
+    multistep = False  # whether a step uses earlier steps' model outputs
     timesteps: np.ndarray  # the UNet timestep of each step index: diffusers' scheduler.timesteps
     init_noise_sigma: float  # the initial latent is standard normal noise times this
 
     def __init__(self, config: Mapping, num_inference_steps: int, *, eta: float = 0.0, karras: bool | None = None):
-        self.schedule = Schedule.from_config(config, default_spacing=self.default_spacing)
+        self.schedule = Schedule.from_config(config, default_spacing=self.default_spacing,
+                                             terminal_alpha=self.terminal_alpha)
+        if self.schedule.zero_snr and not self.supports_zero_snr:
+            raise ModelInputError(f"rescale_betas_zero_snr=true is not supported by sampler {self.name!r} (its "
+                                  f"reference, diffusers' {self.reference[0]}, ignores it); use one of "
+                                  f"{', '.join(n for n, c in SAMPLERS.items() if c.supports_zero_snr)}")
+        self.prediction = self.schedule.prediction
         n = self.schedule.num_train_timesteps
         if not isinstance(num_inference_steps, Integral) or isinstance(num_inference_steps, bool) \
                 or not 1 <= num_inference_steps <= n:
@@ -98,8 +114,8 @@ class Sampler:
         elif not isinstance(karras, bool):
             raise ModelInputError(f"karras={karras!r} must be True, False or None")
         if karras and not self.supports_karras:
-            raise ModelInputError(f"karras=True is not supported by sampler {self.name!r}; "
-                                  f"it is supported by euler, lms and dpmpp_2m")
+            raise ModelInputError(f"karras=True is not supported by sampler {self.name!r}; it is supported by "
+                                  f"{', '.join(n for n, c in SAMPLERS.items() if c.supports_karras)}")
         self.karras = karras
         if not self.supports_eta and eta != 0:
             raise ModelInputError(f"eta={eta!r} is only supported by sampler 'ddim'; use eta=0.0 for {self.name!r}")
@@ -108,6 +124,14 @@ class Sampler:
         self.init_noise_sigma = 1.0
         self._sigmas_by_math: dict[str, np.ndarray] = {}
         self.reset()
+
+    def initial_latents(self, noise):
+        """The first latents of a run from standard normal `noise`: noise * init_noise_sigma, that sigma
+        computed with the noise's math (on torch tensors torch's, as the reference's)."""
+        return noise * float(self._init_noise_sigma(self._math(noise)))
+
+    def _init_noise_sigma(self, math) -> float:
+        return self.init_noise_sigma
 
     def _math(self, sample):
         """The float32 sqrt/log/exp for steps on `sample`: torch's own on torch tensors, NumPy's otherwise."""
@@ -195,33 +219,30 @@ class _AlphaSampler(Sampler):
 
     def add_noise(self, original, noise, step_index):
         self._check_index(step_index)
-        a, sqrt = self.schedule.alphas_cumprod[int(self.timesteps[step_index])], self._math(original).sqrt
-        return float(sqrt(a)) * original + float(sqrt(1 - a)) * noise
+        math = self._math(original)
+        a = self.schedule.alphas(math)[int(self.timesteps[step_index])]
+        return float(math.sqrt(a)) * original + float(math.sqrt(1 - a)) * noise
 
     def _read_clip(self, config: Mapping) -> None:
         """clip_sample (on unless the config says otherwise, as in DDIM and DDPM) bounds |x0|."""
         if read_field(config, "clip_sample", True, kind=bool):
             self.clip_range = read_field(config, "clip_sample_range", 1.0, kind=Real)
 
-    def _alpha_prev(self, t: int, final: np.float32) -> np.float32:
+    def _alpha_prev(self, t: int, final: np.float32, math) -> np.float32:
         # Past t = 0 there is no training timestep; `final` stands for alpha_cumprod there.
-        return self.schedule.alphas_cumprod[t] if t >= 0 else final
+        return self.schedule.alphas(math)[t] if t >= 0 else final
 
-    def _x0_eps(self, model_output, sample, a_t: np.float32, sqrt):
-        """Predicted clean sample (clipped if configured) and noise at alpha_cumprod `a_t` (DDPM eq. 15)."""
-        b_t = 1 - a_t
-        if self.schedule.prediction_type == "epsilon":
-            x0, eps = (sample - float(sqrt(b_t)) * model_output) / float(sqrt(a_t)), model_output
-        else:
-            sa, sb = float(sqrt(a_t)), float(sqrt(b_t))  # v = sqrt(a) eps - sqrt(1 - a) x0
-            x0, eps = sa * sample - sb * model_output, sa * model_output + sb * sample
-        return (x0 if self.clip_range is None else x0.clip(-self.clip_range, self.clip_range)), eps
+    def _x0(self, model_output, sample, a_t: np.float32, sqrt):
+        """Predicted clean sample at alpha_cumprod `a_t` (DDPM eq. 15), clipped if configured."""
+        x0 = self.prediction.vp_x0(model_output, sample, sqrt(a_t), sqrt(1 - a_t))
+        return x0 if self.clip_range is None else x0.clip(-self.clip_range, self.clip_range)
 
 
 class DDIM(_AlphaSampler):
     """Song et al. (2021), eq. 12; eta interpolates between deterministic DDIM (0) and DDPM (1)."""
 
     name = "ddim"
+    reference = ("DDIMScheduler", {})
     supports_eta = True
 
     def __init__(self, config, num_inference_steps, *, eta=0.0, karras=None):
@@ -230,20 +251,23 @@ class DDIM(_AlphaSampler):
         super().__init__(config, num_inference_steps, eta=eta, karras=karras)
         self.eta = float(eta)
         self._read_clip(config)
-        one = read_field(config, "set_alpha_to_one", True, kind=bool)
-        self.final_alpha = scalar(1.0) if one else self.schedule.alphas_cumprod[0]
+        self.alpha_to_one = read_field(config, "set_alpha_to_one", True, kind=bool)
 
     def needs_noise(self, step_index):
         super().needs_noise(step_index)
         return self.eta > 0
 
     def _step(self, model_output, i, sample, noise):
-        sqrt = self._math(sample).sqrt
+        math = self._math(sample)
+        sqrt = math.sqrt
         t = int(self.timesteps[i])
         # The previous timestep is t - T // steps whatever the spacing: the reference's convention.
-        a_t = self.schedule.alphas_cumprod[t]
-        a_prev = self._alpha_prev(t - self.schedule.num_train_timesteps // self.num_inference_steps, self.final_alpha)
-        x0, eps = self._x0_eps(model_output, sample, a_t, sqrt)
+        alphas = self.schedule.alphas(math)
+        a_t = alphas[t]
+        final = scalar(1.0) if self.alpha_to_one else alphas[0]
+        a_prev = self._alpha_prev(t - self.schedule.num_train_timesteps // self.num_inference_steps, final, math)
+        x0 = self._x0(model_output, sample, a_t, sqrt)
+        eps = self.prediction.vp_eps(model_output, sample, sqrt(a_t), sqrt(1 - a_t))
         variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)  # sigma_t^2 / eta^2, eq. 16
         std = self.eta * sqrt(variance)
         prev = float(sqrt(a_prev)) * x0 + float(sqrt(1 - a_prev - std * std)) * eps
@@ -254,6 +278,7 @@ class DDPM(_AlphaSampler):
     """Ho et al. (2020): the posterior mean q(x_{t-1} | x_t, x0) (eq. 7) plus fixed-small variance noise."""
 
     name = "ddpm"
+    reference = ("DDPMScheduler", {})
 
     def __init__(self, config, num_inference_steps, *, eta=0.0, karras=None):
         super().__init__(config, num_inference_steps, eta=eta, karras=karras)
@@ -264,13 +289,14 @@ class DDPM(_AlphaSampler):
         return int(self.timesteps[step_index]) > 0  # the last step onto t = 0 is the mean alone
 
     def _step(self, model_output, i, sample, noise):
-        sqrt = self._math(sample).sqrt
+        math = self._math(sample)
+        sqrt = math.sqrt
         t = int(self.timesteps[i])
-        a_t = self.schedule.alphas_cumprod[t]
-        a_prev = self._alpha_prev(int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1, scalar(1.0))
+        a_t = self.schedule.alphas(math)[t]
+        a_prev = self._alpha_prev(int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1, scalar(1.0), math)
         b_t, b_prev = 1 - a_t, 1 - a_prev
         alpha, beta = a_t / a_prev, 1 - a_t / a_prev  # of this (possibly strided) step
-        x0, _ = self._x0_eps(model_output, sample, a_t, sqrt)
+        x0 = self._x0(model_output, sample, a_t, sqrt)
         prev = float((sqrt(a_prev) * beta) / b_t) * x0 + float(sqrt(alpha) * b_prev / b_t) * sample
         if noise is None:
             return prev
@@ -285,6 +311,9 @@ class PNDM(_AlphaSampler):
     appears twice, once to predict and once to correct, so `timesteps` has steps + 1 entries."""
 
     name = "pndm"
+    reference = ("PNDMScheduler", {})
+    supports_zero_snr = False
+    multistep = True
 
     def __init__(self, config, num_inference_steps, *, eta=0.0, karras=None):
         super().__init__(config, num_inference_steps, eta=eta, karras=karras)
@@ -311,11 +340,11 @@ class PNDM(_AlphaSampler):
 
     def _transfer(self, sample, t: int, t_prev: int, eps):
         """phi(x_t, eps, t -> t_prev), eq. 11."""
-        sqrt = self._math(sample).sqrt
-        a_t, a_prev = self.schedule.alphas_cumprod[t], self._alpha_prev(t_prev, self.final_alpha)
+        math = self._math(sample)
+        sqrt = math.sqrt
+        a_t, a_prev = self.schedule.alphas(math)[t], self._alpha_prev(t_prev, self.final_alpha, math)
         b_t, b_prev = 1 - a_t, 1 - a_prev
-        if self.schedule.prediction_type == "v_prediction":
-            eps = float(sqrt(a_t)) * eps + float(sqrt(b_t)) * sample
+        eps = self.prediction.vp_eps(eps, sample, sqrt(a_t), sqrt(b_t))
         denominator = a_t * sqrt(b_prev) + sqrt(a_t * b_t * a_prev)
         return float(sqrt(a_prev / a_t)) * sample - float(a_prev - a_t) * eps / float(denominator)
 
@@ -360,15 +389,18 @@ class _SigmaSampler(Sampler):
     with x = x_VP / sqrt(alpha_cumprod): the UNet sees x / sqrt(sigma^2 + 1)."""
 
     default_spacing = "linspace"
+    terminal_alpha = 2.0 ** -24  # "close to 0 without being 0 so first sigma is not inf" (diffusers)
 
     def __init__(self, config, num_inference_steps, *, eta=0.0, karras=None):
         super().__init__(config, num_inference_steps, eta=eta, karras=karras)
         self.timesteps, self.sigmas = self._derive(NUMPY_F32)
         self._sigmas_by_math[NUMPY_F32.name] = self.sigmas
-        top = self.sigmas.max()
+        self.init_noise_sigma = self._init_noise_sigma(NUMPY_F32)
+
+    def _init_noise_sigma(self, math) -> float:
+        top = self._sigmas_for(math).max()
         # "leading" never reaches the last training timestep, so the reference starts from unit-variance x_VP.
-        self.init_noise_sigma = float(top if self.schedule.timestep_spacing != "leading"
-                                      else NUMPY_F32.sqrt(top * top + 1))
+        return float(top if self.schedule.timestep_spacing != "leading" else math.sqrt(top * top + 1))
 
     def _derive(self, math):
         timesteps = self.schedule.spaced(self.num_inference_steps).astype(np.float32)
@@ -389,19 +421,16 @@ class _SigmaSampler(Sampler):
         self._check_index(step_index)
         return original + noise * float(self._sigmas_for(self._math(original))[step_index])
 
-    def _denoised(self, model_output, s, sample, math):
-        if self.schedule.prediction_type == "epsilon":
-            return sample - float(s) * model_output
-        return model_output * float(-s / math.sqrt(s * s + 1)) + sample / float(s * s + 1)
-
     def _derivative(self, model_output, sigmas, i, sample, math):
-        return (sample - self._denoised(model_output, sigmas[i], sample, math)) / float(sigmas[i])
+        denoised = self.prediction.ve_x0(model_output, sample, sigmas[i], math)
+        return (sample - denoised) / float(sigmas[i])
 
 
 class Euler(_SigmaSampler):
     """Karras et al. (2022) Algorithm 2 without churn: one Euler step of the probability-flow ODE."""
 
     name = "euler"
+    reference = ("EulerDiscreteScheduler", {})
     supports_karras = True
 
     def _step(self, model_output, i, sample, noise):
@@ -416,6 +445,7 @@ class EulerAncestral(_SigmaSampler):
     so that sigma_down^2 + sigma_up^2 = sigma_next^2 (the DDPM ancestral split)."""
 
     name = "euler_ancestral"
+    reference = ("EulerAncestralDiscreteScheduler", {})
 
     def needs_noise(self, step_index):
         super().needs_noise(step_index)
@@ -473,6 +503,9 @@ class LMS(_SigmaSampler):
     """
 
     name = "lms"
+    reference = ("LMSDiscreteScheduler", {})
+    supports_zero_snr = False
+    multistep = True
     supports_karras = True
     max_order = 4
 
@@ -504,6 +537,9 @@ class DPMSolverPP2M(Sampler):
     lambda = log(alpha_t / sigma_t) on the data prediction; first order on the first and last steps."""
 
     name = "dpmpp_2m"
+    reference = ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2})
+    terminal_alpha = 2.0 ** -24
+    multistep = True
     default_spacing = "linspace"
     supports_karras = True
 
@@ -548,10 +584,7 @@ class DPMSolverPP2M(Sampler):
         sigmas = self._sigmas_for(math)
         alpha_s, sigma_s = self._alpha_sigma(sigmas[i], math)
         alpha_t, sigma_t = self._alpha_sigma(sigmas[i + 1], math)
-        if self.schedule.prediction_type == "epsilon":
-            x0 = (sample - float(sigma_s) * model_output) / float(alpha_s)
-        else:
-            x0 = float(alpha_s) * sample - float(sigma_s) * model_output
+        x0 = self.prediction.vp_x0(model_output, sample, alpha_s, sigma_s)
         lambda_s = self._lambda(sigmas[i], math)
         h = self._lambda(sigmas[i + 1], math) - lambda_s
         c = alpha_t * (math.exp(-h) - 1)

@@ -18,12 +18,19 @@ NumPy and torch round identically, and with square roots, logs and exps taken fr
 (`NUMPY_F32` here): NumPy's are correctly rounded, while the reference's float32 torch.sqrt (what
 `x ** 0.5` runs), torch.log and torch.exp on CPU are Intel MKL's and are not always (off by one ulp for
 ~0.6% of sqrt, ~1% of exp and ~0.1% of log arguments). impl/samplers.py explains what that costs.
+
+Zero terminal SNR (`rescale_betas_zero_snr`, Lin et al. 2024, Algorithm 1) takes a square root of the
+whole alphas_cumprod vector, so a rescaled schedule depends on that math too: `Schedule.alphas(math)`.
+
+What the model predicts (`prediction_type`) is converted to the clean-sample estimate in one place,
+`Parameterization` (k-diffusion's denoiser wrappers, CompVisDenoiser / CompVisVDenoiser): the samplers
+only ever ask it for x0 or eps, never look at the prediction type themselves.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 import numpy as np
@@ -34,12 +41,10 @@ F32 = np.float32
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # Fields that other scheduler classes write into their configs, whose non-default values would change
 # the math in ways not implemented here: refuse them rather than silently sample something else.
 _ONLY_DEFAULT = {
-    "rescale_betas_zero_snr": (False,),
     "thresholding": (False,),
     "timestep_type": ("discrete",),
     "interpolation_type": ("linear",),
@@ -163,7 +168,76 @@ def exp32(x) -> np.float32:
 NUMPY_F32 = NumpyF32()
 
 
+# --- what the model predicts ------------------------------------------------------------------------------
+
+class Parameterization:
+    """The model output read as the reference reads it, in the two frames the samplers work in:
+
+    - VP (variance preserving): x = alpha x0 + sigma eps with alpha = sqrt(alpha_cumprod), sigma =
+      sqrt(1 - alpha_cumprod) (DDIM, DDPM, PNDM, DPM-Solver);
+    - VE (variance exploding): x = x0 + s eps with s = sigma / alpha (Euler, Euler ancestral, LMS).
+
+    Coefficients are float32 scalars; the arrays are combined in the reference's order of operations, so
+    each sampler's step stays bit-identical to its diffusers class. One subclass per prediction_type."""
+
+    name = ""
+
+    def vp_x0(self, output, x, alpha: np.float32, sigma: np.float32):
+        raise NotImplementedError
+
+    def vp_eps(self, output, x, alpha: np.float32, sigma: np.float32):
+        raise NotImplementedError
+
+    def ve_x0(self, output, x, s: np.float32, math):
+        raise NotImplementedError
+
+
+class EpsilonPrediction(Parameterization):
+    """The model predicts the noise eps (DDPM's parameterization; SD 1.x, SD 2.x base, SDXL)."""
+
+    name = "epsilon"
+
+    def vp_x0(self, output, x, alpha, sigma):
+        return (x - float(sigma) * output) / float(alpha)
+
+    def vp_eps(self, output, x, alpha, sigma):
+        return output
+
+    def ve_x0(self, output, x, s, math):
+        return x - float(s) * output
+
+
+class VPrediction(Parameterization):
+    """The model predicts v = alpha eps - sigma x0 (Salimans & Ho 2022, sec. 2.4; the 768 px SD 2.x models)."""
+
+    name = "v_prediction"
+
+    def vp_x0(self, output, x, alpha, sigma):
+        return float(alpha) * x - float(sigma) * output
+
+    def vp_eps(self, output, x, alpha, sigma):
+        return float(alpha) * output + float(sigma) * x
+
+    def ve_x0(self, output, x, s, math):
+        # c_out = -s / sqrt(s^2 + 1), c_skip = 1 / (s^2 + 1), the latter applied as a division, as diffusers does
+        return output * float(-s / math.sqrt(s * s + 1)) + x / float(s * s + 1)
+
+
+PARAMETERIZATIONS = {p.name: p for p in (EpsilonPrediction(), VPrediction())}
+PREDICTION_TYPES = tuple(PARAMETERIZATIONS)
+
+
 # --- the schedule -----------------------------------------------------------------------------------------
+
+def rescale_zero_terminal_snr(betas: np.ndarray, math=NUMPY_F32) -> np.ndarray:
+    """Betas whose last alpha_cumprod is exactly zero, with the first one kept ("Common Diffusion Noise
+    Schedules and Sample Steps are Flawed", Algorithm 1), in the reference's float32 operations."""
+    root = math.sqrt(cumprod32(F32(1.0) - betas))
+    first, last = root[0], root[-1]
+    root = (root - last) * (first / (first - last))
+    alphas_cumprod = root * root
+    alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return F32(1.0) - alphas
 
 def _cosine_betas(n: int) -> np.ndarray:
     # Improved DDPM's squared-cosine alpha_bar, discretised and capped at 0.999. math.cos, not np.cos:
@@ -196,20 +270,24 @@ def _betas(config: Mapping, n: int) -> tuple[np.ndarray, str]:
     return _cosine_betas(n), schedule
 
 
-@dataclass(frozen=True)
+@dataclass
 class Schedule:
     """The training noise schedule plus how inference timesteps are spaced over it."""
 
     num_train_timesteps: int
-    alphas_cumprod: np.ndarray  # float32, index = training timestep
+    betas: np.ndarray  # float32, before any zero-SNR rescaling
     timestep_spacing: str
     steps_offset: int
-    prediction_type: str
+    prediction: Parameterization
     beta_schedule: str
+    zero_snr: bool  # rescale_betas_zero_snr
+    terminal_alpha: float | None  # alpha_cumprod put at the last timestep under zero SNR (None: keep 0)
+    _alphas: dict[str, np.ndarray] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
-    def from_config(cls, config: Mapping, *, default_spacing: str) -> "Schedule":
-        """`default_spacing` is the timestep_spacing the matching diffusers class assumes when the field is absent."""
+    def from_config(cls, config: Mapping, *, default_spacing: str, terminal_alpha: float | None = None) -> "Schedule":
+        """`default_spacing` is the timestep_spacing the matching diffusers class assumes when the field is
+        absent; `terminal_alpha` what that class puts at the last alpha_cumprod of a zero-SNR schedule."""
         if not isinstance(config, Mapping):
             raise ModelInputError(f"scheduler config must be a dict (scheduler_config.json), "
                                   f"got {type(config).__name__}")
@@ -223,16 +301,39 @@ class Schedule:
         if not 0 <= offset < n:
             raise ModelInputError(f"scheduler config field steps_offset={offset} must be in [0, num_train_timesteps)")
         betas, beta_schedule = _betas(config, n)
-        alphas_cumprod = cumprod32(F32(1.0) - betas)
-        alphas_cumprod.flags.writeable = False
+        betas.flags.writeable = False
+        prediction = read_field(config, "prediction_type", "epsilon", allowed=PREDICTION_TYPES)
         return cls(
             num_train_timesteps=n,
-            alphas_cumprod=alphas_cumprod,
+            betas=betas,
             timestep_spacing=read_field(config, "timestep_spacing", default_spacing, allowed=SPACINGS),
             steps_offset=offset,
-            prediction_type=read_field(config, "prediction_type", "epsilon", allowed=PREDICTION_TYPES),
+            prediction=PARAMETERIZATIONS[prediction],
             beta_schedule=beta_schedule,
+            zero_snr=read_field(config, "rescale_betas_zero_snr", False, kind=bool),
+            terminal_alpha=terminal_alpha,
         )
+
+    @property
+    def prediction_type(self) -> str:
+        return self.prediction.name
+
+    def alphas(self, math=NUMPY_F32) -> np.ndarray:
+        """float32 alphas_cumprod, index = training timestep; a zero-SNR schedule's depend on `math`'s sqrt."""
+        cache = self._alphas
+        key = math.name if self.zero_snr else ""
+        if key not in cache:
+            betas = rescale_zero_terminal_snr(self.betas, math) if self.zero_snr else self.betas
+            alphas_cumprod = cumprod32(F32(1.0) - betas)
+            if self.zero_snr and self.terminal_alpha is not None:
+                alphas_cumprod[-1] = F32(self.terminal_alpha)
+            alphas_cumprod.flags.writeable = False
+            cache[key] = alphas_cumprod
+        return cache[key]
+
+    @property
+    def alphas_cumprod(self) -> np.ndarray:
+        return self.alphas(NUMPY_F32)
 
     def spaced(self, steps: int) -> np.ndarray:
         """`steps` descending float64 timesteps per timestep_spacing, before any rounding (Table 2 of
@@ -248,7 +349,7 @@ class Schedule:
     def train_sigmas(self, math=NUMPY_F32) -> np.ndarray:
         """float32 sigma(t) = sqrt((1 - alphas_cumprod) / alphas_cumprod) for every training timestep,
         with the square root of `math`."""
-        ac = self.alphas_cumprod
+        ac = self.alphas(math)
         return math.sqrt((F32(1.0) - ac) / ac)
 
 

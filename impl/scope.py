@@ -220,23 +220,28 @@ class Dropout:
 # Components: the uniform block API
 # ---------------------------------------------------------------------------------------------
 
-_INDEXED = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z_0-9]*)\[(?P<index>\d+)\]$")
+_INDEXED = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z_0-9]*)\[(?P<key>[^\[\]]+)\]$")
 
 
 def unflatten_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
-    """Captured input names back to arguments: `res_hidden_states_tuple[0]`, `[1]`, ... become one tuple."""
+    """Captured input names back to arguments: `res_hidden_states_tuple[0]`, `[1]`, ... become one tuple,
+    `added_cond_kwargs[text_embeds]`, `[time_ids]` one dict."""
     args: dict[str, Any] = {}
-    indexed: dict[str, dict[int, Any]] = {}
+    items: dict[str, dict[str, Any]] = {}
     for name, value in inputs.items():
         match = _INDEXED.match(name)
         if match:
-            indexed.setdefault(match["name"], {})[int(match["index"])] = value
+            items.setdefault(match["name"], {})[match["key"]] = value
         else:
             args[name] = value
-    for name, items in indexed.items():
-        if sorted(items) != list(range(len(items))):
-            raise ModelInputError(f"inputs {name}[...] have indices {sorted(items)}; expected 0..{len(items) - 1}")
-        args[name] = tuple(items[i] for i in range(len(items)))
+    for name, entries in items.items():
+        if not all(key.isdigit() for key in entries):
+            args[name] = entries
+            continue
+        indices = sorted(int(key) for key in entries)
+        if indices != list(range(len(indices))):
+            raise ModelInputError(f"inputs {name}[...] have indices {indices}; expected 0..{len(indices) - 1}")
+        args[name] = tuple(entries[str(i)] for i in indices)
     return args
 
 
@@ -290,6 +295,8 @@ class Component:
         def convert(name, value):
             if isinstance(value, (tuple, list)):
                 return tuple(convert(name, v) for v in value)
+            if isinstance(value, dict):
+                return {key: convert(name, v) for key, v in value.items()}
             if value is None or isinstance(value, (str, bool)):
                 return value
             if name in self._float32_inputs:

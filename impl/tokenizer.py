@@ -97,8 +97,20 @@ def _byte_alphabet() -> list[str]:
 BYTE_ALPHABET = _byte_alphabet()
 
 
+def _token_content(value) -> str | None:
+    """A special token as tokenizer files write it: a string, or an AddedToken dict with its content."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
 class Tokenizer:
-    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int = 77):
+    """`tokenizer(prompts)` -> int64 (len(prompts), max_length) ids: start token, the prompt's tokens, end
+    token, then the pad token (SD 1.x and SDXL's first tokenizer pad with the end token, SD 2.x and SDXL's
+    second with "!", id 0: whatever the folder's special_tokens_map.json / tokenizer_config.json say)."""
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], max_length: int = 77,
+                 pad_token: str = END_TOKEN):
         missing = [t for t in (START_TOKEN, END_TOKEN) if t not in vocab]
         if missing:
             raise ModelInputError(f"the tokenizer vocabulary lacks {missing}; use a CLIP vocab.json")
@@ -109,6 +121,10 @@ class Tokenizer:
         self.max_length = max_length
         self.start_id = vocab[START_TOKEN]
         self.end_id = vocab[END_TOKEN]
+        if pad_token not in vocab:
+            raise ModelInputError(f"the pad token {pad_token!r} is not in the tokenizer vocabulary; check "
+                                  "special_tokens_map.json / tokenizer_config.json")
+        self.pad_id = vocab[pad_token]
         self._bpe = lru_cache(maxsize=1 << 16)(self._bpe_uncached)
 
     @classmethod
@@ -131,11 +147,17 @@ class Tokenizer:
                 raise ModelInputError(f"{merges_file} line {number} is {line!r}; "
                                       "expected two symbols separated by a space")
             merges.append(tuple(pair))
-        config_file = folder / "tokenizer_config.json"
-        max_length = 77
-        if config_file.is_file():
-            max_length = int(json.loads(config_file.read_text(encoding="utf-8")).get("model_max_length", max_length))
-        return cls(vocab, merges, max_length)
+        configs = {}
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            path = folder / name
+            try:
+                configs[name] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ModelInputError(f"{path} is not valid JSON ({err}); re-download the tokenizer files") from err
+        max_length = int(configs["tokenizer_config.json"].get("model_max_length", 77))
+        pad = (_token_content(configs["special_tokens_map.json"].get("pad_token"))
+               or _token_content(configs["tokenizer_config.json"].get("pad_token")) or END_TOKEN)
+        return cls(vocab, merges, max_length, pad)
 
     def _bpe_uncached(self, word: str) -> tuple[int, ...]:
         symbols = [BYTE_ALPHABET[b] for b in word.encode("utf-8")]
@@ -182,10 +204,10 @@ class Tokenizer:
         return [self.start_id, *content, self.end_id]
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        """int64 (len(texts), max_length): encoded and padded with the end token, as SD pipelines do."""
+        """int64 (len(texts), max_length): encoded and padded with the pad token, as SD pipelines do."""
         if isinstance(texts, str):
             raise ModelInputError("Tokenizer takes a list of prompts; wrap a single prompt in a list")
-        ids = np.full((len(texts), self.max_length), self.end_id, dtype=np.int64)
+        ids = np.full((len(texts), self.max_length), self.pad_id, dtype=np.int64)
         for row, text in enumerate(texts):
             encoded = self.encode(text)
             ids[row, :len(encoded)] = encoded

@@ -1,4 +1,6 @@
-"""The SD 1.x conditional UNet (diffusers' UNet2DConditionModel layout and config.json fields).
+"""The conditional UNet of SD 1.x, 2.x and SDXL (diffusers' UNet2DConditionModel layout and config.json
+fields): 1x1-conv or linear transformer projections, per-block attention heads, per-level transformer
+depth, and SDXL's text_time added embedding (pooled text embeds and micro-conditioning time ids).
 
 Building blocks shared with the VAE live here too: the ResNet block, attention (token and spatial
 forms), down/upsamplers and the mid block. Every module is built from a Scope, so its weight names
@@ -154,6 +156,20 @@ class MidBlock:
             h = attn(h, encoder_hidden_states)
             h = resnet(h, temb)
         return self.s.tap(h)
+
+
+class TimestepEmbedding:
+    """linear_1 -> act -> linear_2 (diffusers' TimestepEmbedding): the time embedding's MLP, and SDXL's
+    add_embedding of the pooled text embeds and time ids."""
+
+    def __init__(self, s: Scope, in_channels: int, out_channels: int, act: str):
+        self.s = s
+        self.linear_1 = Linear(s.pp("linear_1"), in_channels, out_channels)
+        self.act = Activation(s.pp("act"), act)
+        self.linear_2 = Linear(s.pp("linear_2"), out_channels, out_channels)
+
+    def __call__(self, x):
+        return self.s.tap(self.linear_2(self.act(self.linear_1(x))))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,10 +366,10 @@ class UpDecoderBlock:
 # Config
 # ---------------------------------------------------------------------------------------------
 
-# config.json fields that change the architecture away from SD 1.x, with the values supported here
+# config.json fields that change the architecture away from SD 1.x/2.x/SDXL, with the values supported here
 _FIXED = {
     "time_embedding_type": ("positional",), "resnet_time_scale_shift": ("default",), "class_embed_type": (None,),
-    "addition_embed_type": (None,), "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,),
+    "addition_embed_type": (None, "text_time"), "encoder_hid_dim": (None,), "encoder_hid_dim_type": (None,),
     "time_cond_proj_dim": (None,), "timestep_post_act": (None,), "time_embedding_act_fn": (None,),
     "dual_cross_attention": (False,), "resnet_skip_time_act": (False,), "resnet_out_scale_factor": (1, 1.0),
     "cross_attention_norm": (None,), "attention_type": ("default",), "num_class_embeds": (None,),
@@ -379,8 +395,8 @@ class UNetConfig:
         get = config.get
         for field, allowed in _FIXED.items():
             if get(field, allowed[0]) not in allowed:
-                raise ModelInputError(f"unet config.json: {field}={get(field)!r} is not supported by this SD 1.x "
-                                      f"implementation (supported: {allowed[0]!r})")
+                raise ModelInputError(f"unet config.json: {field}={get(field)!r} is not supported by this SD 1.x/2.x/"
+                                      f"SDXL implementation (supported: {', '.join(map(repr, allowed))})")
         self.in_channels = int(get("in_channels", 4))
         self.out_channels = int(get("out_channels", 4))
         self.center_input_sample = bool(get("center_input_sample", False))
@@ -420,6 +436,19 @@ class UNetConfig:
         mid_only = get("mid_block_only_cross_attention")
         self.mid_block_only_cross_attention = (bool(mid_only) if mid_only is not None else
                                                (bool(only_cross) if isinstance(only_cross, bool) else False))
+        # Attention in float32 for half-precision weights: both backends always compute the scores and
+        # the softmax with float32 accumulation (NumPy: float32 compute dtype; torch: scaled_dot_product_
+        # attention, whose CPU and CUDA kernels accumulate half inputs in float32), which is what this
+        # flag asks for, and what the reference's default attention processor (AttnProcessor2_0) does
+        # whatever the flag says. docs/precision.md has the measurement.
+        self.upcast_attention = bool(get("upcast_attention") or False)
+        self.addition_embed_type = get("addition_embed_type")
+        if self.addition_embed_type == "text_time":
+            for field in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                if not isinstance(get(field), int):
+                    raise ModelInputError(f"unet config.json: addition_embed_type 'text_time' needs an integer {field}")
+            self.addition_time_embed_dim = int(get("addition_time_embed_dim"))
+            self.projection_class_embeddings_input_dim = int(get("projection_class_embeddings_input_dim"))
         self.conv_in_kernel = int(get("conv_in_kernel", 3))
         self.conv_out_kernel = int(get("conv_out_kernel", 3))
         self.time_embedding_dim = get("time_embedding_dim")
@@ -430,8 +459,9 @@ class UNetConfig:
 # ---------------------------------------------------------------------------------------------
 
 class UNet(Component):
-    """UNet2DConditionModel for SD 1.x. `unet(sample, timestep, encoder_hidden_states, taps=None)`
-    returns the predicted noise; blocks: down_blocks.i, mid_block, up_blocks.i."""
+    """UNet2DConditionModel. `unet(sample, timestep, encoder_hidden_states, added_cond_kwargs=None, taps=None)`
+    returns the model output (noise or v prediction); `added_cond_kwargs` = {"text_embeds", "time_ids"}
+    for addition_embed_type "text_time" (SDXL). Blocks: down_blocks.i, mid_block, up_blocks.i."""
 
     name = "unet"
     _float32_inputs = ("timestep",)
@@ -448,11 +478,11 @@ class UNet(Component):
         self.conv_in = Conv2d(root.pp("conv_in"), cfg.in_channels, c0, cfg.conv_in_kernel,
                               padding=(cfg.conv_in_kernel - 1) // 2)
         self.time_proj = root.pp("time_proj")
-        te = root.pp("time_embedding")
-        self.time_linear_1 = Linear(te.pp("linear_1"), c0, temb_channels)
-        self.time_act = Activation(te.pp("act"), act)
-        self.time_linear_2 = Linear(te.pp("linear_2"), temb_channels, temb_channels)
-        self.time_embedding = te
+        self.time_embedding = TimestepEmbedding(root.pp("time_embedding"), c0, temb_channels, act)
+        if cfg.addition_embed_type == "text_time":
+            self.add_time_proj = root.pp("add_time_proj")
+            self.add_embedding = TimestepEmbedding(root.pp("add_embedding"), cfg.projection_class_embeddings_input_dim,
+                                                   temb_channels, act)
 
         def transformer(s, heads, out_channels, cross_dim, layers, only_cross):
             return Transformer2D(s, heads, out_channels // heads, out_channels, cross_dim, groups, layers,
@@ -515,7 +545,7 @@ class UNet(Component):
         self.conv_act = Activation(root.pp("conv_act"), act)
         self.conv_out = Conv2d(root.pp("conv_out"), c0, cfg.out_channels, cfg.conv_out_kernel,
                                padding=(cfg.conv_out_kernel - 1) // 2)
-        store.finish("Is this an SD 1.x UNet whose config.json matches its weights?")
+        store.finish("Is this an SD UNet (UNet2DConditionModel) whose config.json matches its weights?")
 
         self._blocks = {"": self._root_block}
         for block in (*self.down_blocks, self.mid_block, *self.up_blocks):
@@ -526,18 +556,22 @@ class UNet(Component):
         return self.config.in_channels
 
     # --- forward -------------------------------------------------------------------------------
-    def __call__(self, sample, timestep, encoder_hidden_states, taps=None):
-        """The predicted noise for `sample` (B, in_channels, h, w) at `timestep` (scalar, (1,) or (B,);
-        integer or float), conditioned on `encoder_hidden_states` (B, 77, cross_attention_dim)."""
+    def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None, taps=None):
+        """The model output for `sample` (B, in_channels, h, w) at `timestep` (scalar, (1,) or (B,);
+        integer or float), conditioned on `encoder_hidden_states` (B, 77, cross_attention_dim) and, for
+        a text_time UNet, `added_cond_kwargs` {"text_embeds": (B, projection dim), "time_ids": (B, 6)}."""
         ops = self.ops
         sample, encoder_hidden_states = ops.asarray(sample), ops.asarray(encoder_hidden_states)
         timestep = ops.asarray(timestep, "fp32")  # integers stay int64; floats go through float32 anyway
+        if added_cond_kwargs is not None:
+            added_cond_kwargs = {key: ops.asarray(value) for key, value in added_cond_kwargs.items()}
         with self.scope.bind(taps), ops.inference():
-            return self._root_block(sample, timestep, encoder_hidden_states)[0]
+            return self._root_block(sample, timestep, encoder_hidden_states, added_cond_kwargs)[0]
 
-    def _root_block(self, sample, timestep, encoder_hidden_states):
-        self.scope.tap_inputs({"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states})
-        out = self._forward(sample, timestep, encoder_hidden_states)
+    def _root_block(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+        self.scope.tap_inputs({"sample": sample, "timestep": timestep, "encoder_hidden_states": encoder_hidden_states,
+                               "added_cond_kwargs": added_cond_kwargs})
+        out = self._forward(sample, timestep, encoder_hidden_states, added_cond_kwargs)
         return self.scope.tap((out,))
 
     def time_embed(self, sample, timestep):
@@ -546,11 +580,27 @@ class UNet(Component):
         timesteps = ops.expand_batch(timestep, sample.shape[0])
         t_emb = self.time_proj.tap(ops.timestep_embedding(timesteps, self.config.block_out_channels[0],
                                                           self.config.flip_sin_to_cos, self.config.freq_shift))
-        t_emb = ops.cast(t_emb)
-        emb = self.time_linear_2(self.time_act(self.time_linear_1(t_emb)))
-        return self.time_embedding.tap(emb)
+        return self.time_embedding(ops.cast(t_emb))
 
-    def _forward(self, sample, timestep, encoder_hidden_states):
+    def added_embed(self, added_cond_kwargs):
+        """SDXL's text_time embedding: the time ids embedded sinusoidally (float32), concatenated after the
+        pooled text embeds (in float32, as torch.concat promotes), cast to the model dtype, then the MLP."""
+        ops, cfg = self.ops, self.config
+        missing = [k for k in ("text_embeds", "time_ids") if k not in (added_cond_kwargs or {})]
+        if missing:
+            raise ModelInputError(f"unet: addition_embed_type 'text_time' needs added_cond_kwargs {missing}")
+        text_embeds, time_ids = added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]
+        time_embeds = self.add_time_proj.tap(ops.timestep_embedding(
+            ops.reshape(time_ids, (-1,)), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift))
+        time_embeds = ops.reshape(time_embeds, (text_embeds.shape[0], -1))
+        width = text_embeds.shape[-1] + time_embeds.shape[-1]
+        if width != cfg.projection_class_embeddings_input_dim:
+            raise ModelInputError(f"unet: text_embeds ({text_embeds.shape[-1]}) and {time_ids.shape[-1]} time ids "
+                                  f"({time_embeds.shape[-1]}) make {width} channels; add_embedding takes "
+                                  f"{cfg.projection_class_embeddings_input_dim}")
+        return self.add_embedding(ops.cast(ops.cat([text_embeds, time_embeds], -1)))
+
+    def _forward(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
         ops, cfg = self.ops, self.config
         if sample.shape[1] != cfg.in_channels:
             raise ModelInputError(f"unet: sample has {sample.shape[1]} channels; this UNet takes {cfg.in_channels}")
@@ -559,6 +609,8 @@ class UNet(Component):
         if cfg.center_input_sample:
             sample = ops.scale_shift(sample, 2.0, -1.0)
         emb = self.time_embed(sample, timestep)
+        if cfg.addition_embed_type == "text_time":
+            emb = ops.add(emb, self.added_embed(added_cond_kwargs))
         h = self.conv_in(sample)
         skips = [h]
         for block in self.down_blocks:
@@ -583,4 +635,5 @@ class UNet(Component):
 
 
 __all__ = ["Attention", "BasicTransformerBlock", "DownBlock", "Downsample2D", "FeedForward", "MidBlock",
-           "ResnetBlock2D", "Transformer2D", "UNet", "UNetConfig", "UpBlock", "UpDecoderBlock", "Upsample2D"]
+           "ResnetBlock2D", "TimestepEmbedding", "Transformer2D", "UNet", "UNetConfig", "UpBlock", "UpDecoderBlock",
+           "Upsample2D"]

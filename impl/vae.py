@@ -1,4 +1,4 @@
-"""The SD VAE (diffusers' AutoencoderKL layout and config.json fields): decoder and encoder.
+"""The SD/SDXL VAE (diffusers' AutoencoderKL layout and config.json fields): decoder and encoder.
 
 Module paths are relative to the autoencoder, as the reference names them: `post_quant_conv`,
 `decoder.up_blocks.0.resnets.0.conv1`, `encoder.down_blocks.0`, `quant_conv`. The two halves are
@@ -169,14 +169,16 @@ class VaeEncoder(Component):
 
 
 class AutoencoderKL:
-    """Both halves over one weight store; `scaling_factor` from config.json."""
+    """Both halves over one weight store; `scaling_factor` from config.json. `part_ops` gives a half its own
+    op set (a pipeline that runs the VAE at float32 under half-precision weights: SDXL's force_upcast)."""
 
-    def __init__(self, config: dict[str, Any], store, ops, parts: tuple[str, ...] = ("encoder", "decoder")):
+    def __init__(self, config: dict[str, Any], store, ops, parts: tuple[str, ...] = ("encoder", "decoder"),
+                 part_ops: dict[str, Any] | None = None):
         self.config = cfg = VaeConfig(config)
         self.ops = ops
-        root = Scope.root(store, ops)
-        self.decoder = VaeDecoder(cfg, root) if "decoder" in parts else None
-        self.encoder = VaeEncoder(cfg, root) if "encoder" in parts else None
+        part_ops = part_ops or {}
+        self.decoder = VaeDecoder(cfg, Scope.root(store, part_ops.get("decoder", ops))) if "decoder" in parts else None
+        self.encoder = VaeEncoder(cfg, Scope.root(store, part_ops.get("encoder", ops))) if "encoder" in parts else None
         if self.decoder is None:
             store.ignore_prefix("decoder.")
             store.ignore_prefix("post_quant_conv.")

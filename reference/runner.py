@@ -25,22 +25,16 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.floa
 
 
 def scheduler_for(name: str, base_config, karras: bool = False):
-    """The diffusers scheduler behind each sampler name, built from the model's scheduler config."""
+    """The diffusers scheduler behind each sampler name (the sampler's `reference` class and overrides,
+    sd_parity.impl.samplers), built from the model's scheduler config."""
     import diffusers
 
-    classes = {
-        "ddim": (diffusers.DDIMScheduler, {}),
-        "pndm": (diffusers.PNDMScheduler, {}),
-        "ddpm": (diffusers.DDPMScheduler, {}),
-        "euler": (diffusers.EulerDiscreteScheduler, {}),
-        "euler_ancestral": (diffusers.EulerAncestralDiscreteScheduler, {}),
-        "lms": (diffusers.LMSDiscreteScheduler, {}),
-        "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    }
-    cls, overrides = classes[name]
+    from sd_parity.impl.samplers import SAMPLERS
+
+    class_name, overrides = SAMPLERS[name].reference
     if karras:
         overrides = {**overrides, "use_karras_sigmas": True}
-    return cls.from_config(base_config, **overrides)
+    return getattr(diffusers, class_name).from_config(base_config, **overrides)
 
 
 PIPELINE_CLASSES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",

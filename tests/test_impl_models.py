@@ -3,20 +3,15 @@
 Every block (CLIP layer, UNet down/mid/up block, VAE block) is fed the reference's captured inputs
 and every component runs end to end from the reference's captured component inputs; every tensor
 the reference captured inside that unit must be tapped under the same name, with the same shape and
-dtype, and lie within the floor of its backend/dtype:
-
-    torch fp32, fp64, fp16, bf16   bit-identical (max |d| == 0)
-    numpy fp32                     relative L2 <= 1e-5
-    numpy fp64                     relative L2 <= 1e-12 (UNet end to end: 1e-6, see docs/precision.md)
-    numpy fp16                     relative L2 <= 1e-2
-    numpy bf16                     relative L2 <= 6e-2
+dtype, and lie within the floor of its backend/dtype (tests/unit_parity.py: torch bit-identical at every
+dtype; NumPy within relative L2 1e-5 at fp32, 1e-12 at fp64, 1e-2 at fp16, 6e-2 at bf16).
+SD 2.x and SDXL are in tests/test_impl_families.py.
 
 Test ids name the unit, backend and dtype: `pytest -k unet_block_1_down`, `-k "clip and numpy"`.
 """
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from functools import lru_cache
 
 import numpy as np
@@ -28,100 +23,17 @@ from sd_parity.impl.ops import get_ops
 from sd_parity.impl.ops.numpy_ops import NumpyOps
 from sd_parity.impl.weights import WeightStore
 from sd_parity.fixtures import FIXTURES, ensure_fixture
-from sd_parity.runs.naming import Block, flatten, module_path, with_call_index
 from sd_parity.runs.recorder import to_numpy
 from sd_parity.runs.hdf5 import RunReader
+from unit_parity import (BACKENDS, DTYPES, Collect, block_paths, capture, check_floor, compare_unit, rel_l2,
+                         unit_floor, unit_id, unit_inputs)
 
-BACKENDS = ("torch", "numpy")
-DTYPES = ("fp32", "fp64", "fp16", "bf16")
 INVOCATION = {"text_encoder": "call_0", "unet": "step_000", "vae_decoder": "call_0"}
 TINY = FIXTURES["tiny-sd1"]
 
-# the largest relative L2 error allowed per tensor, per (backend, dtype); None = bit-identical
-FLOORS = {("torch", d): None for d in DTYPES}
-FLOORS.update({("numpy", "fp32"): 1e-5, ("numpy", "fp64"): 1e-12, ("numpy", "fp16"): 1e-2, ("numpy", "bf16"): 6e-2})
-# NumPy fp64, UNet end to end: the time embedding is float32 in both implementations (as diffusers
-# computes it), and NumPy's float32 sin/cos differ from torch's in the last bit (docs/precision.md).
-UNET_E2E_FP64 = 1e-6
 
-
-def _block_paths(component: str) -> list[str]:
-    if component == "text_encoder":
-        return [f"encoder.layers.{i}" for i in range(TINY["text_encoder"]["num_hidden_layers"])]
-    if component == "unet":
-        n = len(TINY["unet"]["block_out_channels"])
-        return [f"down_blocks.{i}" for i in range(n)] + ["mid_block"] + [f"up_blocks.{i}" for i in range(n)]
-    n = len(TINY["vae"]["block_out_channels"])
-    return ["decoder.mid_block"] + [f"decoder.up_blocks.{i}" for i in range(n)]
-
-
-def _unit_id(component: str, path: str) -> str:
-    if not path:
-        return {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae_decoder"}[component] + "_e2e"
-    return Block(component, path).test_id
-
-
-UNITS = [(c, p) for c in ("text_encoder", "unet", "vae_decoder") for p in ["", *_block_paths(c)]]
-CASES = [pytest.param(c, p, b, d, id=f"{_unit_id(c, p)}-{b}-{d}") for c, p in UNITS for b in BACKENDS for d in DTYPES]
-
-
-def _is_tensor(value) -> bool:
-    return isinstance(value, np.ndarray) or type(value).__name__ == "Tensor"
-
-
-class Collect:
-    """A taps object naming values as the reference recorder does (#k calls, flattened structures)."""
-
-    def __init__(self):
-        self.values: dict[str, np.ndarray] = {}
-        self.calls: dict[str, int] = defaultdict(int)
-
-    def output(self, path, value):
-        call = self.calls[path]
-        self.calls[path] += 1
-        for name, tensor in flatten(with_call_index(path, call), value, _is_tensor):
-            self.values[name] = to_numpy(tensor)
-
-    def inputs(self, path, args):
-        call = self.calls[path + "@"]
-        self.calls[path + "@"] += 1
-        for argument, value in args.items():
-            for name, tensor in flatten(f"{with_call_index(path, call)}@{argument}", value, _is_tensor):
-                self.values[name] = to_numpy(tensor)
-
-
-def _in_unit(name: str, path: str) -> bool:
-    owner = module_path(name)
-    return not path or owner == path or owner.startswith(path + ".")
-
-
-def rel_l2(ref: np.ndarray, got: np.ndarray) -> float:
-    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
-    norm = np.linalg.norm(ref64)
-    diff = np.linalg.norm(ref64 - got64)
-    return float(diff / norm) if norm > 0 else float(diff)
-
-
-def compare_unit(reference: dict[str, np.ndarray], taps: dict[str, np.ndarray], path: str):
-    """Per tensor (name, max |d|, rel L2) for the unit at `path`; raises on coverage/shape/dtype errors."""
-    expected = {n: v for n, v in reference.items() if _in_unit(n, path)}
-    got = {n: v for n, v in taps.items() if _in_unit(n, path)}
-    missing = sorted(set(expected) - set(got))
-    extra = sorted(set(got) - set(expected))
-    assert not missing, f"{len(missing)} reference tensors not tapped: {missing[:10]}"
-    assert not extra, f"{len(extra)} tapped tensors the reference does not have: {extra[:10]}"
-    rows = []
-    for name, ref in expected.items():
-        mine = got[name]
-        assert mine.shape == ref.shape, f"{name}: shape {mine.shape}, reference {ref.shape}"
-        assert mine.dtype == ref.dtype, f"{name}: dtype {mine.dtype}, reference {ref.dtype}"
-        if ref.dtype.kind in "iub":
-            rows.append((name, float(np.abs(ref.astype(np.int64) - mine.astype(np.int64)).max(initial=0)), 0.0))
-        else:
-            diff = np.abs(ref.astype(np.float64) - mine.astype(np.float64))
-            rows.append((name, float(diff.max(initial=0.0)), rel_l2(ref, mine)))
-    assert rows, f"no reference tensors under {path!r}"
-    return rows
+UNITS = [(c, p) for c in ("text_encoder", "unet", "vae_decoder") for p in ["", *block_paths("tiny-sd1", c)]]
+CASES = [pytest.param(c, p, b, d, id=f"{unit_id(c, p)}-{b}-{d}") for c, p in UNITS for b in BACKENDS for d in DTYPES]
 
 
 @pytest.fixture(scope="session")
@@ -151,36 +63,21 @@ def models(backend: str, dtype: str):
     return load_models(ensure_fixture("tiny-sd1"), get_ops(backend, dtype))
 
 
-def _inputs(reference: dict[str, np.ndarray], path: str) -> dict[str, np.ndarray]:
-    prefix = path + "@"
-    return {name[len(prefix):]: value for name, value in reference.items()
-            if name.startswith(prefix) and "#" not in name.split("@", 1)[0]}
-
-
 @pytest.mark.parametrize("component, path, backend, dtype", CASES)
 def test_unit_matches_reference(reference_tensors, component, path, backend, dtype):
     reference = reference_tensors(dtype)[component]
     model = models(backend, dtype).component(component)
     taps = Collect()
-    out = model.run_block(path, _inputs(reference, path), taps=taps)
+    out = model.run_block(path, unit_inputs(reference, path), taps=taps)
     assert out is not None
-    rows = compare_unit(reference, taps.values, path)
-    floor = FLOORS[(backend, dtype)]
-    if floor is None:
-        worst = max(rows, key=lambda r: r[1])
-        assert worst[1] == 0.0, f"not bit-identical: {worst[0]} max |d| = {worst[1]:.3e} ({len(rows)} tensors)"
-    else:
-        if backend == "numpy" and dtype == "fp64" and component == "unet" and path == "":
-            floor = UNET_E2E_FP64
-        worst = max(rows, key=lambda r: r[2])
-        assert worst[2] <= floor, f"{worst[0]}: rel L2 {worst[2]:.3e} > {floor:.0e} (max |d| {worst[1]:.3e})"
+    check_floor(compare_unit(reference, taps.values, path), unit_floor(backend, dtype, component, path))
 
 
 def test_block_names_are_the_reference_blocks():
     m = models("numpy", "fp32")
-    assert m.text_encoder.block_names() == _block_paths("text_encoder")
-    assert m.unet.block_names() == _block_paths("unet")
-    assert m.vae.decoder.block_names() == _block_paths("vae_decoder")
+    assert m.text_encoder.block_names() == block_paths("tiny-sd1", "text_encoder")
+    assert m.unet.block_names() == block_paths("tiny-sd1", "unet")
+    assert m.vae.decoder.block_names() == block_paths("tiny-sd1", "vae_decoder")
     n = len(TINY["vae"]["block_out_channels"])
     assert m.vae.encoder.block_names() == [f"encoder.down_blocks.{i}" for i in range(n)] + ["encoder.mid_block"]
 
@@ -189,7 +86,7 @@ def test_block_call_takes_nested_or_flattened_skips(reference_tensors):
     """run_block accepts the captured `res_hidden_states_tuple[i]` names; block(...) takes the tuple."""
     reference = reference_tensors("fp32")["unet"]
     unet = models("numpy", "fp32").unet
-    flat = _inputs(reference, "up_blocks.1")
+    flat = unit_inputs(reference, "up_blocks.1")
     assert "res_hidden_states_tuple[2]" in flat
     from_names = unet.run_block("up_blocks.1", flat)
     nested = {k: v for k, v in flat.items() if "[" not in k}
@@ -221,35 +118,6 @@ def test_taps_do_not_change_results():
 # does not cover: the VAE encoder, 9-channel and linear-projection UNets, CLIP skip)
 # ---------------------------------------------------------------------------------------------
 
-class _DictWriter:
-    def __init__(self):
-        self.values: dict[str, np.ndarray] = {}
-
-    def write(self, component, invocation, name, array, **attributes):
-        self.values[name] = array
-
-
-def _capture(component: str, module, call, include=()):
-    """Run `call()` under the reference hooks; {name: array} as the run file would hold them."""
-    import torch
-
-    from sd_parity.runs.selection import CaptureSpec
-    from sd_parity.runs.recorder import Recorder
-    from sd_parity.candidates.hooks import hook_module
-    from sd_parity.candidates.sinks import RecorderSink
-
-    writer = _DictWriter()
-    recorder = Recorder(writer, CaptureSpec.parse("all"), total_steps=1)
-    with torch.inference_mode(), hook_module(module, component, RecorderSink(recorder), include=include,
-                                             invocations=not include):
-        if include:
-            with recorder.invocation(component):
-                call(recorder)
-        else:
-            call(recorder)
-    return writer.values
-
-
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_vae_encoder_and_posterior_sample(backend, layout):
@@ -274,14 +142,14 @@ def test_vae_encoder_and_posterior_sample(backend, layout):
         recorder.module_output("vae_encoder", "", {"mean": dist.mean, "logvar": dist.logvar})
         result["sample"] = (dist.mean + dist.std * torch.from_numpy(noise)).numpy()
 
-    reference = _capture("vae_encoder", vae, call, include=("encoder", "quant_conv"))
+    reference = capture("vae_encoder", vae, call, include=("encoder", "quant_conv"))
     encoder = models(backend, "fp32").vae.encoder
     floor = None if backend == "torch" else 1e-5
     # captured block inputs are stored NCHW-contiguous: blocks run alone only for the NCHW image
     paths = ["", *encoder.block_names()] if layout == "nchw" else []
     for path in paths:
         taps = Collect()
-        encoder.run_block(path, _inputs(reference, path), taps=taps)
+        encoder.run_block(path, unit_inputs(reference, path), taps=taps)
         rows = compare_unit(reference, taps.values, path)
         if floor is None:
             assert max(r[1] for r in rows) == 0.0, path
@@ -303,19 +171,13 @@ def _unet_reference(unet_module, sample, timestep, context):
     def call(recorder):
         unet_module(torch.from_numpy(sample), torch.tensor(timestep), torch.from_numpy(context), return_dict=False)
 
-    return _capture("unet", unet_module, call)
+    return capture("unet", unet_module, call)
 
 
 def _check_unet_e2e(unet, reference, floor):
     taps = Collect()
-    unet.run_block("", _inputs(reference, ""), taps=taps)
-    rows = compare_unit(reference, taps.values, "")
-    if floor is None:
-        worst = max(rows, key=lambda r: r[1])
-        assert worst[1] == 0.0, worst
-    else:
-        worst = max(rows, key=lambda r: r[2])
-        assert worst[2] <= floor, worst
+    unet.run_block("", unit_inputs(reference, ""), taps=taps)
+    check_floor(compare_unit(reference, taps.values, ""), floor)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -28,11 +28,11 @@ from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
+import diffusers
 import numpy as np
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
+from diffusers import DDIMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
 from scipy import integrate
 
@@ -41,18 +41,12 @@ from sd_parity.impl.samplers import SAMPLERS, TorchF32, gauss_kronrod21, make_sa
 from sd_parity.impl.schedule import NUMPY_F32, Schedule, cumprod32, exp32, fma32, linspace32, log32
 
 REPO = Path(__file__).resolve().parents[1]
-REFERENCE = {
-    "ddim": (DDIMScheduler, {}),
-    "pndm": (PNDMScheduler, {}),
-    "ddpm": (DDPMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler_ancestral": (EulerAncestralDiscreteScheduler, {}),
-    "lms": (LMSDiscreteScheduler, {}),
-    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-}
-NOISE_MODULES = ("scheduling_ddim", "scheduling_ddpm", "scheduling_euler_ancestral_discrete")
-KARRAS = ("euler", "lms", "dpmpp_2m")
-MULTISTEP = ("pndm", "lms", "dpmpp_2m")
+# each sampler's diffusers class and config overrides, as the sampler declares them (Sampler.reference)
+REFERENCE = {name: (getattr(diffusers, cls.reference[0]), cls.reference[1]) for name, cls in SAMPLERS.items()}
+NOISE_MODULES = sorted({cls.__module__ for cls, _ in REFERENCE.values()})
+KARRAS = tuple(name for name, cls in SAMPLERS.items() if cls.supports_karras)
+MULTISTEP = tuple(name for name, cls in SAMPLERS.items() if cls.multistep)
+ZERO_SNR = tuple(name for name, cls in SAMPLERS.items() if cls.supports_zero_snr)
 SPACINGS = ("leading", "trailing", "linspace")
 SHAPE = (2, 4, 8, 8)
 TORCH_F32 = TorchF32(torch)
@@ -93,8 +87,11 @@ class WatchedNumpyF32:
 
 
 def constants_disagree(sampler) -> bool:
-    """Whether NumPy's and torch's square roots give the sampler different sigmas."""
-    return hasattr(sampler, "sigmas") and not same_bits(sampler._sigmas_for(NUMPY_F32), sampler._sigmas_for(TORCH_F32))
+    """Whether NumPy's and torch's square roots give the sampler different sigmas, or (zero terminal SNR
+    rescales the schedule through a square root) different alphas_cumprod."""
+    alphas = not same_bits(sampler.schedule.alphas(NUMPY_F32), sampler.schedule.alphas(TORCH_F32))
+    return alphas or hasattr(sampler, "sigmas") and not same_bits(sampler._sigmas_for(NUMPY_F32),
+                                                                  sampler._sigmas_for(TORCH_F32))
 
 
 def timesteps_disagree(sampler) -> bool:
@@ -127,7 +124,8 @@ def noise_queue(monkeypatch):
         return noise
 
     for module in NOISE_MODULES:
-        monkeypatch.setattr(f"diffusers.schedulers.{module}.randn_tensor", randn_tensor)
+        if hasattr(sys.modules[module], "randn_tensor"):
+            monkeypatch.setattr(sys.modules[module], "randn_tensor", randn_tensor)
     return queue
 
 
@@ -163,18 +161,30 @@ CONSTANT_CASES += [
 ]
 CONSTANT_CASES += [("pndm", steps, {"skip_prk_steps": False, "timestep_spacing": spacing}, False)
                    for steps in (4, 20, 50) for spacing in SPACINGS]
+CONSTANT_CASES += [(name, steps, {"rescale_betas_zero_snr": True, "timestep_spacing": spacing,
+                                  "prediction_type": "v_prediction"}, False)
+                   for name in ZERO_SNR for steps in (1, 4, 20) for spacing in SPACINGS]
 
 
 @pytest.mark.parametrize("name,steps,overrides,karras", CONSTANT_CASES,
                          ids=lambda v: v if isinstance(v, str) else str(v))
 def test_constants_match_diffusers(sd_config, name, steps, overrides, karras):
     """The torch path's timesteps and sigmas, and alphas_cumprod, bit for bit. The public (NumPy) ones
-    too, unless one of the training sigmas they come from is rounded differently by torch's sqrt."""
+    too, unless one of the training sigmas they come from is rounded differently by torch's sqrt (within
+    an ulp then), or the zero-SNR rescaling's square root is (within 1e-5 relative then)."""
     ref, ours = build(name, sd_config, steps, overrides, karras=karras)
+    rescaled = ours.schedule.zero_snr and not same_bits(ours.schedule.alphas(NUMPY_F32),
+                                                        ours.schedule.alphas(TORCH_F32))
     expected_t = ref.timesteps.numpy()
     assert ours.timesteps.dtype == expected_t.dtype
     assert ours.alphas_cumprod.dtype == np.float32
-    assert max_abs(ours.alphas_cumprod, ref.alphas_cumprod.double()) == 0
+    assert max_abs(ours.schedule.alphas(TORCH_F32), ref.alphas_cumprod.double()) == 0
+    if not rescaled:
+        assert max_abs(ours.alphas_cumprod, ref.alphas_cumprod.double()) == 0
+    else:  # zero terminal SNR through NumPy's (correctly rounded) square root; the shift to zero cancels
+        # most digits of the last entries, so an ulp of the root is a few 1e-6 of them
+        expected = ref.alphas_cumprod.double().numpy()
+        assert np.all(np.abs(ours.alphas_cumprod.astype(np.float64) - expected) <= 1e-5 * expected)
     top = ref.sigmas.max() if hasattr(ours, "sigmas") else None
     if hasattr(ours, "sigmas"):
         timesteps, sigmas = ours._derive(TORCH_F32)
@@ -182,12 +192,13 @@ def test_constants_match_diffusers(sd_config, name, steps, overrides, karras):
         assert sigmas.shape == ours.sigmas.shape == tuple(ref.sigmas.shape)
         assert max_abs(sigmas, ref.sigmas.double()) == 0
         top = sigmas.max()
-    if not constants_disagree(ours):
-        if hasattr(ours, "sigmas"):
-            assert max_abs(ours.sigmas, ref.sigmas.double()) == 0
-    else:  # within an ulp of the reference's
-        ulp = np.spacing(np.abs(ref.sigmas.numpy()))
-        assert np.all(np.abs(ours.sigmas.astype(np.float64) - ref.sigmas.double().numpy()) <= ulp)
+    if not hasattr(ours, "sigmas"):
+        pass
+    elif not constants_disagree(ours):
+        assert max_abs(ours.sigmas, ref.sigmas.double()) == 0
+    else:  # within an ulp of the reference's (1e-5 relative for a rescaled schedule)
+        bound = 1e-5 * ref.sigmas.double().numpy() if rescaled else np.spacing(np.abs(ref.sigmas.numpy()))
+        assert np.all(np.abs(ours.sigmas.astype(np.float64) - ref.sigmas.double().numpy()) <= bound)
     if not timesteps_disagree(ours) or expected_t.dtype == np.int64:
         assert np.array_equal(ours.timesteps, expected_t)
     else:  # fractional Karras timesteps interpolate in log sigma: a few float32 ulps
@@ -197,7 +208,8 @@ def test_constants_match_diffusers(sd_config, name, steps, overrides, karras):
     if not constants_disagree(ours) and sqrt_agrees:
         assert float(ours.init_noise_sigma) == init
     else:
-        assert abs(float(ours.init_noise_sigma) - init) <= float(np.spacing(np.float32(init)))
+        bound = 1e-5 * init if rescaled else float(np.spacing(np.float32(init)))
+        assert abs(float(ours.init_noise_sigma) - init) <= bound
 
 
 def test_trained_betas_match_diffusers(sd_config):
@@ -304,6 +316,11 @@ VARIANTS += [
     ("pndm", {"skip_prk_steps": False}, {}),
     ("pndm", {"skip_prk_steps": False, "timestep_spacing": "linspace", "prediction_type": "v_prediction"}, {}),
 ]
+# zero terminal SNR, with v-prediction as it needs (an epsilon model cannot denoise pure noise)
+VARIANTS += [(name, {"rescale_betas_zero_snr": True, "timestep_spacing": spacing, "prediction_type": "v_prediction"}, {})
+             for name in ZERO_SNR for spacing in ("trailing", "linspace")]
+VARIANTS += [("ddim", {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing", "prediction_type": "v_prediction"},
+              {"eta": 0.5})]
 VARIANT_IDS = [f"{name}-{'-'.join(map(str, overrides.values()))}-{'-'.join(f'{k}{v}' for k, v in kwargs.items())}"
                for name, overrides, kwargs in VARIANTS]
 
@@ -454,6 +471,8 @@ for name in SAMPLERS:
     options += [{"karras": True}] if name in ("euler", "lms", "dpmpp_2m") else []
     options += [{"eta": 0.5}] if name == "ddim" else []
     options += [{"skip_prk_steps": False}] if name == "pndm" else []
+    options += [{"prediction_type": "v_prediction", "timestep_spacing": "trailing", "rescale_betas_zero_snr": True}] \
+        if SAMPLERS[name].supports_zero_snr else []
     for option in options:
         kwargs = {k: option.pop(k) for k in ("karras", "eta") if k in option}
         sampler = make_sampler(name, {**config, **option}, 6, **kwargs)
@@ -474,13 +493,13 @@ print("numpy alone:", runs, "runs")
 
 
 def test_numpy_alone_suffices(sd_config):
-    """Every sampler (and option) runs on numpy arrays in a process where torch, scipy and diffusers
-    cannot be imported."""
+    """Every sampler (and option, zero terminal SNR included) runs on numpy arrays in a process where
+    torch, scipy and diffusers cannot be imported."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", NUMPY_ALONE, json.dumps(sd_config)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "numpy alone: 19 runs" in result.stdout
+    assert "numpy alone: 24 runs" in result.stdout
 
 
 # --- interface and bad input -----------------------------------------------------------------------------
@@ -536,7 +555,9 @@ def test_reset_reruns_identically(sd_config):
     (lambda c: make_sampler("ddim", {**c, "beta_schedule": "sigmoid"}, 10), "beta_schedule"),
     (lambda c: make_sampler("ddim", {**c, "timestep_spacing": "even"}, 10), "timestep_spacing"),
     (lambda c: make_sampler("euler", {**c, "prediction_type": "sample"}, 10), "prediction_type"),
-    (lambda c: make_sampler("ddim", {**c, "rescale_betas_zero_snr": True}, 10), "rescale_betas_zero_snr"),
+    (lambda c: make_sampler("pndm", {**c, "rescale_betas_zero_snr": True}, 10), "rescale_betas_zero_snr"),
+    (lambda c: make_sampler("lms", {**c, "rescale_betas_zero_snr": True}, 10), "rescale_betas_zero_snr"),
+    (lambda c: make_sampler("ddim", {**c, "rescale_betas_zero_snr": "yes"}, 10), "rescale_betas_zero_snr"),
     (lambda c: make_sampler("ddim", {**c, "trained_betas": [0.01] * 10}, 10), "trained_betas"),
     (lambda c: make_sampler("ddim", {**c, "num_train_timesteps": "1000"}, 10), "num_train_timesteps"),
     (lambda c: make_sampler("ddim", {**c, "clip_sample": "yes"}, 10), "clip_sample"),

@@ -84,6 +84,11 @@ class Ops:
     def take_tokens(self, x, index): raise NotImplementedError  # x[arange(B), index] on (B, T, C)
     def argmax(self, x, axis: int): raise NotImplementedError  # int64
 
+    # --- reductions ------------------------------------------------------------------------------
+    def std(self, x, axes: Sequence[int]):
+        """Unbiased standard deviation over `axes`, kept as size-1 axes (torch.std(dim=axes, keepdim=True))."""
+        raise NotImplementedError
+
     # --- model specific primitives --------------------------------------------------------------
     def timestep_embedding(self, timesteps, dim: int, flip_sin_to_cos: bool, freq_shift: float,
                            scale: float = 1.0, max_period: int = 10000):
@@ -114,4 +119,15 @@ def get_ops(backend: str = "numpy", dtype: str = "fp32", **options) -> Ops:
     raise ModelInputError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "DTYPES", "Ops", "get_ops"]
+def at_dtype(ops: Ops, dtype: str) -> Ops:
+    """An op set of `ops`'s backend and options (device, threads, buffer sizes) at storage dtype `dtype`:
+    `ops` itself when it already is."""
+    if dtype == ops.dtype:
+        return ops
+    if ops.backend == "torch":
+        return get_ops("torch", dtype, device=str(ops.device))
+    return get_ops("numpy", dtype, threads=ops.threads, chunk_bytes=ops.chunk_bytes,
+                   attention_block_bytes=ops.attention_block_bytes)
+
+
+__all__ = ["BACKENDS", "DTYPES", "Ops", "at_dtype", "get_ops"]

@@ -542,6 +542,9 @@ class NumpyOps(Ops):
     def argmax(self, x, axis):
         return np.argmax(x, axis=axis).astype(np.int64)
 
+    def std(self, x, axes):
+        return self._s(np.std(self._c(x), axis=tuple(axes), ddof=1, keepdims=True))
+
     # --- model specific ------------------------------------------------------------------------
     def timestep_embedding(self, timesteps, dim, flip_sin_to_cos, freq_shift, scale=1.0, max_period=10000):
         # float32 arithmetic as the reference does it; exp/sin/cos evaluated in float64 and rounded

@@ -72,10 +72,14 @@ class TorchOps(Ops):
         return tensor
 
     def weight(self, array):
+        """Weights flagged requires_grad, as the reference's nn.Parameters are: torch picks kernels by it
+        (at::matmul folds a non-contiguous batch of rows into one mm when the other operand requires
+        grad, else runs bmm: a linear layer on a permuted view, such as SD 2.x's linear proj_in, rounds
+        differently at fp64/fp16/bf16). Every model call runs under inference_mode: no graph is recorded."""
         tensor = _numpy_to_torch(array) if isinstance(array, np.ndarray) else array
         if tensor.dtype != self.torch_dtype or tensor.device != self.device:
             tensor = tensor.to(self.device, self.torch_dtype)
-        return tensor
+        return tensor.requires_grad_(True) if tensor.is_floating_point() else tensor
 
     def to_numpy(self, value):
         tensor = value.detach()
@@ -177,6 +181,9 @@ class TorchOps(Ops):
 
     def argmax(self, x, axis):
         return x.argmax(dim=axis)
+
+    def std(self, x, axes):
+        return x.std(dim=list(axes), keepdim=True)
 
     # --- model specific ------------------------------------------------------------------------
     def timestep_embedding(self, timesteps, dim, flip_sin_to_cos, freq_shift, scale=1.0, max_period=10000):

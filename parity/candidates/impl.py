@@ -75,7 +75,7 @@ class ImplCandidate(Candidate):
         if stage in ("model_input", "sampler_step"):
             latents = ops.asarray(inputs["latents"])
             if inputs.get("from_x_T"):
-                latents = latents * sampler.init_noise_sigma
+                latents = sampler.initial_latents(latents)
         if stage == "model_input":
             model_input = ops.cat([latents, latents], 0) if inputs["guided"] else latents
             model_input = sampler.scale_model_input(model_input, index)

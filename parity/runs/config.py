@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from sd_parity.errors import BadInput
+from sd_parity.impl.samplers import SAMPLERS
 from .selection import CaptureSpec, default_spec
 from sd_parity.fixtures import FIXTURES, default_size, ensure_fixture, fixed_noise, folder_hash
 
 PIPELINES = ("txt2img", "img2img", "inpaint")
-SCHEDULERS = ("ddim", "pndm", "ddpm", "euler", "euler_ancestral", "lms", "dpmpp_2m")
+SCHEDULERS = tuple(SAMPLERS)  # impl's samplers, each naming the diffusers scheduler it matches
 DTYPES = ("fp32", "fp64", "fp16", "bf16")
 MODEL_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 

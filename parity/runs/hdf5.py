@@ -40,6 +40,7 @@ import h5py
 import ml_dtypes
 import numpy as np
 
+from sd_parity.impl.families import COMPONENTS as MODULE_COMPONENTS
 from sd_parity.errors import OutputError, RunFileError
 from sd_parity.interrupts import default_handlers
 from sd_parity.outputs import check_output_file, output_error, release_temporary, sweep_stale_temps, temp_path
@@ -49,7 +50,7 @@ FORMAT = "sd-parity-run"
 INDEX = "index"  # optional root dataset: the tensor list as JSON, so readers need not visit every dataset
 CHUNK_BYTES = 16 << 20  # as fast to read as contiguous storage, and small enough to compress
 FORMAT_VERSION = 1
-COMPONENTS = ("pipeline", "text_encoder", "unet", "vae_encoder", "vae_decoder")
+COMPONENTS = ("pipeline", *MODULE_COMPONENTS)  # every family's networks (sd_parity.impl.families)
 INVOCATION_RE = re.compile(r"^(main|call_\d+|step_\d{3,})$")
 KINDS = ("output", "input", "pipeline")
 # bfloat16 has no HDF5 type: it is stored as its raw uint16 bits and tagged by the dtype attribute.

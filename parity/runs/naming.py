@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from sd_parity.impl.families import COMPONENTS, block_test_id
+
 _SUFFIX = re.compile(r"(\[.*|@.*|#\d+)$")
 
 
@@ -75,27 +77,15 @@ class Block:
     @property
     def test_id(self) -> str:
         """The pytest id stem: unet_block_3_down, unet_block_mid, clip_block_0, vae_decoder_block_1_up."""
-        stem = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae_decoder",
-                "vae_encoder": "vae_encoder"}[self.component]
         match = _BLOCK_RE[self.component].match(self.path)
         assert match is not None
-        if match.groupdict().get("mid"):
-            return f"{stem}_block_mid"
-        kind, index = match.group("kind"), match.group("index")
-        if self.component == "text_encoder":
-            return f"{stem}_block_{index}"
-        direction = "down" if kind.startswith("down") else "up"
-        return f"{stem}_block_{index}_{direction}"
+        return block_test_id(COMPONENTS[self.component], match)
 
 
-# Module paths of the blocks of each component, and the prefix under which its top-level modules sit.
-_BLOCK_RE = {
-    "text_encoder": re.compile(r"^(?P<kind>encoder\.layers)\.(?P<index>\d+)$"),
-    "unet": re.compile(r"^(?:(?P<kind>down_blocks|up_blocks)\.(?P<index>\d+)|(?P<mid>mid_block))$"),
-    "vae_decoder": re.compile(r"^decoder\.(?:(?P<kind>up_blocks)\.(?P<index>\d+)|(?P<mid>mid_block))$"),
-    "vae_encoder": re.compile(r"^encoder\.(?:(?P<kind>down_blocks)\.(?P<index>\d+)|(?P<mid>mid_block))$"),
-}
-_TOP_LEVEL_PREFIX = {"text_encoder": "", "unet": "", "vae_decoder": "decoder.", "vae_encoder": "encoder."}
+# Module paths of the blocks of each component, and the prefix under which its top-level modules sit
+# (the model-family registry, sd_parity.impl.families, holds both).
+_BLOCK_RE = {name: re.compile(c.blocks) for name, c in COMPONENTS.items()}
+_TOP_LEVEL_PREFIX = {name: c.top_prefix for name, c in COMPONENTS.items()}
 
 
 def is_block(component: str, path: str) -> bool:

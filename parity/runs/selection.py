@@ -5,8 +5,9 @@ SPEC is a list of terms separated by ';':
     blocks                    block-level tensors only: block outputs and inputs, top-level modules
                               (the default for full-size models)
     pipeline                  pipeline-level tensors only
-    text_encoder | unet | vae_encoder | vae_decoder
-                              restrict module capture to these components
+    text_encoder | text_encoder_2 | unet | vae_encoder | vae_decoder
+                              restrict module capture to these components (those of the
+                              model's family; sd_parity.impl.families)
     glob:PATTERN              module tensors whose name matches PATTERN (the glob dialect of
                               naming.glob_to_regex: `*`, `**`, `?`; `[ ]` are literal)
     re:REGEX                  module tensors whose name contains a match of REGEX
@@ -22,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from sd_parity.errors import BadInput
+from sd_parity.impl.families import COMPONENTS
 
 from .naming import glob_to_regex, is_block_level
 
-MODULE_COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
+MODULE_COMPONENTS = tuple(COMPONENTS)
 
 
 class CaptureSpecError(BadInput, ValueError):
