@@ -24,9 +24,10 @@ WRITE_QUEUE_BYTES = 192 << 20
 TORCH_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def scheduler_for(name: str, base_config, karras: bool = False):
+def scheduler_for(name: str, base_config, karras: bool = False, settings: dict | None = None):
     """The diffusers scheduler behind each sampler name (the sampler's `reference` class and overrides,
-    sd_parity.impl.samplers), built from the model's scheduler config."""
+    sd_parity.impl.samplers), built from the model's scheduler config; `settings` are the run's
+    --scheduler-config overrides (RunConfig.scheduler_overrides), applied last."""
     import diffusers
 
     from sd_parity.impl.samplers import SAMPLERS
@@ -34,7 +35,7 @@ def scheduler_for(name: str, base_config, karras: bool = False):
     class_name, overrides = SAMPLERS[name].reference
     if karras:
         overrides = {**overrides, "use_karras_sigmas": True}
-    return getattr(diffusers, class_name).from_config(base_config, **overrides)
+    return getattr(diffusers, class_name).from_config(base_config, **{**overrides, **(settings or {})})
 
 
 PIPELINE_CLASSES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
@@ -208,7 +209,8 @@ def run_reference(config: RunConfig, output: Path, progress: bool = True) -> Pat
     """Run the diffusers pipeline for `config`, capturing into the run file `output`."""
     model_dir = config.model_dir()
     pipe = load_pipeline(model_dir, config.dtype, config.device, config.pipeline)
-    pipe.scheduler = scheduler_for(config.scheduler, pipe.scheduler.config, config.karras)
+    pipe.scheduler = scheduler_for(config.scheduler, pipe.scheduler.config, config.karras,
+                                  config.scheduler_overrides)
     pipe.set_progress_bar_config(disable=not progress, desc=f"reference {config.dtype}", leave=False)
     x_t = config.initial_noise(latent_channels=pipe.vae.config.latent_channels, scale=pipe.vae_scale_factor)
     x_t_tensor = torch.from_numpy(x_t).to(config.device, TORCH_DTYPES[config.dtype])

@@ -35,6 +35,7 @@ class ImplCandidate(Candidate):
         self.config = config
         self.sd = StableDiffusion.from_folder(model_dir, backend=self.backend, dtype=config.dtype,
                                               **({"device": config.device} if self.backend == "torch" else {}))
+        self.sd.scheduler_config = config.scheduler_config(self.sd.scheduler_config)  # --scheduler-config
         self._applied_fault = None
         if self.fault is not None:
             from .faults import fault

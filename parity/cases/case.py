@@ -19,7 +19,7 @@ from sd_parity.judging.tolerances import Tolerances
 from sd_parity.judging.verdict import make_verdict
 from sd_parity.reports.summary import build_summary, render_outputs
 from sd_parity.runs.cache import cached_run
-from sd_parity.runs.config import RunConfig
+from sd_parity.runs.config import RunConfig, format_scheduler_setting
 
 MODES = ("free", "isolated", "both")
 
@@ -119,6 +119,7 @@ def repro_command(case: Case) -> str:
                   f"--strength {c.strength}"]
         if c.mask_image:
             parts.append(f"--mask {shlex.quote(str(c.mask_image))}")
+    parts += [f"--scheduler-config {shlex.quote(format_scheduler_setting(*item))}" for item in c.scheduler_overrides.items()]
     if c.capture:
         parts.append(f"--capture {shlex.quote(c.capture)}")
     if not case.calibrated:

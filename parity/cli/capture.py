@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sd_parity.errors import BadInput
 from sd_parity.outputs import check_output_file
-from sd_parity.runs.config import DTYPES, PIPELINES, SCHEDULERS, RunConfig
+from sd_parity.runs.config import DTYPES, PIPELINES, SCHEDULERS, RunConfig, parse_scheduler_setting
 
 
 def add_run_arguments(parser, pipeline: str | None = None) -> None:
@@ -23,6 +23,10 @@ def add_run_arguments(parser, pipeline: str | None = None) -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--scheduler", default="ddim", choices=SCHEDULERS,
                         help="sampler (default ddim; pndm is SD 1.5's own and calls the UNet steps+1 times)")
+    parser.add_argument("--scheduler-config", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a setting of the reference's scheduler from the model's scheduler_config.json, "
+                             "e.g. timestep_spacing=trailing, steps_offset=0, set_alpha_to_one=true (VALUE is JSON, "
+                             "else a string); repeatable; impl and ports get the same settings")
     parser.add_argument("--karras", action="store_true", help="Karras sigmas (dpmpp_2m)")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (> 0 draws recorded noise)")
     parser.add_argument("--guidance", type=float, default=7.5)
@@ -49,7 +53,8 @@ def config_from_args(args) -> RunConfig:
         width=args.width, dtype=args.dtype, capture=getattr(args, "capture", None), eta=args.eta,
         karras=args.karras, compression=getattr(args, "compress", None), device=args.device,
         pipeline=args.pipeline, init_image=getattr(args, "init_image", None), mask_image=getattr(args, "mask", None),
-        strength=getattr(args, "strength", 0.75))
+        strength=getattr(args, "strength", 0.75),
+        scheduler_overrides=dict(parse_scheduler_setting(text) for text in getattr(args, "scheduler_config", [])))
 
 
 def _one_or_list(values: list[str]) -> str | list[str]:

@@ -37,7 +37,7 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 # Metadata fields that must agree for a comparison to mean anything (others, like impl, dtype,
 # versions or paths, are expected to differ).
 SETTING_KEYS = ("model_hash", "prompt", "negative_prompt", "seed", "scheduler", "steps", "guidance",
-                "height", "width", "eta", "karras", "images_per_prompt", "x_T_sha256")
+                "height", "width", "eta", "karras", "images_per_prompt", "x_T_sha256", "scheduler_overrides")
 
 
 @dataclass

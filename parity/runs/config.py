@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import platform
 import re
 import types
 import typing
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ class RunConfig:
     init_image: str | None = None
     mask_image: str | None = None
     strength: float = 0.75
+    # settings of the reference's scheduler changed from the model's scheduler_config.json (a port's
+    # deliberate sampler choice, e.g. {"timestep_spacing": "trailing"}); impl's samplers read the same
+    scheduler_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -76,6 +80,12 @@ class RunConfig:
             raise BadInput(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
         if self.capture is not None:
             CaptureSpec.parse(self.capture)  # fail before any model is loaded
+        if self.scheduler_overrides:
+            _check_scheduler_overrides(self.scheduler, self.scheduler_overrides)
+
+    def scheduler_config(self, base: dict) -> dict:
+        """The model's scheduler config `base` with this run's overrides applied."""
+        return {**base, **self.scheduler_overrides}
 
     def _check_images(self) -> None:
         if self.init_image is None:
@@ -169,6 +179,12 @@ def _is_a(value: Any, hint: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(hint)
         return isinstance(value, list) and bool(value) and all(_is_a(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(key, str) for key in value)
+    if origin is typing.Literal:
+        return any(value == option and type(value) is type(option) for option in typing.get_args(hint))
+    if hint is typing.Any or hint is inspect.Parameter.empty:
+        return True
     if hint is type(None):
         return value is None
     if hint is float:
@@ -183,7 +199,48 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(option) for option in typing.get_args(hint))
     if typing.get_origin(hint) is list:
         return f"a non-empty list of {typing.get_args(hint)[0].__name__}"
+    if typing.get_origin(hint) is dict:
+        return "a dict with string keys"
+    if typing.get_origin(hint) is typing.Literal:
+        return "one of " + ", ".join(json.dumps(option) for option in typing.get_args(hint))
     return "None" if hint is type(None) else f"{'an' if hint is int else 'a'} {hint.__name__}"
+
+
+def parse_scheduler_setting(text: str) -> tuple[str, Any]:
+    """`KEY=VALUE` of --scheduler-config: VALUE is read as JSON (true, 0, 0.5, null, [..]), else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise BadInput(f"--scheduler-config {text!r} is not KEY=VALUE (e.g. timestep_spacing=trailing)")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def format_scheduler_setting(key: str, value: Any) -> str:
+    """The `KEY=VALUE` that parse_scheduler_setting reads back as (key, value)."""
+    text = f"{key}={value}" if isinstance(value, str) else f"{key}={json.dumps(value)}"
+    return text if parse_scheduler_setting(text) == (key, value) else f"{key}={json.dumps(value)}"
+
+
+def _check_scheduler_overrides(sampler: str, overrides: dict[str, Any]) -> None:
+    """Each override names a setting of the sampler's diffusers scheduler and has that setting's type."""
+    from sd_parity.errors import require_extra
+
+    require_extra("--scheduler-config (it is checked against the reference's scheduler class)")
+    import diffusers
+
+    class_name = SAMPLERS[sampler].reference[0]
+    parameters = {name: p.annotation for name, p in
+                  inspect.signature(getattr(diffusers, class_name).__init__).parameters.items() if name != "self"}
+    for key, value in overrides.items():
+        if key not in parameters:
+            raise BadInput(f"--scheduler-config {key}: {class_name} (sampler {sampler!r}) has no setting {key!r}; "
+                           f"its settings: {', '.join(parameters)}")
+        if not _is_a(value, parameters[key]):
+            raise BadInput(f"--scheduler-config {key}={json.dumps(value)}: {class_name}'s {key} must be "
+                           f"{_describe(parameters[key])}")
 
 
 def _check_text(text: str) -> None:
