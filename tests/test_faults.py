@@ -29,7 +29,7 @@ def _component_and_name(key: str) -> tuple[str, str]:
 @pytest.mark.parametrize("name", sorted(FAULTS))
 def test_fault_is_detected_and_localized(tmp_path, name, backend):
     fault = FAULTS[name]
-    summary = _summary(tmp_path, backend, fault=name)
+    summary = _summary(tmp_path, backend, fault=name, model=fault.model, dtype=fault.dtype)
     assert summary["verdict"]["status"] == "divergence", f"{name} went undetected"
     first = summary["first_divergence"]["key"]
     assert fault.names(*_component_and_name(first)), f"{name}: first divergence at {first}"

@@ -36,6 +36,8 @@ class Fault:
     description: str
     where: tuple[tuple[str, str], ...]  # (component, module path or tensor name) the harness must name
     apply: Callable  # (sd) -> context manager
+    model: str = "tiny-sd1"  # the fixture and dtype the bug shows on (numeric bugs need tiny-sd1-stress)
+    dtype: str = "fp32"
 
     @property
     def block(self):
@@ -127,6 +129,24 @@ def _bilinear_2x(x, size=None):
     return x
 
 
+def _softmax_without_max(ops):
+    """Attention whose softmax exponentiates the raw scores in the run's dtype, without subtracting each
+    row's maximum first: exp() overflows above 11.09 in float16 (88.7 in float32), giving Inf / Inf = NaN."""
+    dtype = {"fp16": np.float16, "fp32": np.float32}.get(ops.dtype, np.float64)
+
+    def attention(q, k, v, scale=None, causal=False):
+        scores = q @ np.swapaxes(k, -1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        with np.errstate(over="ignore", invalid="ignore"):
+            weights = np.exp(scores.astype(dtype))
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        return weights.astype(np.float64) @ v
+    return _host(ops, attention)
+
+
+def _group_norm_eps(eps: float):
+    return lambda ops: lambda x, groups, w, b, _eps: ops.group_norm(x, groups, w, b, eps)
+
+
 def _shifted_sampler(make):
     def shifted(*args, **kwargs):
         sampler = make(*args, **kwargs)
@@ -140,6 +160,9 @@ UNET_SELF_ATTENTION = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
 UNET_CROSS_ATTENTION = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
 UNET_UPSAMPLER = "up_blocks.1.upsamplers.0"  # up_blocks.0 upsamples 1x1 maps at 64 px: any filter is nearest there
 UNET_UP_BLOCK = "up_blocks.1"
+# the two GroupNorms tiny-sd1-stress gives a near-zero group (fixtures.STRESS); both use eps 1e-6
+UNET_TRANSFORMER_NORM = "down_blocks.1.attentions.0.norm"
+VAE_NORM = "decoder.up_blocks.1.resnets.0.norm2"
 
 FAULTS: dict[str, Fault] = {f.name: f for f in [
     Fault("groupnorm_eps", "GroupNorm eps 1e-2 instead of the config's 1e-5", (("unet", UNET_NORM),),
@@ -166,6 +189,14 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
           lambda sd: _patched(sd.models.vae.config, "scaling_factor", 0.2)),
     Fault("guidance_swap", "classifier-free guidance with its halves swapped", (("pipeline", "noise_pred"),),
           lambda sd: _patched(sd, "guide", lambda uncond, text, scale: text + scale * (uncond - text))),
+    Fault("transformer_norm_eps", "the UNet transformer's GroupNorm with the resnets' eps 1e-5 instead of 1e-6",
+          (("unet", UNET_TRANSFORMER_NORM),), _on_module("unet", UNET_TRANSFORMER_NORM, group_norm=_group_norm_eps(1e-5)),
+          model="tiny-sd1-stress"),
+    Fault("vae_groupnorm_eps", "a VAE GroupNorm with eps 1e-5 instead of the VAE's 1e-6", (("vae_decoder", VAE_NORM),),
+          _on_module("vae_decoder", VAE_NORM, group_norm=_group_norm_eps(1e-5)), model="tiny-sd1-stress"),
+    Fault("softmax_no_max_fp16", "float16 self-attention softmax without subtracting the row maximum",
+          (("unet", UNET_SELF_ATTENTION),), _on_module("unet", UNET_SELF_ATTENTION, attention=_softmax_without_max),
+          model="tiny-sd1-stress", dtype="fp16"),
 ]}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sd_parity.cases.case import Case
-from sd_parity.fixtures import IMAGES_DIR
+from sd_parity.fixtures import IMAGES_DIR, STRESS_SUFFIX
 from sd_parity.runs.config import RunConfig
 from .run import add_fault_argument, execute, with_fault
 
@@ -12,12 +12,14 @@ INIT = str(IMAGES_DIR / "init_64.png")
 
 
 def suite_cases(model: str = "tiny-sd1", steps: int = 6) -> list[Case]:
-    """Both backends; fp32 with DDIM, PNDM and a stochastic sampler; fp16 and bf16; txt2img and img2img."""
+    """Both backends; fp32 with DDIM, PNDM and a stochastic sampler; fp16 and bf16; txt2img and img2img;
+    fp16 on the stress variant (docs/stress.md), where a port's numerics are put to the test."""
     base = dict(model=model, steps=steps, prompt="a photograph of an astronaut riding a horse",
                 negative_prompt="blurry", seed=0)
     configs = [RunConfig(**base, scheduler=s) for s in ("ddim", "pndm", "euler_ancestral")]
     configs += [RunConfig(**base, scheduler="ddim", dtype=d) for d in ("fp16", "bf16")]
     configs += [RunConfig(**base, scheduler="ddim", pipeline="img2img", init_image=INIT, strength=0.7)]
+    configs += [RunConfig(**{**base, "model": model + STRESS_SUFFIX}, scheduler="ddim", dtype="fp16")]
     return [Case(config, candidate) for config in configs for candidate in ("torch", "numpy")]
 
 

@@ -7,11 +7,13 @@ Default mode ("allclose_quantile"), for the CANDIDATE's dtype:
      |c - r| <= atol + rtol * |r|  (the same as: the 99.9th percentile of |c - r| - rtol |r| is <= atol);
   2. outlier guard: max |c - r| <= outlier_factor * (atol + rtol * max |r|), so the 0.1% cannot be
      arbitrarily wrong;
-  3. non-finite: NaN/Inf must sit at the same places on both sides (nonfinite_mismatch == 0).
+  3. non-finite: NaN/Inf must sit at the same places on both sides (nonfinite_mismatch == 0; where the
+     reference itself overflows, in all but 0.1% of the elements: judging.overflow).
 Calibrated mode ("calibrated"), with an fp64 oracle run of the reference:
   1. e(c) <= k * e(r) + floor, e(x) = ||x - o|| / ||o|| and floor = floor_ulps * eps(dtype);
   2. max |c - o| <= outlier_factor * max |r - o| + floor * max |o|;
-  3. the candidate has no more non-finite values where the oracle is finite than the reference.
+  3. the candidate has no more non-finite values where the oracle is finite than the reference (where the
+     reference itself overflows, 0.1% of the elements more: judging.overflow).
 Integer and bool tensors ("exact") must be equal (or within an override's atol, e.g. 1 for the image).
 
 Each decision carries `ratio`: the largest criterion value / its limit, so pass <=> ratio <= 1.
@@ -30,6 +32,7 @@ from sd_parity.errors import BadInput
 
 from .metrics import ExactMetrics, FloatMetrics, OracleError, eps, is_float
 from .name_map import glob_to_regex, one_pattern
+from .overflow import nonfinite_allowance
 
 # torch.testing.assert_close's defaults per dtype (rtol, atol).
 DTYPE_DEFAULTS: dict[str, tuple[float, float]] = {
@@ -306,7 +309,9 @@ def judge(metrics: FloatMetrics | ExactMetrics, rule: Rule, *, ref_vs_oracle: Or
                    f"elements with |c-r| > atol + rtol*|r| (at most {(1 - rule.quantile):.3g} of {n})"),
         _criterion("outlier", metrics.max_abs, outlier_limit,
                    f"max |c-r| vs outlier_factor * (atol + rtol * max|r|)"),
-        _criterion("nonfinite", metrics.nonfinite_mismatch, 0, "NaN/Inf at different places (must be 0)"),
+        _criterion("nonfinite", metrics.nonfinite_mismatch,
+                   nonfinite_allowance(metrics.ref_nan + metrics.ref_inf, metrics.numel, rule.quantile),
+                   "NaN/Inf at different places (none unless the reference itself overflows; judging.overflow)"),
     ]
     settings = {"dtype": rule.dtype, "rtol": rule.rtol, "atol": rule.atol, "quantile": rule.quantile,
                 "outlier_factor": rule.outlier_factor, "allowed_violations": allowed,
@@ -331,8 +336,9 @@ def _calibrated(metrics: FloatMetrics, rule: Rule, ref_err: OracleError, cand_er
         _criterion("calibrated", cand_e, limit, f"candidate {statistic} vs oracle <= k * reference's + floor"),
         _criterion("calibrated_max", cand_err.max_abs, max_limit,
                    "candidate max|c-o| <= outlier_factor * reference's max|r-o| + floor * max|o|"),
-        _criterion("nonfinite", max(0, cand_err.nonfinite - ref_err.nonfinite), 0,
-                   "NaN/Inf where the oracle is finite, beyond the reference's own"),
+        _criterion("nonfinite", max(0, cand_err.nonfinite - ref_err.nonfinite),
+                   nonfinite_allowance(ref_err.nonfinite, ref_err.numel, rule.quantile),
+                   "NaN/Inf where the oracle is finite, beyond the reference's own (judging.overflow)"),
     ]
     settings = {"dtype": rule.dtype, "k": rule.k, "floor_ulps": rule.floor_ulps, "floor": floor_e,
                 "statistic": statistic, "ref_error": ref_e, "cand_error": cand_e, "limit": limit,

@@ -22,6 +22,7 @@ import numpy as np
 from sd_parity.escaping import printable, xml_safe
 from sd_parity.judging.compare import Comparison, TensorResult
 from sd_parity.judging.diagnosis import clause as diagnosis_clause
+from sd_parity.judging.overflow import overflow_clause, reference_overflow
 from sd_parity.judging.scope import scope_clause
 from sd_parity.outputs import output_error, write_atomic, write_set
 from sd_parity.judging.verdict import Culprit, Verdict, describe_location, verdict_dict
@@ -90,7 +91,9 @@ def _verdict(comparison: Comparison, verdict: Verdict) -> dict[str, Any]:
     """The verdict, stating what was left out of the judgement and what the diagnosis found."""
     info = verdict_dict(verdict)
     coverage = comparison.coverage
-    info["text"] += scope_clause(coverage.scope.to_dict(), coverage.ref_tensors) + diagnosis_clause(comparison.diagnosis)
+    info["reference_overflow"] = reference_overflow(comparison.results)
+    info["text"] += (scope_clause(coverage.scope.to_dict(), coverage.ref_tensors) + diagnosis_clause(comparison.diagnosis)
+                     + overflow_clause(info["reference_overflow"]))
     return info
 
 
