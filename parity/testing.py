@@ -124,6 +124,28 @@ def run_candidate(candidate: Any, reference: str | os.PathLike, mode: str = "fre
 _REPORT_FOLDER: ContextVar[Callable[[], Path] | None] = ContextVar("sd_parity_report_folder", default=None)
 
 
+@dataclasses.dataclass(frozen=True)
+class Baselines:
+    """Where assert_parity finds a check's baseline summary (`read`) and writes its summary as the next
+    baseline (`write`); each is None or gives the folder for this check (the pytest plugin's
+    --parity-baseline and --parity-write-baseline)."""
+
+    read: Callable[[], Path] | None = None
+    write: Callable[[], Path] | None = None
+
+
+_BASELINES: ContextVar[Baselines] = ContextVar("sd_parity_baselines", default=Baselines())
+
+
+@contextmanager
+def baselines(where: Baselines) -> Iterator[None]:
+    token = _BASELINES.set(where)
+    try:
+        yield
+    finally:
+        _BASELINES.reset(token)
+
+
 @contextmanager
 def report_folder(folder: Callable[[], Path]) -> Iterator[None]:
     """Where assert_parity writes reports inside this block (`folder()` is called only when needed);
@@ -138,7 +160,8 @@ def report_folder(folder: Callable[[], Path]) -> Iterator[None]:
 def assert_parity(ref: str | os.PathLike, cand: str | os.PathLike, oracle: str | os.PathLike | None = None,
                   map: str | os.PathLike | None = None, only: str | Iterable[str] | None = None, *,  # noqa: A002
                   isolated: str | os.PathLike | None = None, tolerances: str | os.PathLike | None = None,
-                  report_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+                  report_dir: str | os.PathLike | None = None, baseline: str | os.PathLike | None = None,
+                  baseline_margin: float | None = None) -> dict[str, Any]:
     """Raise NotAtParity unless the candidate run `cand` agrees with the reference run `ref`.
 
     `oracle`: the reference's fp64 run, for calibrated thresholds (default: `ref.oracle` when `ref`
@@ -148,7 +171,10 @@ def assert_parity(ref: str | os.PathLike, cand: str | os.PathLike, oracle: str |
     In an isolated run, block inputs are the reference's own and are not judged. `isolated`: an
     isolated-mode run too, to name culprit blocks. The failure message names the worst tensor, its
     metrics and threshold, and the HTML report written for it (into `report_dir`, by default the
-    test's folder under pytest's temporary folder, or a new temporary folder). Returns the summary."""
+    test's folder under pytest's temporary folder, or a new temporary folder). `baseline`: a previous
+    summary.json (or its folder; by default the test's folder under the plugin's --parity-baseline DIR, when
+    it holds one): then only a regression since it fails (judging.baseline), not a divergence it shares.
+    Deviations accepted in `tolerances` ([[deviation]]) count as agreement. Returns the summary."""
     __tracebackhide__ = True
     from sd_parity.judging.compare import compare_runs
     from sd_parity.judging.verdict import make_verdict
@@ -164,12 +190,42 @@ def assert_parity(ref: str | os.PathLike, cand: str | os.PathLike, oracle: str |
     summary = build_summary(comparison, make_verdict(comparison, isolated_comparison), isolated_comparison)
     selected = _selected(comparison, only)
     bad = [r for r in selected if r.status in BAD]
-    compared = [r for r in selected if r.status in ("pass", "fail")]
-    if report_dir is not None or bad or not compared:
+    compared = [r for r in selected if r.status in ("pass", "fail", "accepted")]
+    regression = _against_baseline(summary, selected, baseline, baseline_margin)
+    failed = bool(regression["regressed"]) if regression is not None else bool(bad)
+    if report_dir is not None or failed or not compared:
         report = _write_report(summary, report_dir)
-    if compared and not bad:
+    _write_baseline(summary)
+    if compared and not failed:
         return summary
-    raise NotAtParity(_failure_message(summary, comparison, selected, bad, only, report), summary, report)
+    message = _failure_message(summary, comparison, selected, bad, only, report)
+    if regression is not None:
+        message = f"{regression['text']}\nBaseline: {regression['path']}\n{message}"
+    raise NotAtParity(message, summary, report)
+
+
+def _against_baseline(summary: dict[str, Any], selected: list, baseline, margin: float | None) -> dict | None:
+    """The baseline section of `summary` for the selected tensors, when a baseline is given or found."""
+    from sd_parity.judging.baseline import DEFAULT_MARGIN, compare_to_baseline, load_baseline
+
+    if baseline is None:
+        folder = _BASELINES.get().read
+        found = folder() / "summary.json" if folder is not None else None
+        baseline = found if found is not None and found.is_file() else None
+    if baseline is None:
+        return None
+    section = compare_to_baseline(summary, load_baseline(baseline), margin or DEFAULT_MARGIN,
+                                  keys={r.key for r in selected})
+    summary["baseline"] = section
+    return section
+
+
+def _write_baseline(summary: dict[str, Any]) -> None:
+    from sd_parity.reports.summary import SUMMARY_FILE, write_summary_json
+
+    folder = _BASELINES.get().write
+    if folder is not None:
+        write_summary_json(summary, folder() / SUMMARY_FILE)
 
 
 def _selected(comparison, only: str | Iterable[str] | None) -> list:

@@ -1,5 +1,6 @@
 """The pytest plugin, as a port author uses it in the port's own test suite: a cached reference run from a
 fixture, the port run against it, and assert_parity with a failure message that says what to look at."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -56,12 +57,21 @@ def test_faulty_port(parity_reference):
 '''
 
 
+def _port_suite(tmp_path, *options):
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--parity-reports",
+                           str(tmp_path / "reports"), *options, "test_port.py"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+
+
 def test_the_plugin_loads_by_entry_point_in_a_ports_own_suite(tmp_path):
     (tmp_path / "test_port.py").write_text(PORT_TESTS.format(port=PORT))
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--parity-reports",
-                           str(tmp_path / "reports"), "test_port.py"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=900)
+    done = _port_suite(tmp_path, "--parity-write-baseline", str(tmp_path / "baseline"))
     assert "1 failed, 1 passed" in done.stdout, done.stdout[-3000:]
     assert "Not at parity in unet: " in done.stdout and "Worst tensor: unet/" in done.stdout
     assert (tmp_path / "reports" / "test_port.py-test_faulty_port" / "report.html").is_file()
     assert not (tmp_path / "reports" / "test_port.py-test_port").exists()  # a passing check writes nothing
+    # the known divergence is in the baseline: against it, nothing got worse and both checks pass
+    written = json.loads((tmp_path / "baseline" / "test_port.py-test_faulty_port" / "summary.json").read_text())
+    assert written["verdict"]["status"] == "divergence"
+    done = _port_suite(tmp_path, "--parity-baseline", str(tmp_path / "baseline"))
+    assert "2 passed" in done.stdout, done.stdout[-3000:]

@@ -8,7 +8,7 @@ the first divergence (free mode) and the culprit (isolated mode) name the faulte
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -147,6 +147,26 @@ def _group_norm_eps(eps: float):
     return lambda ops: lambda x, groups, w, b, _eps: ops.group_norm(x, groups, w, b, eps)
 
 
+def _sincos_table(step: float):
+    """The time embedding's sin and cos looked up in a table of `step`-radian entries (the nearest one), as
+    ports on targets without fast transcendental functions do: every phase is off by up to step / 2.
+    Not a bug but a deviation a port may choose to live with (docs/tolerances.md, accepted deviations)."""
+    def make(ops):
+        def embedding(timesteps, dim, flip_sin_to_cos, *args, **kwargs):
+            exact = np.asarray(ops.to_numpy(ops.timestep_embedding(timesteps, dim, flip_sin_to_cos, *args, **kwargs)),
+                               dtype=np.float64)
+            half = dim // 2
+            sin, cos = exact[:, :half], exact[:, half:2 * half]
+            if flip_sin_to_cos:
+                sin, cos = cos, sin
+            phase = np.round(np.arctan2(sin, cos) / step) * step
+            table = np.concatenate([np.cos(phase), np.sin(phase)] if flip_sin_to_cos else [np.sin(phase), np.cos(phase)],
+                                   axis=-1)
+            return ops.asarray(np.concatenate([table, exact[:, 2 * half:]], axis=-1).astype(np.float32))
+        return embedding
+    return _on_component("unet", timestep_embedding=make)
+
+
 def _shifted_sampler(make):
     def shifted(*args, **kwargs):
         sampler = make(*args, **kwargs)
@@ -189,6 +209,10 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
           lambda sd: _patched(sd.models.vae.config, "scaling_factor", 0.2)),
     Fault("guidance_swap", "classifier-free guidance with its halves swapped", (("pipeline", "noise_pred"),),
           lambda sd: _patched(sd, "guide", lambda uncond, text, scale: text + scale * (uncond - text))),
+    Fault("sincos_table", "time embedding sin/cos from a table of 2^-10 rad steps (an accepted deviation's double)",
+          (("unet", "time_proj"),), _sincos_table(2.0 ** -10)),
+    Fault("sincos_table_coarse", "time embedding sin/cos from a table of 2^-6 rad steps (the deviation grown 16x)",
+          (("unet", "time_proj"),), _sincos_table(2.0 ** -6)),
     Fault("transformer_norm_eps", "the UNet transformer's GroupNorm with the resnets' eps 1e-5 instead of 1e-6",
           (("unet", UNET_TRANSFORMER_NORM),), _on_module("unet", UNET_TRANSFORMER_NORM, group_norm=_group_norm_eps(1e-5)),
           model="tiny-sd1-stress"),
@@ -201,6 +225,20 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
 
 
 def fault(name: str) -> Fault:
-    if name not in FAULTS:
-        raise BadInput(f"unknown fault {name!r}; known: {', '.join(FAULTS)}")
-    return FAULTS[name]
+    """A known fault by name; "a+b" applies several at once (an accepted deviation and a bug, say)."""
+    unknown = [part for part in name.split("+") if part not in FAULTS]
+    if unknown:
+        raise BadInput(f"unknown fault {unknown[0]!r}; known: {', '.join(FAULTS)}")
+    faults = [FAULTS[part] for part in name.split("+")]
+    if len(faults) == 1:
+        return faults[0]
+    return Fault(name, "; ".join(f.description for f in faults), tuple(w for f in faults for w in f.where),
+                 lambda sd: _together(sd, faults), model=faults[0].model, dtype=faults[0].dtype)
+
+
+@contextmanager
+def _together(sd, faults: list[Fault]) -> Iterator[None]:
+    with ExitStack() as stack:
+        for one in faults:
+            stack.enter_context(one.apply(sd))
+        yield

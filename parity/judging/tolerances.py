@@ -67,12 +67,7 @@ class Override:
     compiled: re.Pattern | None = field(default=None, compare=False, repr=False)
 
     def matches(self, component: str, invocation: str, name: str) -> bool:
-        """A pattern with a '/' is matched against component/invocation/name, otherwise against name."""
-        assert self.compiled is not None
-        subject = f"{component}/{invocation}/{name}" if "/" in self.pattern else name
-        if self.kind == "regex":
-            return self.compiled.search(subject) is not None
-        return self.compiled.fullmatch(subject) is not None
+        return pattern_matches(self.pattern, self.kind, self.compiled, component, invocation, name)
 
     def describe(self) -> dict[str, Any]:
         out = {"pattern": self.pattern, "kind": self.kind, "reason": self.reason}
@@ -82,6 +77,27 @@ class Override:
         if self.skip:
             out["skip"] = True
         return out
+
+
+def pattern_matches(pattern: str, kind: str, compiled: re.Pattern | None, component: str, invocation: str,
+                    name: str) -> bool:
+    """An override's (or a deviation's) pattern: one with a '/' is matched against component/invocation/name,
+    otherwise against the name; a glob matches all of it, a regex anywhere (re.search)."""
+    assert compiled is not None
+    subject = f"{component}/{invocation}/{name}" if "/" in pattern else name
+    if kind == "regex":
+        return compiled.search(subject) is not None
+    return compiled.fullmatch(subject) is not None
+
+
+def compile_pattern(raw: dict, label: str) -> tuple[str, str, re.Pattern]:
+    """(kind, pattern, compiled) of a rule's `pattern` (glob) or `regex` key."""
+    kind, pattern = one_pattern(raw, ("pattern", "regex"), label, ToleranceConfigError)
+    try:
+        compiled = re.compile(pattern if kind == "regex" else glob_to_regex(pattern))
+    except re.error as exc:
+        raise ToleranceConfigError(f"{label} {pattern!r}: bad regular expression: {exc}") from exc
+    return ("regex" if kind == "regex" else "glob"), pattern, compiled
 
 
 @dataclass(frozen=True)
@@ -146,6 +162,7 @@ class Tolerances:
     outlier_factor: float = DEFAULT_OUTLIER_FACTOR
     floor_ulps: float = DEFAULT_FLOOR_ULPS
     overrides: list[Override] = field(default_factory=list)
+    deviations: list = field(default_factory=list)  # [[deviation]]: judging.deviations.Deviation
     source: str | None = None
     reason: str | None = None  # why the global settings differ from the defaults, when they do
 
@@ -208,7 +225,7 @@ class Tolerances:
                                        f"{sorted(allowed)}")
         changed = [key for key in ("quantile", "outlier_factor", "floor_ulps") if key in settings]
         if changed:
-            tol.reason = _require_reason(settings, f"{where}: [tolerances] sets {', '.join(sorted(changed))}")
+            tol.reason = require_reason(settings, f"{where}: [tolerances] sets {', '.join(sorted(changed))}")
         for key in ("quantile", "outlier_factor", "floor_ulps"):
             if key in settings:
                 setattr(tol, key, _number(settings[key], f"{where}: tolerances.{key}", key))
@@ -222,13 +239,16 @@ class Tolerances:
             extra = set(sub) - {"rtol", "atol", "k", "reason"}
             if extra:
                 raise ToleranceConfigError(f"{label}: unknown keys {sorted(extra)}; use rtol, atol, k, reason")
-            _require_reason(sub, label)
+            require_reason(sub, label)
             rtol, atol = tol.dtypes[dtype]
             tol.dtypes[dtype] = (_number(sub.get("rtol", rtol), f"{label} rtol", "rtol"),
                                  _number(sub.get("atol", atol), f"{label} atol", "atol"))
             if "k" in sub:
                 tol.k[dtype] = _number(sub["k"], f"{label} k", "k")
         tol.overrides = [_parse_override(raw, i, where) for i, raw in enumerate(raw_overrides, start=1)]
+        from .deviations import parse_deviations  # (it judges with this module's patterns)
+
+        tol.deviations = parse_deviations(table.get("deviation", []), where)
         return tol
 
     # -- per tensor -----------------------------------------------------------------------------------
@@ -259,6 +279,7 @@ class Tolerances:
             "outlier_factor": self.outlier_factor,
             "floor_ulps": self.floor_ulps,
             "overrides": [o.describe() for o in self.overrides],
+            "deviations": [d.describe() for d in self.deviations],
         }
 
 
@@ -369,7 +390,7 @@ def _fmt(value: float) -> str:
 # parsing helpers
 
 
-def _require_reason(table: dict, label: str) -> str:
+def require_reason(table: dict, label: str) -> str:
     reason = table.get("reason")
     if not isinstance(reason, str) or not reason.strip():
         raise ToleranceConfigError(f"{label} has no reason; add reason = \"why this tolerance differs\" "
@@ -395,7 +416,7 @@ def _parse_override(raw, index: int, where: str) -> Override:
         raise ToleranceConfigError(f"{label}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
     kind, pattern = one_pattern(raw, ("pattern", "regex"), label, ToleranceConfigError)
     label = f"{where}: override {pattern!r}"
-    reason = _require_reason(raw, label)
+    reason = require_reason(raw, label)
     skip = raw.get("skip", False)
     if not isinstance(skip, bool):
         raise ToleranceConfigError(f"{label}: skip must be true or false")
