@@ -14,6 +14,7 @@ from pathlib import Path
 from sd_parity.errors import BadInput
 from sd_parity.escaping import printable
 from sd_parity.outputs import check_output_file
+from sd_parity.judging.baseline import DEFAULT_MARGIN, check_margin, compare_to_baseline, load_baseline
 from sd_parity.judging.compare import compare_runs
 from sd_parity.judging.name_map import NameMap, NameMapError
 from sd_parity.judging.scope import REQUIRE, Scope, ScopeError
@@ -43,7 +44,17 @@ def register(subparsers) -> None:
                         help="folder for summary.json and junit.xml (created if missing)")
     parser.add_argument("--top", type=int, default=10, help="how many tensors the table lists (default 10)")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_baseline_arguments(parser)
     parser.set_defaults(handler=run)
+
+
+def add_baseline_arguments(parser, folder: str = "summary.json") -> None:
+    """--baseline and --baseline-margin: shared by `parity compare` and `parity run`."""
+    parser.add_argument("--baseline", type=Path, default=None, metavar=f"PREVIOUS/{folder}",
+                        help="report only what got worse since this previous comparison (newly divergent tensors, "
+                             "ratios grown beyond the margin, vanished and new tensors); exit 1 only for that")
+    parser.add_argument("--baseline-margin", type=float, default=DEFAULT_MARGIN, metavar="FACTOR",
+                        help=f"how much a tensor's ratio may grow before it counts as worse (default {DEFAULT_MARGIN})")
 
 
 def add_naming_arguments(parser, model_dir: bool = True) -> None:
@@ -91,6 +102,8 @@ def run(args) -> int:
     except ToleranceConfigError as exc:
         raise BadInput(str(exc)) from exc
     name_map, scope = naming_options(args)
+    baseline = load_baseline(args.baseline) if args.baseline is not None else None
+    check_margin(args.baseline_margin)
 
     progress = None if args.quiet or not sys.stderr.isatty() else _progress
     try:
@@ -113,12 +126,14 @@ def run(args) -> int:
 
     verdict = make_verdict(comparison, isolated)
     summary = build_summary(comparison, verdict, isolated, config_source=tolerances.source)
+    if baseline is not None:
+        summary["baseline"] = compare_to_baseline(summary, baseline, args.baseline_margin)
     from sd_parity.reports.html.drilldown import add_drilldowns  # tensor data the HTML report drills into
     add_drilldowns(summary)
     written = render_outputs(summary, args.output_dir)
     print(format_table(summary, top=args.top))
     print(printable("written: " + ", ".join(str(p) for p in written)))
-    return verdict.exit_code
+    return summary["baseline"]["exit_code"] if baseline is not None else verdict.exit_code
 
 
 def _check_output_dir(out: Path) -> None:

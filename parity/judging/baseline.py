@@ -45,12 +45,17 @@ def load_baseline(path: str | os.PathLike) -> dict[str, Any]:
     return baseline
 
 
+def check_margin(margin: float) -> float:
+    if not 1 <= margin < math.inf:
+        raise BadInput(f"--baseline-margin {margin}: a margin is a factor >= 1 (e.g. 1.5: 50% growth)")
+    return margin
+
+
 def compare_to_baseline(summary: dict[str, Any], baseline: dict[str, Any], margin: float = DEFAULT_MARGIN,
                         keys: set[str] | None = None) -> dict[str, Any]:
     """The baseline section of a summary: what got worse, what is new, what vanished; and the exit code.
     `keys`: track only these tensors (assert_parity's `only`)."""
-    if not margin >= 1:
-        raise BadInput(f"--baseline-margin {margin}: a margin is a factor >= 1 (e.g. 1.5: 50% growth)")
+    check_margin(margin)
     found = {"newly_divergent": [], "worse": [], "vanished": [], "new": [], "improved": 0}
     for run in ("free", "isolated"):
         now, before = _rows(summary, run, keys), _rows(baseline, run, keys)

@@ -396,6 +396,12 @@ def format_table(summary: dict[str, Any], top: int = 10, width: int | None = Non
         worst = culprit["worst"]
         lines.append(f"culprit in isolation: {culprit['block']} ({culprit['component']}.{culprit['path']}) in "
                      f"{_list(culprit['invocations'])}; worst {worst['key']} ratio {_num(worst['ratio'])}")
+    for deviation in (summary.get("deviations") or {}).get("deviations", []):
+        lines.append(f"deviation {deviation['pattern']!r} {deviation['status'].replace('_', ' ')}: worst "
+                     f"{deviation['worst'] or '-'} ratio {_num(deviation['worst_ratio'])} (limit {_num(deviation['limit'])}); "
+                     f"{deviation['reason']}")
+    if summary.get("baseline"):
+        lines.append(f"baseline {summary['baseline']['path']}: {summary['baseline']['text']}")
     rows = summary["tensors"]
     bad = [r for r in rows if r["status"] in _GROUP_BAD]
     if bad:
