@@ -1,0 +1,201 @@
+"""Where cases run: `parity run --jobs N` (local worker processes) and `--executor ray` give the summaries a
+single process gives, and the estimates that decide how many cases fit at once.
+
+Each executor runs with its own empty run cache, so every run of the compared cases (reference, fp64
+oracle, both candidates free and isolated) is produced by that executor's workers. The cases are the
+CI suite's stochastic-sampler pair (euler_ancestral, torch and numpy, calibrated, free and isolated) at
+one step: the full suite, both ways, is the slow test at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sd_parity.cases.case import Case
+from sd_parity.cases.executors import dispatch_order
+from sd_parity.cases.resources import ACTIVATION_FACTOR, PROCESS_BYTES, case_memory, local_plan, parameter_count
+from sd_parity.cli import main
+from sd_parity.paths import RUNS_ENV
+from sd_parity.runs.config import RunConfig
+
+CASES = ["--model", "tiny-sd1", "--steps", "1", "--scheduler", "euler_ancestral", "--candidate", "torch", "numpy"]
+NAMES = ("txt2img-euler_ancestral-torch-fp32", "txt2img-euler_ancestral-numpy-fp32")
+
+
+def compared(summary: dict) -> dict:
+    """A summary without what depends on when and where it ran: its creation time, the comparisons' timing,
+    and the run files' paths (the run cache's folder on the machine that produced them)."""
+    out = {key: value for key, value in summary.items() if key not in ("created", "timing")}
+    if out.get("isolated"):
+        out["isolated"] = {key: value for key, value in out["isolated"].items() if key != "timing"}
+    out["runs"] = {role: run and {key: value for key, value in run.items() if key != "path"}
+                   for role, run in summary["runs"].items()}
+    return out
+
+
+def run_parity(argv: list[str], cache: Path, capfd) -> tuple[int, str, str]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(RUNS_ENV, str(cache))
+        code = main(argv)
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def summaries(folder: Path) -> dict[str, dict]:
+    return {name: json.loads((folder / name / "summary.json").read_text()) for name in NAMES}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory):
+    """`parity run --jobs 2` on the two cases with an empty run cache, as a command (its workers write to the
+    file descriptors a module-scoped fixture cannot capture): (exit code, stdout, stderr, output folder)."""
+    folder = tmp_path_factory.mktemp("local")
+    done = subprocess.run([sys.executable, "-m", "sd_parity", "run", *CASES, "--jobs", "2",
+                           "--output-dir", str(folder / "out")], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, RUNS_ENV: str(folder / "cache")})
+    return done.returncode, done.stdout, done.stderr, folder / "out"
+
+
+def test_parity_run_jobs_2_runs_two_cases_at_once_with_their_reports_and_one_index(local_run):
+    code, out, err, folder = local_run
+    assert code == 0, err[-3000:]
+    assert "parity: 2 cases at once, 1 thread each" in err
+    progress = [int(m) for m in re.findall(r"^\[(\d)/2\] ", err, flags=re.M)]
+    first_done = max(i for i, number in enumerate(progress) if number == 1)
+    assert 2 in progress[:first_done], "the second case started only after the first had finished"
+    finished = re.findall(r"^ok +(\S+) +parity: ", out, flags=re.M)
+    assert sorted(finished) == sorted(NAMES)
+    index = json.loads((folder / "parity.json").read_text())
+    assert [case["name"] for case in index["cases"]] == list(NAMES)  # the order of the cases, not of finishing
+    assert index["status"] == "parity"
+    for name, summary in summaries(folder).items():
+        assert summary["verdict"]["status"] == "parity", summary["verdict"]["text"]
+        assert summary["case"]["calibrated"] and summary["isolated"] is not None
+        counts = summary["coverage"]["counts"]
+        assert counts["pass"] == summary["coverage"]["ref_tensors"] > 900  # every tensor of tiny-sd1's step
+        assert (folder / name / "report.html").stat().st_size > 0 and (folder / name / "junit.xml").exists()
+    junit = (folder / "junit.xml").read_text()
+    assert all(f'name="{name}.parity"' in junit for name in NAMES)
+
+
+def test_the_ray_executor_gives_the_local_executors_summaries(local_run, tmp_path, capfd):
+    ray = pytest.importorskip("ray")
+    code, _, err, local = local_run
+    assert code == 0, err[-3000:]
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")  # a local cluster of this machine
+    try:
+        code, out, err = run_parity(["run", *CASES, "--executor", "ray", "--output-dir", str(tmp_path / "out")],
+                                    tmp_path / "cache", capfd)
+    finally:
+        ray.shutdown()
+    assert code == 0, err[-3000:]
+    on_ray, here = summaries(tmp_path / "out"), summaries(local)
+    for name in NAMES:
+        assert on_ray[name]["runs"]["reference"]["path"].startswith(str(tmp_path / "cache"))  # made by Ray's workers
+        assert compared(on_ray[name]) == compared(here[name]), name
+    assert {p.name for p in (tmp_path / "out" / NAMES[0]).iterdir()} == {p.name for p in (local / NAMES[0]).iterdir()}
+    index = json.loads((tmp_path / "out" / "parity.json").read_text())
+    assert [(c["name"], c["status"], c["verdict"]) for c in index["cases"]] == [
+        (c["name"], c["status"], c["verdict"]) for c in json.loads((local / "parity.json").read_text())["cases"]]
+
+
+def test_without_the_ray_extra_the_ray_executor_is_bad_input(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what importlib finds when ray is not installed
+    code = main(["run", "--model", "tiny-sd1", "--steps", "1", "--candidate", "numpy", "--executor", "ray",
+                 "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "install sd-parity[ray]" in err and "Traceback" not in err
+
+
+def test_the_ray_address_needs_the_ray_executor(tmp_path, capsys):
+    assert main(["run", "--model", "tiny-sd1", "--ray-address", "auto", "--output-dir", str(tmp_path)]) == 2
+    assert "--ray-address is for --executor ray" in capsys.readouterr().err
+
+
+def test_parameter_count_matches_the_models_own_modules(tiny_model):
+    import torch  # noqa: F401 - diffusers' modules
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    modules = [UNet2DConditionModel.from_pretrained(tiny_model / "unet"), AutoencoderKL.from_pretrained(tiny_model / "vae"),
+               CLIPTextModel.from_pretrained(tiny_model / "text_encoder")]
+    expected = sum(p.numel() for module in modules for p in module.parameters())
+    # the text encoder's position ids are a buffer in the module and a tensor in some files: count parameters only
+    assert parameter_count(tiny_model) in (expected, expected + 77)
+
+
+def test_the_memory_estimate_follows_the_widest_run_of_a_case(tiny_model):
+    params = parameter_count(tiny_model)
+    config = RunConfig(model="tiny-sd1", dtype="fp16")
+    assert case_memory(Case(config, "torch")) == int(params * 8 * ACTIVATION_FACTOR) + PROCESS_BYTES  # fp64 oracle
+    assert case_memory(Case(config, "torch", calibrated=False)) == int(params * 4 * ACTIVATION_FACTOR) + PROCESS_BYTES
+
+
+def test_no_more_cases_start_at_once_than_the_memory_holds(tiny_model, monkeypatch):
+    cases = [Case(RunConfig(model="tiny-sd1", scheduler=s), "numpy") for s in ("ddim", "pndm", "euler", "lms")]
+    need = case_memory(cases[0])
+    monkeypatch.setattr("sd_parity.cases.resources.usable_cpus", lambda: 8)
+    monkeypatch.setattr("sd_parity.cases.resources.available_memory", lambda: int(need * 2.5))
+    plan = local_plan(cases)
+    assert (plan.jobs, plan.threads) == (2, 4)
+    assert "2 cases at once, not 4" in plan.note
+    assert local_plan(cases, jobs=1) == local_plan(cases, jobs=1, threads=8)
+    monkeypatch.setattr("sd_parity.cases.resources.available_memory", lambda: need // 2)
+    assert local_plan(cases, jobs=3).jobs == 1  # one case always runs, even where it may not fit
+
+
+def test_cases_sharing_a_reference_do_not_start_together():
+    configs = [RunConfig(model="tiny-sd1", scheduler=s) for s in ("ddim", "pndm", "euler")]
+    cases = [Case(config, candidate) for config in configs for candidate in ("torch", "numpy")]
+    assert dispatch_order(cases) == [0, 2, 4, 1, 3, 5]
+
+
+def test_concurrent_producers_of_one_cached_run_make_it_once(tmp_path, monkeypatch, tiny_model):
+    from sd_parity.runs.cache import cached_run
+
+    monkeypatch.setenv(RUNS_ENV, str(tmp_path))
+    made = []
+
+    def produce(config, path):
+        made.append(path)
+        time.sleep(0.5)  # long enough for the other thread to find the run missing and wait on its lock
+        path.write_bytes(b"run")
+        return path
+
+    config = RunConfig(model="tiny-sd1")
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(cached_run(config, "reference", produce)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(made) == 1 and paths[0] == paths[1] == made[0] and made[0].read_bytes() == b"run"
+
+
+@pytest.mark.slow
+def test_the_ci_suite_gives_the_same_summaries_locally_and_on_ray(tmp_path, capfd):
+    ray = pytest.importorskip("ray")
+    code, _, err = run_parity(["suite", "--jobs", "2", "--output-dir", str(tmp_path / "local")], tmp_path / "a", capfd)
+    assert code == 0, err[-3000:]
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        code, _, err = run_parity(["suite", "--executor", "ray", "--output-dir", str(tmp_path / "ray")],
+                                  tmp_path / "b", capfd)
+    finally:
+        ray.shutdown()
+    assert code == 0, err[-3000:]
+    names = [c["name"] for c in json.loads((tmp_path / "local" / "parity.json").read_text())["cases"]]
+    assert len(names) == 12
+    for name in names:
+        local, on_ray = (json.loads((tmp_path / side / name / "summary.json").read_text()) for side in ("local", "ray"))
+        assert compared(on_ray) == compared(local), name
