@@ -8,6 +8,7 @@ own report folder; the index over all of them is written by the caller once ever
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import sys
@@ -68,12 +69,19 @@ def enter_worker(env: dict[str, str], threads: int) -> None:
 
 
 def dispatch_order(cases: list[Case]) -> list[int]:
-    """Case positions in the order to start them: one case of each run configuration first, so cases
-    that start together produce different reference and oracle runs rather than wait for one another's."""
-    groups: dict[str, list[int]] = {}
+    """Case positions in the order to start them, so that cases starting together make different runs
+    rather than wait for one another's: one case per fp64 oracle first (an oracle serves every dtype of
+    a configuration), and within an oracle's cases one per reference first."""
+    by_oracle: dict[str, dict[str, list[int]]] = {}
     for position, case in enumerate(cases):
-        groups.setdefault(repr(case.config), []).append(position)
-    return [p for row in itertools.zip_longest(*groups.values()) for p in row if p is not None]
+        oracle = dataclasses.replace(case.config, dtype="fp64") if case.calibrated else case.config
+        by_oracle.setdefault(repr(oracle), {}).setdefault(repr(case.config), []).append(position)
+    return _interleave([_interleave(list(references.values())) for references in by_oracle.values()])
+
+
+def _interleave(groups: list[list[int]]) -> list[int]:
+    """The first of each group, then the second of each, ..."""
+    return [p for row in itertools.zip_longest(*groups) for p in row if p is not None]
 
 
 def run_locally(cases: list[Case], output_dir: Path, tolerances: Tolerances | None, options: ExecutorOptions,

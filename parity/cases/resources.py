@@ -6,12 +6,13 @@ in one process (the reference in the case's dtype, the fp64 oracle when calibrat
 impl/ computes in fp32 at least), each loading every weight of the model in its dtype, then compares
 tensor by tensor. The widest run sets the peak:
 
-    peak ~= parameters x bytes per parameter of the widest run x 1.3 + 1 GiB
+    peak ~= parameters x bytes per parameter of the widest run x (1 + 0.7 x images x pixels / default pixels)
+            + 1 GiB
 
-The 1.3 covers the activations at the model's default size, the capture writer's queue and allocator
-slack (sd15-arch, fp32, guided UNet call at 64x64 latents: 1.15 GB of activations over 3.44 GB of UNet
-weights, docs/benchmarks.md); 1 GiB is the interpreter with torch, diffusers and transformers loaded.
-
+0.7 is the activations (UNet, VAE decoder, the capture writer's queue) per byte of weights for one image
+at the model's default size: measured on sd15-arch, fp32, 512x512, a whole case (reference, torch free
+and isolated, compare): peak RSS 7.56 GB = 4.27 GB of weights + 0.45 GB of imports + 2.84 GB. They grow
+with the image's pixels and the batch. 1 GiB is the interpreter with torch, diffusers and transformers.
 Threads: every case computes with an explicit thread count, given to its worker through the
 environment before torch or BLAS load, so cases running side by side never oversubscribe the CPUs.
 The count decides torch's reduction order (oneDNN picks kernels by it), so the same count gives the
@@ -19,6 +20,7 @@ same numbers whichever executor runs the case.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ from sd_parity.paths import MODELS_ENV, RUNS_ENV
 from .case import Case
 
 BYTES_PER_PARAMETER = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
-ACTIVATION_FACTOR = 1.3
+ACTIVATIONS_PER_WEIGHT = 0.7  # one image at the model's default size (module docstring)
 PROCESS_BYTES = 1 << 30
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 GIB = float(1 << 30)
@@ -87,9 +89,20 @@ def parameter_count(model_dir: Path) -> int:
 
 def case_memory(case: Case) -> int:
     """Estimated peak bytes of one case (module docstring)."""
-    widest = max(BYTES_PER_PARAMETER[case.config.dtype], BYTES_PER_PARAMETER["fp32"],
+    config = case.config
+    model_dir = config.model_dir().resolve()
+    widest = max(BYTES_PER_PARAMETER[config.dtype], BYTES_PER_PARAMETER["fp32"],
                  BYTES_PER_PARAMETER["fp64"] if case.calibrated else 0)
-    return int(parameter_count(case.config.model_dir().resolve()) * widest * ACTIVATION_FACTOR) + PROCESS_BYTES
+    images = len(config.prompts()) * config.images_per_prompt
+    scale = images * config.height * config.width / default_pixels(model_dir)
+    return int(parameter_count(model_dir) * widest * (1 + ACTIVATIONS_PER_WEIGHT * scale)) + PROCESS_BYTES
+
+
+@lru_cache(maxsize=None)
+def default_pixels(model_dir: Path) -> int:
+    """Pixels of the image size the model was made for (its UNet's sample_size, in latents of 8 pixels)."""
+    side = json.loads((model_dir / "unet" / "config.json").read_text()).get("sample_size", 64) * 8
+    return side * side
 
 
 def available_memory() -> int:
