@@ -110,7 +110,7 @@ def run_locally(cases: list[Case], output_dir: Path, tolerances: Tolerances | No
                 results[position] = future.result()
             except BrokenProcessPool:
                 raise CaseWorkerDied(
-                    f"a case worker died while running {cases[position].name} (killed, most often for memory); "
+                    f"a case worker died before {cases[position].name} returned (killed, most often for memory); "
                     f"run fewer cases at once (--jobs) or on a machine with more memory") from None
             finished(position, results[position])
     except BaseException:
