@@ -144,15 +144,19 @@ def test_the_memory_estimate_follows_the_widest_run_of_a_case_and_its_image_size
     assert case_memory(Case(big, "torch", calibrated=False)) == int(params * 4 * (1 + 0.7 * 8)) + PROCESS_BYTES
 
 
-def test_no_more_cases_start_at_once_than_the_memory_holds(tiny_model, monkeypatch):
+def test_no_more_cases_start_at_once_than_the_memory_holds_and_each_gets_a_share_of_the_cpus(tiny_model, monkeypatch):
     cases = [Case(RunConfig(model="tiny-sd1", scheduler=s), "numpy") for s in ("ddim", "pndm", "euler", "lms")]
     need = case_memory(cases[0])
     monkeypatch.setattr("sd_parity.cases.resources.usable_cpus", lambda: 8)
     monkeypatch.setattr("sd_parity.cases.resources.available_memory", lambda: int(need * 2.5))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     plan = local_plan(cases)
     assert (plan.jobs, plan.threads) == (2, 4)
     assert "2 cases at once, not 4" in plan.note
-    assert local_plan(cases, jobs=1) == local_plan(cases, jobs=1, threads=8)
+    monkeypatch.setattr("sd_parity.cases.resources.available_memory", lambda: need * 10)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's cap per process stays a cap
+    assert (local_plan(cases, jobs=2).threads, local_plan(cases).threads) == (3, 2)
+    assert local_plan(cases, jobs=1) == local_plan(cases, jobs=1, threads=3)
     monkeypatch.setattr("sd_parity.cases.resources.available_memory", lambda: need // 2)
     assert local_plan(cases, jobs=3).jobs == 1  # one case always runs, even where it may not fit
 

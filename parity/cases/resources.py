@@ -50,6 +50,12 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def thread_cap() -> int | None:
+    """The OMP_NUM_THREADS the user set (its first entry: "4,2" is a nested-parallelism list), if any."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def thread_environment(threads: int) -> dict[str, str]:
     """The variables that set every thread pool of a fresh worker process to `threads`."""
     return {name: str(threads) for name in THREAD_ENV}
@@ -133,7 +139,7 @@ def local_plan(cases: list[Case], jobs: int | None = None, threads: int | None =
 
     As many as asked (default: one per usable CPU, or one when the cases run on an accelerator), never
     more than the cases, nor than fit in the memory available now; threads: as given, else the CPUs
-    split among the cases running at once."""
+    split among the cases running at once, never above an OMP_NUM_THREADS the user set."""
     cpus = usable_cpus()
     on_cpu = all(case.config.device == "cpu" for case in cases)
     need, available = max(case_memory(case) for case in cases), available_memory()
@@ -143,7 +149,7 @@ def local_plan(cases: list[Case], jobs: int | None = None, threads: int | None =
     if count < wanted:
         note = (f"{count} case{'s' if count > 1 else ''} at once, not {wanted}: each needs about {need / GIB:.1f} GiB "
                 f"and {available / GIB:.1f} GiB are available now (docs/scaling.md)")
-    return Plan(count, threads or max(1, cpus // count), note)
+    return Plan(count, threads or max(1, min(cpus // count, thread_cap() or cpus)), note)
 
 
 def shared_environment(shared_dir: Path | None) -> dict[str, str]:
