@@ -1,6 +1,7 @@
 """Runs the real diffusers StableDiffusionPipeline with capture hooks and writes a run file."""
 from __future__ import annotations
 
+import functools
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -133,6 +134,9 @@ def _pipeline_taps(recorder: Recorder, pipe, guided: bool) -> Iterator[None]:
 
     originals = {"step": scheduler.step, "add_noise": scheduler.add_noise, "decode": vae.decode, "encode": vae.encode}
 
+    # wraps: the pipeline passes its seeded generator only to a step() whose signature shows `generator`;
+    # without it a stochastic sampler draws from torch's global RNG, which differs from process to process
+    @functools.wraps(originals["step"])
     def step(model_output, timestep, sample, *args, **kwargs):
         recorder.pipeline("noise_pred", model_output, step=recorder.step)
         result = originals["step"](model_output, timestep, sample, *args, **kwargs)

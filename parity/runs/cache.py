@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
-from sd_parity.paths import run_cache_dir
+from sd_parity.paths import exclusive, run_cache_dir
 
 from .config import RunConfig, library_versions
 
@@ -58,10 +58,15 @@ def cached_run(config: RunConfig, producer: str, produce: Callable[[RunConfig, P
     folder = run_cache_dir()
     if fingerprint is None:
         path = folder / "uncached" / f"{producer}-{mode}-{config.dtype}-{cache_key(config, producer, '', mode)}.h5"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return produce(config, path) or path
+        with exclusive(_lock(path)):
+            return produce(config, path) or path
     path = folder / f"{producer}-{mode}-{config.dtype}-{cache_key(config, producer, fingerprint, mode)}.h5"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        produce(config, path)
+        with exclusive(_lock(path)):  # concurrent cases sharing this run (parity run --jobs, Ray) make it once
+            if not path.exists():
+                produce(config, path)
     return path
+
+
+def _lock(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")

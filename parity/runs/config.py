@@ -277,7 +277,14 @@ def run_metadata(config: RunConfig, *, impl: str, model_dir: Path, x_t: np.ndarr
         "mode": mode,
         "model_path": str(model_dir.resolve()),
         "model_hash": folder_hash(model_dir),
-        "scheduler_config": json.loads(json.dumps(scheduler_config, default=str)),
+        "scheduler_config": _stable(json.loads(json.dumps(scheduler_config, default=str))),
         "x_T_sha256": hashlib.sha256(np.ascontiguousarray(x_t).tobytes()).hexdigest(),
         "versions": library_versions(),
     }
+
+
+def _stable(scheduler_config: dict) -> dict:
+    """diffusers lists `_use_default_values` from a set, in an order that changes from process to process."""
+    if isinstance(scheduler_config.get("_use_default_values"), list):
+        scheduler_config["_use_default_values"] = sorted(scheduler_config["_use_default_values"])
+    return scheduler_config
