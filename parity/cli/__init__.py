@@ -10,6 +10,7 @@ import os
 import pkgutil
 import sys
 
+from sd_parity.threads import add_threads_argument, apply as apply_threads
 
 EXIT_BAD_INPUT = 2
 
@@ -20,6 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{__name__}.{module_info.name}")
         module.register(subparsers)
+    for command in dict.fromkeys(subparsers.choices.values()):  # every command computes with the same thread policy
+        add_threads_argument(command)
     return parser
 
 
@@ -29,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     parser = build_parser()
     args = parser.parse_args(argv)
+    apply_threads(args.threads)
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .cross_device import describe as describe_devices, device_pair, widened
 from .metrics import ExactMetrics, FloatMetrics, exact_metrics, is_float, oracle_error, tensor_metrics
 from .name_map import MappedNames, NameMap, identity_map
 from sd_parity.runs.naming import block_of, module_path
@@ -162,6 +163,9 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
              tolerances: Tolerances, progress, started: float) -> Comparison:
     ref_entries = ref.entries()
     cand_entries = cand.entries()
+    devices = device_pair(ref.metadata, cand.metadata)
+    if devices is not None and oracle is None:
+        tolerances = widened(tolerances)
     cand_keys = [e.key for e in cand_entries]
     mapped: MappedNames = name_map.apply(cand_keys) if name_map is not None else identity_map(cand_keys)
     by_ref_key: dict[str, Entry] = {}
@@ -199,6 +203,8 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
 
     _fill_coverage(coverage, results, ref_entries, cand_entries, mapped)
     warnings = _metadata_warnings(ref.metadata, cand.metadata, oracle)
+    if devices is not None:
+        warnings.append(describe_devices(devices, calibrated=oracle is not None))
     if name_map is not None and mapped.unmatched:
         warnings.append(f"{len(mapped.unmatched)} candidate tensor(s) matched no rule of the name map "
                         f"({name_map.unmatched_policy}): first {mapped.unmatched[0]}")

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sd_parity.devices import check_syntax as check_device_syntax
 from sd_parity.errors import BadInput
+from sd_parity.threads import current_threads
 from .selection import CaptureSpec, default_spec
 from sd_parity.fixtures import FIXTURES, default_size, ensure_fixture, fixed_noise, folder_hash
 
@@ -37,7 +39,7 @@ class RunConfig:
     karras: bool = False
     images_per_prompt: int = 1
     compression: str | None = None
-    device: str = "cpu"
+    device: str = "cpu"  # torch device of the reference and the torch backend: cpu, cuda[:N], mps
     pipeline: str = "txt2img"
     init_image: str | None = None
     mask_image: str | None = None
@@ -66,6 +68,7 @@ class RunConfig:
             raise BadInput(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
         if self.dtype not in DTYPES:
             raise BadInput(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        check_device_syntax(self.device)  # availability is checked where torch runs (sd_parity.devices)
         if self.capture is not None:
             CaptureSpec.parse(self.capture)  # fail before any model is loaded
 
@@ -185,5 +188,6 @@ def run_metadata(config: RunConfig, *, impl: str, model_dir: Path, x_t: np.ndarr
         "model_hash": folder_hash(model_dir),
         "scheduler_config": json.loads(json.dumps(scheduler_config, default=str)),
         "x_T_sha256": hashlib.sha256(np.ascontiguousarray(x_t).tobytes()).hexdigest(),
+        "threads": current_threads(),  # with the device, decides the kernels and so the reduction order
         "versions": library_versions(),
     }

@@ -1,0 +1,98 @@
+"""How many threads the tool computes with, applied to every thread pool in the process.
+
+One count, N, for all of them: torch's intra-op pool (OpenMP) and its inter-op pool, the BLAS
+libraries NumPy and torch link (OpenBLAS, MKL: via threadpoolctl for those already loaded, via their
+environment variables for those loaded later), and impl's NumPy worker pool (which reads
+OMP_NUM_THREADS). The default never asks for more threads than the CPUs this process may run on
+(os.sched_getaffinity), and an OMP_NUM_THREADS the user set lowers it further.
+
+OpenMP's idle threads sleep (OMP_WAIT_POLICY=PASSIVE) instead of spinning: on a shared machine a
+spinning team keeps its cores busy between the many small ops of a model call, and when another
+process holds one of them every parallel region waits for a descheduled thread (a tiny-sd1 txt2img
+ran 8-56x slower beside one busy process; docs/benchmarks.md).
+
+The thread count also decides reduction order: oneDNN picks its convolution kernels by it, so
+torch's results differ in the last bits between N=1 and N=2 (docs/precision.md). Run caches are keyed
+on it and run files record it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _env_threads() -> int | None:
+    """OMP_NUM_THREADS as a count (its first entry: "4,2" is a nested-parallelism list), or None."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def default_threads() -> int:
+    """The usable CPUs, or OMP_NUM_THREADS when it is set and smaller."""
+    return min(usable_cpus(), _env_threads() or usable_cpus())
+
+
+def current_threads() -> int:
+    """The count every pool was set to by apply() (or would get by default)."""
+    return _env_threads() or default_threads()
+
+
+def apply(threads: int | None = None) -> int:
+    """Set every pool of this process to `threads` (default: default_threads()); returns the count.
+
+    Libraries loaded later (torch, typically, imported lazily) take the count from the environment
+    variables set here, which child processes inherit too."""
+    count = int(threads) if threads else default_threads()
+    for name in THREAD_ENV:
+        os.environ[name] = str(count)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when libgomp loads: before torch's import
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=count)  # BLAS/OpenMP libraries already loaded (NumPy's OpenBLAS)
+    if "torch" in sys.modules:
+        pin_torch()
+    return count
+
+
+def pin_torch() -> None:
+    """torch's intra-op pool to the current count and its inter-op pool to one thread (eager mode never
+    runs ops concurrently; the pool only exists to serve torch.jit.fork). The inter-op count can be set
+    only before torch first uses that pool; later it stays as it was."""
+    import torch
+
+    torch.set_num_threads(current_threads())
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+
+
+def positive_count(text: str) -> int:
+    """argparse type of --threads: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a thread count; give a whole number >= 1")
+    return value
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=positive_count, default=None, metavar="N",
+                        help=f"threads for torch, BLAS and impl's NumPy pool (default: the usable CPUs, "
+                             f"{default_threads()} here, or OMP_NUM_THREADS if smaller)")
+
+
+__all__ = ["add_threads_argument", "apply", "current_threads", "default_threads", "pin_torch", "usable_cpus"]
