@@ -22,6 +22,29 @@ import os
 import sys
 
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}  # what OpenBLAS's SkylakeX kernels use
+
+
+def select_blas_kernels() -> str | None:
+    """On a CPU with AVX-512, have OpenBLAS use its AVX-512 (SkylakeX) kernels; returns the choice.
+
+    OpenBLAS picks its kernels by CPU model when it loads, and a CPU it does not know falls back to
+    an older family: NumPy's OpenBLAS 0.3.31 runs its AVX2 (Haswell) kernels on AMD Zen 5 (family 26),
+    at half the speed of its AVX-512 ones (docs/benchmarks.md). OPENBLAS_CORETYPE overrides that, read
+    when NumPy loads it, so this runs on import, before NumPy is imported; a value the user set stays."""
+    if "OPENBLAS_CORETYPE" in os.environ:
+        return os.environ["OPENBLAS_CORETYPE"]
+    if "numpy" in sys.modules:
+        return None  # too late: OpenBLAS has chosen
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    except OSError:
+        return None
+    if not _AVX512 <= flags:
+        return None
+    os.environ["OPENBLAS_CORETYPE"] = "SkylakeX"
+    return "SkylakeX"
 
 
 def usable_cpus() -> int:
@@ -93,6 +116,9 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_count, default=None, metavar="N",
                         help=f"threads for torch, BLAS and impl's NumPy pool (default: the usable CPUs, "
                              f"{default_threads()} here, or OMP_NUM_THREADS if smaller)")
+
+
+select_blas_kernels()
 
 
 __all__ = ["add_threads_argument", "apply", "current_threads", "default_threads", "pin_torch", "usable_cpus"]

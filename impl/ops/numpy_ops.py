@@ -324,7 +324,8 @@ class NumpyOps(Ops):
             xr = grouped[first:last]
             o = out[first:last]
             np.subtract(xr, xr.mean(axis=-1, keepdims=True), out=o)
-            var = np.square(o).mean(axis=-1)
+            squares = self._workspace(f"squares{worker}", o.size).reshape(o.shape)  # no fresh pages per call
+            var = np.square(o, out=squares).mean(axis=-1)
             rstd = 1.0 / np.sqrt(var + eps)
             g = np.arange(first, last) % groups
             scale = (rstd[:, None] * wg[g]).astype(self.compute, copy=False)  # (rows, per)
