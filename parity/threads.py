@@ -71,6 +71,12 @@ def current_threads() -> int:
     return _env_threads() or default_threads()
 
 
+def reduction_order() -> dict:
+    """What, beyond the code and the libraries, decides the summation order of a run on this machine:
+    the thread count (oneDNN picks kernels by it) and OpenBLAS's kernel family."""
+    return {"threads": current_threads(), "openblas_kernels": os.environ.get("OPENBLAS_CORETYPE")}
+
+
 def apply(threads: int | None = None) -> int:
     """Set every pool of this process to `threads` (default: default_threads()); returns the count.
 
@@ -121,4 +127,5 @@ def add_threads_argument(parser: argparse.ArgumentParser) -> None:
 select_blas_kernels()
 
 
-__all__ = ["add_threads_argument", "apply", "current_threads", "default_threads", "pin_torch", "usable_cpus"]
+__all__ = ["add_threads_argument", "apply", "current_threads", "default_threads", "pin_torch", "reduction_order",
+           "select_blas_kernels", "usable_cpus"]
