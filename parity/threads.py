@@ -12,8 +12,8 @@ process holds one of them every parallel region waits for a descheduled thread (
 ran 8-56x slower beside one busy process; docs/benchmarks.md).
 
 The thread count also decides reduction order: oneDNN picks its convolution kernels by it, so
-torch's results differ in the last bits between N=1 and N=2 (docs/precision.md). Run caches are keyed
-on it and run files record it.
+torch's results differ in the last bits between N=1 and N=2 (docs/precision.md). It is fixed for the
+life of the process (OMP_DYNAMIC=FALSE), run caches are keyed on it and run files record it.
 """
 from __future__ import annotations
 
@@ -86,6 +86,7 @@ def apply(threads: int | None = None) -> int:
     for name in THREAD_ENV:
         os.environ[name] = str(count)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when libgomp loads: before torch's import
+    os.environ["OMP_DYNAMIC"] = "FALSE"  # libgomp would size teams by the load average: another reduction order
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=count)  # BLAS/OpenMP libraries already loaded (NumPy's OpenBLAS)
