@@ -138,3 +138,23 @@ def test_bit_identity_suite_beside_a_busy_process():
         busy.kill()
         busy.wait()
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def _blas_choice(env: dict) -> list[str]:
+    code = ("import os, sd_parity.threads, numpy; from threadpoolctl import threadpool_info; "
+            "print(os.environ.get('OPENBLAS_CORETYPE'), [l.get('architecture') for l in threadpool_info() "
+            "if l['internal_api'] == 'openblas'][0])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return out.stdout.split(None, 1)
+
+
+def test_openblas_gets_avx512_kernels_unless_the_user_chose():
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    with open("/proc/cpuinfo") as cpuinfo:
+        avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"} <= set(cpuinfo.read().split())
+    chosen, loaded = _blas_choice(env)
+    if avx512:
+        assert chosen == "SkylakeX" and "SkylakeX" in loaded
+    else:
+        assert chosen == "None"
+    assert _blas_choice({**env, "OPENBLAS_CORETYPE": "Haswell"}) == ["Haswell", "['Haswell']"]  # the user's choice
