@@ -145,7 +145,7 @@ def _blas_choice(env: dict) -> list[str]:
             "print(os.environ.get('OPENBLAS_CORETYPE'), [l.get('architecture') for l in threadpool_info() "
             "if l['internal_api'] == 'openblas'][0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    return out.stdout.split(None, 1)
+    return out.stdout.split()
 
 
 def test_openblas_gets_avx512_kernels_unless_the_user_chose():
@@ -154,7 +154,7 @@ def test_openblas_gets_avx512_kernels_unless_the_user_chose():
         avx512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"} <= set(cpuinfo.read().split())
     chosen, loaded = _blas_choice(env)
     if avx512:
-        assert chosen == "SkylakeX" and "SkylakeX" in loaded
+        assert chosen == loaded == "SkylakeX"
     else:
         assert chosen == "None"
-    assert _blas_choice({**env, "OPENBLAS_CORETYPE": "Haswell"}) == ["Haswell", "['Haswell']"]  # the user's choice
+    assert _blas_choice({**env, "OPENBLAS_CORETYPE": "Haswell"}) == ["Haswell", "Haswell"]  # the user's choice
