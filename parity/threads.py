@@ -9,11 +9,14 @@ OMP_NUM_THREADS). The default never asks for more threads than the CPUs this pro
 OpenMP's idle threads sleep (OMP_WAIT_POLICY=PASSIVE) instead of spinning: on a shared machine a
 spinning team keeps its cores busy between the many small ops of a model call, and when another
 process holds one of them every parallel region waits for a descheduled thread (a tiny-sd1 txt2img
-ran 8-56x slower beside one busy process; docs/benchmarks.md).
+ran 8x slower beside one busy process, 65x with spinning forced; docs/benchmarks.md).
 
 The thread count also decides reduction order: oneDNN picks its convolution kernels by it, so
 torch's results differ in the last bits between N=1 and N=2 (docs/precision.md). It is fixed for the
 life of the process (OMP_DYNAMIC=FALSE), run caches are keyed on it and run files record it.
+
+Importing this module (the `parity` command does so before NumPy loads) also picks OpenBLAS's
+AVX-512 kernels on AVX-512 CPUs it would not recognise (select_blas_kernels).
 """
 from __future__ import annotations
 
