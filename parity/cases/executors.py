@@ -21,9 +21,10 @@ from typing import Callable
 
 from sd_parity.errors import SdParityError
 from sd_parity.judging.tolerances import Tolerances
+from sd_parity.threads import apply as apply_threads, environment as thread_environment
 
 from .case import Case, CaseResult, run_case
-from .resources import apply_threads, local_plan, shared_environment, thread_environment
+from .resources import local_plan, shared_environment
 
 EXECUTORS = ("local", "ray")
 

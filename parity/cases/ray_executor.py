@@ -17,10 +17,11 @@ from pathlib import Path
 
 from sd_parity.errors import SdParityError, require_extra
 from sd_parity.judging.tolerances import Tolerances
+from sd_parity.threads import environment as thread_environment
 
 from .case import Case, CaseResult
 from .executors import ExecutorOptions, Finished, dispatch_order, enter_worker, run_numbered
-from .resources import GIB, case_memory, shared_environment, thread_environment
+from .resources import GIB, case_memory, shared_environment
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}  # a worker never reaches a model hub either
 

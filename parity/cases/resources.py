@@ -22,51 +22,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from sd_parity.paths import MODELS_ENV, RUNS_ENV
+from sd_parity.threads import env_threads, usable_cpus
 
 from .case import Case
 
 BYTES_PER_PARAMETER = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
 ACTIVATIONS_PER_WEIGHT = 0.7  # one image at the model's default size (module docstring)
 PROCESS_BYTES = 1 << 30
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 GIB = float(1 << 30)
-
-
-# ---------------------------------------------------------------------------------------------------
-# threads (parity/threads.py will own this policy: usable_cpus/default_threads/apply there)
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask), not the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def thread_cap() -> int | None:
-    """The OMP_NUM_THREADS the user set (its first entry: "4,2" is a nested-parallelism list), if any."""
-    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    return int(value) if value.isdigit() and int(value) > 0 else None
-
-
-def thread_environment(threads: int) -> dict[str, str]:
-    """The variables that set every thread pool of a fresh worker process to `threads`."""
-    return {name: str(threads) for name in THREAD_ENV}
-
-
-def apply_threads(threads: int) -> None:
-    """Set this (worker) process's pools to `threads`: the environment for libraries that load later,
-    torch's own setter if torch is already loaded."""
-    os.environ.update(thread_environment(threads))
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -149,7 +117,7 @@ def local_plan(cases: list[Case], jobs: int | None = None, threads: int | None =
     if count < wanted:
         note = (f"{count} case{'s' if count > 1 else ''} at once, not {wanted}: each needs about {need / GIB:.1f} GiB "
                 f"and {available / GIB:.1f} GiB are available now (docs/scaling.md)")
-    return Plan(count, threads or max(1, min(cpus // count, thread_cap() or cpus)), note)
+    return Plan(count, threads or max(1, min(cpus // count, env_threads() or cpus)), note)
 
 
 def shared_environment(shared_dir: Path | None) -> dict[str, str]:

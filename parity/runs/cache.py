@@ -1,9 +1,9 @@
 """Run files cached on disk by content, so tests and suites capture each reference run once.
 
 The key covers everything that can change the tensors: the run's config, the model folder's content
-hash, the library versions and a fingerprint of the code that produces the run (for the reference:
-our capture code and the reference package; for a candidate: what its `fingerprint()` returns, and a
-candidate without one is never cached).
+hash, the library versions, what decides reduction order (thread count, BLAS kernels) and a
+fingerprint of the code that produces the run (for the reference: our capture code and the reference
+package; for a candidate: what its `fingerprint()` returns, and a candidate without one is never cached).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from sd_parity.paths import exclusive, run_cache_dir
+from sd_parity.threads import reduction_order
 
 from .config import RunConfig, library_versions
 
@@ -44,7 +45,8 @@ def cache_key(config: RunConfig, producer: str, fingerprint: str, mode: str = "f
     from sd_parity.fixtures import folder_hash
 
     payload = {"config": asdict(config), "producer": producer, "mode": mode, "model": folder_hash(config.model_dir()),
-               "versions": library_versions(), "source": source_fingerprint(*CAPTURE_PACKAGES),
+               "versions": library_versions(), "numerics": reduction_order(),
+               "source": source_fingerprint(*CAPTURE_PACKAGES),
                "producer_source": fingerprint}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
