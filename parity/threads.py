@@ -98,7 +98,7 @@ def apply(threads: int | None = None) -> int:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=count)  # BLAS/OpenMP libraries already loaded (NumPy's OpenBLAS)
-    if "torch" in sys.modules:
+    if sys.modules.get("torch") is not None:  # already imported (None marks an import that failed or is barred)
         pin_torch()
     return count
 
