@@ -1,15 +1,16 @@
 """`parity run`: capture the reference, run impl, compare, report — for a matrix of backends, dtypes, samplers."""
 from __future__ import annotations
 
+import argparse
 import itertools
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 from sd_parity.errors import BadInput
 from sd_parity.escaping import printable
 from sd_parity.candidates.registry import builtin_names
-from sd_parity.cases.case import MODES, Case, CaseResult, run_case
+from sd_parity.cases.case import MODES, Case, CaseResult
+from sd_parity.cases.executors import EXECUTORS, ExecutorOptions, run_cases
 from sd_parity.runs.config import DTYPES, SCHEDULERS
 from sd_parity.reports.summary import format_table
 from sd_parity.judging.tolerances import ToleranceConfigError, Tolerances
@@ -43,7 +44,35 @@ def register(subparsers) -> None:
     add_naming_arguments(parser, model_dir=False)
     add_fault_argument(parser)
     parser.add_argument("--output-dir", type=Path, required=True)
+    add_executor_arguments(parser)
     parser.set_defaults(handler=run)
+
+
+def add_executor_arguments(parser) -> None:
+    group = parser.add_argument_group("where the cases run (docs/scaling.md)")
+    group.add_argument("--jobs", type=_count, default=None, metavar="N",
+                       help="cases at once (default: local, as many as the CPUs and the memory allow; "
+                            "Ray, every case queued at once)")
+    group.add_argument("--executor", default="local", choices=EXECUTORS,
+                       help="local worker processes (default) or Ray tasks on a cluster (needs sd-parity[ray])")
+    group.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                       help="the Ray cluster to use (default: a running local one, else a new local one)")
+    group.add_argument("--shared-dir", type=Path, default=None, metavar="DIR",
+                       help="a folder every worker sees: the run cache (reference, oracle and candidate runs, "
+                            "made once for all cases) and the generated models go there")
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count; give a whole number >= 1")
+    return int(text)
+
+
+def executor_options(args) -> ExecutorOptions:
+    if args.ray_address and args.executor != "ray":
+        raise BadInput("--ray-address is for --executor ray")
+    return ExecutorOptions(executor=args.executor, jobs=args.jobs, threads=getattr(args, "threads", None),
+                           ray_address=args.ray_address, shared_dir=args.shared_dir)
 
 
 def add_fault_argument(parser) -> None:
@@ -88,10 +117,12 @@ def run(args) -> int:
     naming = dict(maps=tuple(args.map), only=tuple(args.only), require=args.require)
     cases = with_fault([Case(replace(base, scheduler=s, dtype=d), c, mode, args.calibrated, **naming)
                         for s, d, (c, mode) in itertools.product(schedulers, dtypes, modes.items())], args.inject_fault)
-    return execute(cases, args.output_dir, args.config, title=f"parity run on {base.model}")
+    return execute(cases, args.output_dir, args.config, title=f"parity run on {base.model}",
+                   options=executor_options(args))
 
 
-def execute(cases: list[Case], output_dir: Path, config: Path | None, title: str) -> int:
+def execute(cases: list[Case], output_dir: Path, config: Path | None, title: str,
+            options: ExecutorOptions = ExecutorOptions()) -> int:
     from sd_parity.reports.index import index_dict, write_index_set
 
     try:
@@ -99,13 +130,13 @@ def execute(cases: list[Case], output_dir: Path, config: Path | None, title: str
     except ToleranceConfigError as exc:
         raise BadInput(str(exc)) from exc
     output_dir.mkdir(parents=True, exist_ok=True)
-    results: list[CaseResult] = []
-    for number, case in enumerate(cases, 1):
-        log = lambda line: print(f"[{number}/{len(cases)}] {line}", file=sys.stderr, flush=True)  # noqa: E731
-        result = run_case(case, output_dir / case.name, tolerances, log)
-        results.append(result)
+
+    def finished(position: int, result: CaseResult) -> None:
         mark = "ok  " if result.passed else "FAIL"
-        print(printable(f"{mark} {case.name:40s} {result.summary['verdict']['text']}  ({result.seconds:.1f} s)"))
+        print(printable(f"{mark} {result.case.name:40s} {result.summary['verdict']['text']}  "
+                        f"({result.seconds:.1f} s)"), flush=True)
+
+    results = run_cases(cases, output_dir, tolerances, options, finished)
     failed = [r for r in results if not r.passed]
     for result in failed:
         print(f"\n== {result.case.name} ==\n{format_table(result.summary)}")
