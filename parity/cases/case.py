@@ -52,7 +52,8 @@ class CaseResult:
 
     @property
     def passed(self) -> bool:
-        return self.summary["verdict"]["status"] == "parity"
+        baseline = self.summary.get("baseline")  # against a baseline, only a regression fails
+        return not baseline["regressed"] if baseline else self.summary["verdict"]["status"] == "parity"
 
 
 def reference_run(config: RunConfig) -> Path:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sd_parity.errors import BadInput
@@ -12,10 +12,11 @@ from sd_parity.candidates.registry import builtin_names
 from sd_parity.cases.case import MODES, Case, CaseResult
 from sd_parity.cases.executors import EXECUTORS, ExecutorOptions, run_cases
 from sd_parity.runs.config import DTYPES, SCHEDULERS
-from sd_parity.reports.summary import format_table
+from sd_parity.judging.baseline import DEFAULT_MARGIN, check_margin, compare_to_baseline, load_baseline
+from sd_parity.reports.summary import SUMMARY_FILE, format_table, write_summary_json
 from sd_parity.judging.tolerances import ToleranceConfigError, Tolerances
 from .capture import add_run_arguments, config_from_args
-from .compare import add_naming_arguments, naming_options
+from .compare import add_baseline_arguments, add_naming_arguments, naming_options
 
 
 def register(subparsers) -> None:
@@ -44,6 +45,10 @@ def register(subparsers) -> None:
     add_naming_arguments(parser, model_dir=False)
     add_fault_argument(parser)
     parser.add_argument("--output-dir", type=Path, required=True)
+    add_baseline_arguments(parser, folder="DIR")
+    parser.add_argument("--write-baseline", type=Path, default=None, metavar="DIR",
+                        help="keep each case's summary.json under DIR/<case>/: the baseline of later runs "
+                             "(--baseline DIR); may be the --baseline folder itself, which is then updated")
     add_executor_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -117,32 +122,66 @@ def run(args) -> int:
     naming = dict(maps=tuple(args.map), only=tuple(args.only), require=args.require)
     cases = with_fault([Case(replace(base, scheduler=s, dtype=d), c, mode, args.calibrated, **naming)
                         for s, d, (c, mode) in itertools.product(schedulers, dtypes, modes.items())], args.inject_fault)
+    baselines = Baselines(args.baseline, args.write_baseline, check_margin(args.baseline_margin))
     return execute(cases, args.output_dir, args.config, title=f"parity run on {base.model}",
-                   options=executor_options(args))
+                   options=executor_options(args), baselines=baselines)
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """--baseline DIR (each case judged against DIR/<case>/summary.json), --write-baseline DIR."""
+
+    read: Path | None = None
+    write: Path | None = None
+    margin: float = DEFAULT_MARGIN
+
+    def check(self, cases: list[Case]) -> None:
+        if self.read is not None and not any((self.read / c.name / SUMMARY_FILE).is_file() for c in cases):
+            raise BadInput(f"--baseline {self.read}: no case's summary.json there (expected {self.read}/<case>/"
+                           f"{SUMMARY_FILE}, as --write-baseline or --output-dir of an earlier parity run leaves)")
+
+    def judge(self, result: CaseResult) -> None:
+        """Attach the baseline section to a finished case (its summary.json rewritten with it)."""
+        if self.read is None:
+            return
+        file = self.read / result.case.name / SUMMARY_FILE
+        # a case the baseline does not have: all its tensors are new
+        baseline = load_baseline(file) if file.is_file() else {"tensors": [], "path": None}
+        result.summary["baseline"] = compare_to_baseline(result.summary, baseline, self.margin)
+        write_summary_json(result.summary, result.out_dir / SUMMARY_FILE)
+
+    def keep(self, results: list[CaseResult]) -> None:
+        for result in results if self.write is not None else []:
+            write_summary_json(result.summary, self.write / result.case.name / SUMMARY_FILE)
 
 
 def execute(cases: list[Case], output_dir: Path, config: Path | None, title: str,
-            options: ExecutorOptions = ExecutorOptions()) -> int:
+            options: ExecutorOptions = ExecutorOptions(), baselines: Baselines = Baselines()) -> int:
     from sd_parity.reports.index import index_dict, write_index_set
 
     try:
         tolerances = Tolerances.load(config) if config else Tolerances.discover(Path.cwd())
     except ToleranceConfigError as exc:
         raise BadInput(str(exc)) from exc
+    baselines.check(cases)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     def finished(position: int, result: CaseResult) -> None:
+        baselines.judge(result)
         mark = "ok  " if result.passed else "FAIL"
-        print(printable(f"{mark} {result.case.name:40s} {result.summary['verdict']['text']}  "
+        found = f"; {result.summary['baseline']['text']}" if "baseline" in result.summary else ""
+        print(printable(f"{mark} {result.case.name:40s} {result.summary['verdict']['text']}{found}  "
                         f"({result.seconds:.1f} s)"), flush=True)
 
     results = run_cases(cases, output_dir, tolerances, options, finished)
+    baselines.keep(results)
     failed = [r for r in results if not r.passed]
     for result in failed:
         print(f"\n== {result.case.name} ==\n{format_table(result.summary)}")
     index = index_dict(results, title)
     paths = write_index_set(index, results, output_dir)
-    print(f"\n{len(results) - len(failed)}/{len(results)} cases at parity. Reports:")
+    outcome = "without regression since the baseline" if baselines.read is not None else "at parity"
+    print(f"\n{len(results) - len(failed)}/{len(results)} cases {outcome}. Reports:")
     for path in paths:
         print(f"  {path.resolve().as_uri() if path.suffix == '.html' else path}")
     return 0 if not failed else 1
