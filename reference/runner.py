@@ -1,6 +1,7 @@
 """Runs the real diffusers StableDiffusionPipeline with capture hooks and writes a run file."""
 from __future__ import annotations
 
+import functools
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -77,6 +78,16 @@ def _patched_randn(module_name: str, replacement) -> Iterator[None]:
         module.randn_tensor = original
 
 
+def _draw_in_float32(original, *args, dtype=None, **kwargs):
+    """One draw from the run's generator, made in float32 and cast to the run's dtype.
+
+    torch's CPU normal sampler consumes its generator differently per dtype, so drawing in the run's
+    dtype would give an fp64 oracle (or an fp16 run) other noise than the fp32 run of the same seed;
+    float32 is what diffusers draws for the usual fp32 pipeline, so that run is unchanged."""
+    noise = original(*args, dtype=torch.float32, **kwargs)
+    return noise if dtype is None else noise.to(dtype)
+
+
 @contextmanager
 def _noise_sources(recorder: Recorder, pipe, x_t: torch.Tensor) -> Iterator[None]:
     """Every random draw of the run, made reproducible for any implementation.
@@ -91,14 +102,14 @@ def _noise_sources(recorder: Recorder, pipe, x_t: torch.Tensor) -> Iterator[None
         return x_t.clone()
 
     def record_step_noise(original, *args, **kwargs):
-        noise = original(*args, **kwargs)
+        noise = _draw_in_float32(original, *args, **kwargs)
         recorder.pipeline("noise", noise, step=recorder.step)
         return noise
 
     posterior_draws = [0]
 
     def record_posterior_noise(original, *args, **kwargs):
-        noise = original(*args, **kwargs)
+        noise = _draw_in_float32(original, *args, **kwargs)
         recorder.pipeline(with_call_index("posterior_noise", posterior_draws[0]), noise)
         posterior_draws[0] += 1
         return noise
@@ -138,6 +149,10 @@ def _pipeline_taps(recorder: Recorder, pipe, guided: bool) -> Iterator[None]:
 
     originals = {"step": scheduler.step, "add_noise": scheduler.add_noise, "decode": vae.decode, "encode": vae.encode}
 
+    # The wrappers keep the wrapped methods' signatures (functools.wraps sets __wrapped__, which
+    # inspect.signature follows): diffusers' prepare_extra_step_kwargs inspects scheduler.step for
+    # `eta` and `generator`, and would silently drop both for a bare (*args, **kwargs) wrapper.
+    @functools.wraps(originals["step"])
     def step(model_output, timestep, sample, *args, **kwargs):
         recorder.pipeline("noise_pred", model_output, step=recorder.step)
         result = originals["step"](model_output, timestep, sample, *args, **kwargs)
@@ -145,6 +160,7 @@ def _pipeline_taps(recorder: Recorder, pipe, guided: bool) -> Iterator[None]:
         recorder.pipeline("step_output", prev, step=recorder.step)
         return result
 
+    @functools.wraps(originals["add_noise"])
     def add_noise(original_samples, noise, timesteps):
         result = originals["add_noise"](original_samples, noise, timesteps)
         step_index = None if recorder.step < 0 else recorder.step
@@ -153,6 +169,7 @@ def _pipeline_taps(recorder: Recorder, pipe, guided: bool) -> Iterator[None]:
         return result
 
     def coder(component: str, method: str, argument: str):
+        @functools.wraps(originals[method])
         def call(x, *args, **kwargs):
             with recorder.invocation(component):
                 recorder.module_inputs(component, "", {argument: x})
