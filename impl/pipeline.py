@@ -8,6 +8,10 @@ RNG), and the sampler's and VAE posterior's draws are asked for by (kind, index)
 replay the reference's recorded draws and a standalone run can draw them from a seed.
 An `Observer` sees each component invocation (and gives it taps) and each pipeline-level tensor,
 named as in the run-file format (docs/run-format.md).
+
+`StableDiffusion.start(request)` returns the `PipelineRun` that `__call__` executes; its stage methods
+(`prompt_context`, `model_input`, `guided`, `sampler_step`, `decode_input`) can also be called one at
+a time on given tensors, which is how a parity harness runs this pipeline's glue in isolation.
 """
 from __future__ import annotations
 
@@ -112,19 +116,32 @@ class StableDiffusion:
         """Classifier-free guidance, in the reference's order of operations."""
         return uncond + scale * (text - uncond)
 
+    def cfg_batch(self, negative, positive):
+        """The UNet's conditioning for a guided step: [negative; prompt], one batch for both halves."""
+        return self.ops.cat([negative, positive], 0)
+
+    def decode_input(self, latents):
+        """The VAE decoder's input: the final latents divided by the VAE's scaling factor."""
+        return latents / self.models.vae.scaling_factor
+
     @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.models.vae.config.block_out_channels) - 1)
 
     def __call__(self, request: Request, observer: Observer | None = None) -> np.ndarray:
         """Run the pipeline the request asks for; returns float32 (B, H, W, 3) pixels in [0, 1]."""
-        observer = observer or Observer()
-        run = _Run(self, request, observer)
-        return run.execute()
+        return self.start(request, observer).execute()
+
+    def start(self, request: Request, observer: Observer | None = None) -> "PipelineRun":
+        """The run `request` asks for, not yet executed: `execute()` runs it whole, or its stages run
+        one at a time (each stage's inputs given, e.g. captured from another implementation)."""
+        return PipelineRun(self, request, observer or Observer())
 
 
-class _Run:
-    """One pipeline run: the state diffusers keeps in its __call__, one method per stage."""
+class PipelineRun:
+    """One pipeline run: the state diffusers keeps in its __call__, one method per stage. A stage
+    keeps its outputs in the storage dtype (as the reference keeps its tensors in the run's dtype),
+    also where NumPy would widen a half-precision array times a Python float to float32."""
 
     def __init__(self, sd: StableDiffusion, request: Request, observer: Observer):
         self.sd, self.request, self.observer = sd, request, observer
@@ -146,14 +163,14 @@ class _Run:
         x_t = self._initial_noise()
         self.observer.tensor("x_T", x_t)
         context = self._encode_prompts()
-        start = 0 if self.kind == "txt2img" else self.sampler.img2img_start(request.strength)
+        start = self.start_index
         latents, extra = self._initial_latents(x_t, start)
         total = len(self.sampler.timesteps) - start
         for loop in range(total):
             latents = self._denoise(loop, start + loop, latents, context, extra)
             self.observer.progress(loop + 1, total)
         with self._invocation("vae_decoder") as taps:
-            decoded = self.vae.decode(latents / self.vae.scaling_factor, taps)
+            decoded = self.vae.decode(self.decode_input(latents), taps)
         pixels = to_pixels(ops.to_numpy(ops.clamp(ops.scale_shift(decoded, 0.5, 0.5), 0.0, 1.0)))
         return pixels
 
@@ -169,20 +186,31 @@ class _Run:
             raise ModelInputError(f"x_T has shape {tuple(request.x_T.shape)}, expected {shape}")
         return self.ops.asarray(request.x_T)
 
+    @property
+    def start_index(self) -> int:
+        """The sampler index of the first denoising step (img2img and inpainting skip the first ones)."""
+        return 0 if self.kind == "txt2img" else self.sampler.img2img_start(self.request.strength)
+
     def _encode_prompts(self):
-        """Prompt embeddings, [negative; prompt] when guided, each repeated per image as diffusers does."""
-        ops, request = self.ops, self.request
+        request = self.request
         ids = self.sd.tokenizer(request.prompts)
         self.observer.tensor("token_ids", ids)
+        negative_ids = None
+        if self.guided:
+            negative_ids = self.sd.tokenizer(request.negative_prompts)
+            self.observer.tensor("negative_token_ids", negative_ids)
+        return self.prompt_context(ids, negative_ids)
+
+    def prompt_context(self, ids, negative_ids=None):
+        """Stage: the UNet's conditioning from token ids: the prompt embeddings, [negative; prompt] when
+        guided, each repeated per image as diffusers does."""
         with self._invocation("text_encoder") as taps:
-            embeddings = self._per_image(self.sd.models.text_encoder.encode(ids, taps=taps))
+            embeddings = self._per_image(self.sd.models.text_encoder.encode(self.ops.asarray(ids), taps=taps))
         if not self.guided:
             return embeddings
-        negative_ids = self.sd.tokenizer(request.negative_prompts)
-        self.observer.tensor("negative_token_ids", negative_ids)
         with self._invocation("text_encoder") as taps:
-            negative = self._per_image(self.sd.models.text_encoder.encode(negative_ids, taps=taps))
-        return ops.cat([negative, embeddings], 0)
+            negative = self._per_image(self.sd.models.text_encoder.encode(self.ops.asarray(negative_ids), taps=taps))
+        return self.sd.cfg_batch(negative, embeddings)
 
     def _per_image(self, embeddings):
         copies = self.request.images_per_prompt
@@ -195,9 +223,9 @@ class _Run:
 
     def _initial_latents(self, x_t, start: int):
         """Latents entering the loop, and what the loop needs besides (mask, image latents, noise)."""
-        ops, request, sampler = self.ops, self.request, self.sampler
+        ops, request = self.ops, self.request
         if self.kind == "txt2img":
-            return x_t * sampler.init_noise_sigma, {}
+            return self.initial_latents(x_t), {}
         height, width = request.height, request.width
         image = ops.asarray(image_to_array(request.init_image, height, width))
         if self.kind == "img2img":
@@ -211,7 +239,7 @@ class _Run:
             # layout decides which convolution kernels (and roundings) the torch backend gets later
             extra["image_latents"] = ops.contiguous(self._encode_image(image))
         if full_strength:
-            latents = x_t * sampler.init_noise_sigma
+            latents = self.initial_latents(x_t)
         else:
             latents = self._noised(extra["image_latents"], x_t, start)
         # diffusers' masked image keeps the pixels where the mask is below one half
@@ -227,6 +255,10 @@ class _Run:
         extra.update(mask=mask, masked_image_latents=masked_image_latents)
         return latents, extra
 
+    def initial_latents(self, x_t):
+        """x_T scaled to the sampler's initial noise level (txt2img, full-strength inpainting)."""
+        return self.ops.cast(x_t * self.sampler.init_noise_sigma)
+
     def _encode_image(self, image):
         """VAE posterior sample times the scaling factor, with the posterior's noise drawn in order."""
         with self._invocation("vae_encoder") as taps:
@@ -236,44 +268,62 @@ class _Run:
         noise = self.ops.asarray(self.request.noise("posterior", index, tuple(mean.shape)))
         self.observer.tensor("posterior_noise" if index == 0 else f"posterior_noise#{index}", noise)
         sample = self.vae.encoder.sample(mean, logvar, noise)
-        latents = self.vae.scaling_factor * sample
+        latents = self.ops.cast(self.vae.scaling_factor * sample)
         copies = self.batch // latents.shape[0]
         return self.ops.cat([latents] * copies, 0) if copies > 1 else latents
 
     def _noised(self, latents, noise, index: int, step: int | None = None):
-        result = self.sampler.add_noise(latents, noise, index)
+        result = self.ops.cast(self.sampler.add_noise(latents, noise, index))
         self.observer.tensor("add_noise_original", latents, step=step)
         self.observer.tensor("add_noise_output", result, step=step)
         return result
 
     def _denoise(self, loop: int, index: int, latents, context, extra: dict):
         """One denoising step: diffusers' loop body, tensor for tensor."""
-        ops, sampler, observe = self.ops, self.sampler, self.observer.tensor
-        model_input = ops.cat([latents, latents], 0) if self.guided else latents
-        model_input = sampler.scale_model_input(model_input, index)
-        if self.in_channels == 9:
-            model_input = ops.cat([model_input, extra["mask"], extra["masked_image_latents"]], 1)
-        timestep = np.asarray([sampler.timesteps[index]])
+        observe = self.observer.tensor
+        model_input, timestep = self.model_input(index, latents, extra)
         observe("latent_model_input", model_input, step=loop)
         observe("timestep", timestep, step=loop)
         with self._invocation("unet") as taps:
             prediction = self.unet(model_input, timestep, context, taps=taps)
         if self.guided:
-            uncond, text = ops.chunk(prediction, 2, 0)
+            uncond, text = self.ops.chunk(prediction, 2, 0)
             observe("noise_pred_uncond", uncond, step=loop)
             observe("noise_pred_text", text, step=loop)
-            prediction = self.sd.guide(uncond, text, self.request.guidance)
+            prediction = self.guided_prediction(uncond, text)
         observe("noise_pred", prediction, step=loop)
         noise = None
-        if sampler.needs_noise(index):
-            noise = ops.asarray(self.request.noise("step", loop, tuple(latents.shape)))
+        if self.sampler.needs_noise(index):
+            noise = self.ops.asarray(self.request.noise("step", loop, tuple(latents.shape)))
             observe("noise", noise, step=loop)
-        latents = sampler.step(prediction, index, latents, noise=noise)
+        latents = self.sampler_step(index, prediction, latents, noise)
         observe("step_output", latents, step=loop)
         if self.kind == "inpaint" and self.in_channels == 4:
             latents = self._blend(loop, index, latents, extra)
         observe("latents", latents, step=loop)
         return latents
+
+    def model_input(self, index: int, latents, extra: dict):
+        """Stage: (the UNet's input, its timestep) for sampler index `index`: the latents doubled for
+        guidance, scaled for the sampler, with an inpainting UNet's mask and image latents appended."""
+        ops = self.ops
+        model_input = ops.cat([latents, latents], 0) if self.guided else latents
+        model_input = ops.cast(self.sampler.scale_model_input(model_input, index))
+        if self.in_channels == 9:
+            model_input = ops.cat([model_input, ops.asarray(extra["mask"]), ops.asarray(extra["masked_image_latents"])], 1)
+        return model_input, np.asarray([self.sampler.timesteps[index]])
+
+    def guided_prediction(self, uncond, text):
+        """Stage: classifier-free guidance of the two halves of the UNet's prediction."""
+        return self.ops.cast(self.sd.guide(uncond, text, self.request.guidance))
+
+    def sampler_step(self, index: int, prediction, latents, noise=None):
+        """Stage: the sampler's step from the latents at index `index` to the next ones."""
+        return self.ops.cast(self.sampler.step(prediction, index, latents, noise=noise))
+
+    def decode_input(self, latents):
+        """Stage: the VAE decoder's input from the final latents."""
+        return self.ops.cast(self.sd.decode_input(latents))
 
     def _blend(self, loop: int, index: int, latents, extra: dict):
         """Standard-model inpainting: outside the mask, the init latents noised to the next timestep."""
@@ -282,7 +332,7 @@ class _Run:
         mask = ops.chunk(extra["mask"], 2, 0)[0] if self.guided else extra["mask"]
         if index + 1 < len(self.sampler.timesteps):
             known = self._noised(known, extra["noise"], index + 1, step=loop)
-        return (1 - mask) * known + mask * latents
+        return ops.cast((1 - mask) * known + mask * latents)
 
     @contextmanager
     def _invocation(self, component: str) -> Iterator[Any]:

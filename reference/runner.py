@@ -235,7 +235,8 @@ def run_reference(config: RunConfig, output: Path, progress: bool = True) -> Pat
     x_t = config.initial_noise(latent_channels=pipe.vae.config.latent_channels, scale=pipe.vae_scale_factor)
     x_t_tensor = torch.from_numpy(x_t).to(config.device, TORCH_DTYPES[config.dtype])
     spec = CaptureSpec.parse(config.capture_spec(unet_parameter_count(model_dir)))
-    metadata = run_metadata(config, impl="reference", model_dir=model_dir, x_t=x_t,
+    # the hash names the x_T this run started from: the fixture noise rounded to the run's dtype
+    metadata = run_metadata(config, impl="reference", model_dir=model_dir, x_t=x_t_tensor.float().cpu().numpy(),
                             scheduler_config=dict(pipe.scheduler.config))
     guided = config.guidance > 1.0
     with RunWriter(output, metadata, compression=config.compression, background_bytes=WRITE_QUEUE_BYTES) as writer:
