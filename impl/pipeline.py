@@ -10,8 +10,9 @@ An `Observer` sees each component invocation (and gives it taps) and each pipeli
 named as in the run-file format (docs/run-format.md).
 
 `StableDiffusion.start(request)` returns the `PipelineRun` that `__call__` executes; its stage methods
-(`prompt_context`, `model_input`, `guided`, `sampler_step`, `decode_input`) can also be called one at
-a time on given tensors, which is how a parity harness runs this pipeline's glue in isolation.
+(`prompt_context`, `encoded_latents`, `noised`, `model_input`, `guided_prediction`, `sampler_step`,
+`decode_input`) can also be called one at a time on given tensors, which is how a parity harness runs
+this pipeline's glue in isolation.
 """
 from __future__ import annotations
 
@@ -230,7 +231,7 @@ class PipelineRun:
         image = ops.asarray(image_to_array(request.init_image, height, width))
         if self.kind == "img2img":
             latents = self._encode_image(image)
-            return self._noised(latents, x_t, start), {}
+            return self.noised(latents, x_t, start), {}
         mask_pixels = mask_to_array(request.mask, height, width)
         full_strength = request.strength == 1.0
         extra: dict[str, Any] = {"noise": x_t}
@@ -241,7 +242,7 @@ class PipelineRun:
         if full_strength:
             latents = self.initial_latents(x_t)
         else:
-            latents = self._noised(extra["image_latents"], x_t, start)
+            latents = self.noised(extra["image_latents"], x_t, start)
         # diffusers' masked image keeps the pixels where the mask is below one half
         masked_image_latents = self._encode_image(ops.mul(image, ops.asarray((mask_pixels < 0.5).astype(np.float32))))
         # nearest-neighbour downsampling by an integer factor picks every `scale`-th pixel
@@ -267,12 +268,19 @@ class PipelineRun:
         self.posterior_draws += 1
         noise = self.ops.asarray(self.request.noise("posterior", index, tuple(mean.shape)))
         self.observer.tensor("posterior_noise" if index == 0 else f"posterior_noise#{index}", noise)
-        sample = self.vae.encoder.sample(mean, logvar, noise)
-        latents = self.ops.cast(self.vae.scaling_factor * sample)
-        copies = self.batch // latents.shape[0]
-        return self.ops.cat([latents] * copies, 0) if copies > 1 else latents
+        return self.encoded_latents(mean, logvar, noise)
 
-    def _noised(self, latents, noise, index: int, step: int | None = None):
+    def encoded_latents(self, mean, logvar, noise):
+        """Stage: image latents from the VAE encoder's posterior (mean, logvar): a sample with the given
+        standard normal `noise`, times the VAE's scaling factor, repeated per image."""
+        ops = self.ops
+        sample = self.vae.encoder.sample(ops.asarray(mean), ops.asarray(logvar), noise)
+        latents = ops.cast(self.vae.scaling_factor * sample)
+        copies = self.batch // latents.shape[0]
+        return ops.cat([latents] * copies, 0) if copies > 1 else latents
+
+    def noised(self, latents, noise, index: int, step: int | None = None):
+        """Stage: `latents` diffused with `noise` to the level sampler index `index` starts from."""
         result = self.ops.cast(self.sampler.add_noise(latents, noise, index))
         self.observer.tensor("add_noise_original", latents, step=step)
         self.observer.tensor("add_noise_output", result, step=step)
@@ -331,7 +339,7 @@ class PipelineRun:
         known = extra["image_latents"]
         mask = ops.chunk(extra["mask"], 2, 0)[0] if self.guided else extra["mask"]
         if index + 1 < len(self.sampler.timesteps):
-            known = self._noised(known, extra["noise"], index + 1, step=loop)
+            known = self.noised(known, extra["noise"], index + 1, step=loop)
         return ops.cast((1 - mask) * known + mask * latents)
 
     @contextmanager

@@ -166,6 +166,13 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
           lambda sd: _patched(sd.models.vae.config, "scaling_factor", 0.2)),
     Fault("guidance_swap", "classifier-free guidance with its halves swapped", (("pipeline", "noise_pred"),),
           lambda sd: _patched(sd, "guide", lambda uncond, text, scale: text + scale * (uncond - text))),
+    Fault("cfg_negative_twice", "the negative prompt's embedding used for both guidance halves",
+          (("unet", "@encoder_hidden_states"),),
+          lambda sd: _patched(sd, "cfg_batch", lambda negative, positive: sd.ops.cat([negative, negative], 0))),
+    Fault("vae_scaling_twice", "latents divided by the VAE's scaling factor twice before decoding",
+          (("vae_decoder", "@z"),),
+          lambda sd: _patched(sd, "decode_input", lambda latents: latents / sd.models.vae.scaling_factor
+                              / sd.models.vae.scaling_factor)),
 ]}
 
 
