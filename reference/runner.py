@@ -1,9 +1,10 @@
 """Runs the real diffusers StableDiffusionPipeline with capture hooks and writes a run file."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +18,7 @@ from sd_parity.runs.config import RunConfig, run_metadata, unet_parameter_count
 from sd_parity.runs.hdf5 import RunWriter
 
 from .hooks import capture_module
+from .oracle import NETWORKS, ResidentNetworks, exact_time_embedding, release
 
 # Captured tensors waiting for the disk; bounds the memory that overlapping I/O with compute costs
 # (about twice SD 1.5's largest activation, the 84 MB GEGLU projection at 64x64 latents, batch 2).
@@ -47,8 +49,7 @@ PIPELINE_CLASSES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiff
                     "inpaint": "StableDiffusionInpaintPipeline"}
 
 
-def load_pipeline(model_dir: Path, dtype: str, device: str = "cpu", kind: str = "txt2img"):
-    import diffusers
+def _quiet_loading() -> None:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -57,10 +58,34 @@ def load_pipeline(model_dir: Path, dtype: str, device: str = "cpu", kind: str = 
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    pipe = getattr(diffusers, PIPELINE_CLASSES[kind]).from_pretrained(
+
+
+def _from_pretrained(model_dir: Path, dtype: str, kind: str, **components):
+    import diffusers
+
+    _quiet_loading()
+    return getattr(diffusers, PIPELINE_CLASSES[kind]).from_pretrained(
         str(model_dir), dtype=TORCH_DTYPES[dtype], safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, local_files_only=True)
-    return pipe.to(device)
+        requires_safety_checker=False, local_files_only=True, **components)
+
+
+def load_pipeline(model_dir: Path, dtype: str, device: str = "cpu", kind: str = "txt2img",
+                  networks: ResidentNetworks | None = None):
+    """The diffusers pipeline for a model folder; with `networks`, built around its released networks
+    (weights loaded one network at a time while the pipeline runs, see reference.oracle)."""
+    components = {name: networks.released(name) for name in NETWORKS} if networks is not None else {}
+    return _from_pretrained(model_dir, dtype, kind, **components).to(device)
+
+
+def load_network(model_dir: Path, network: str, dtype: str, device: str = "cpu", released: bool = False):
+    """One network (text_encoder, unet or vae) loaded by diffusers' pipeline loader, the others skipped;
+    `released`: its structure only, the weights dropped."""
+    pipe = _from_pretrained(model_dir, dtype, "txt2img", tokenizer=None,
+                            **{name: None for name in NETWORKS if name != network})
+    module = getattr(pipe, network).to(device)
+    if released:
+        release(module)
+    return module
 
 
 @contextmanager
@@ -226,10 +251,15 @@ def _call_arguments(config: RunConfig, x_t: torch.Tensor) -> dict:
     return arguments
 
 
-def run_reference(config: RunConfig, output: Path, progress: bool = True) -> Path:
-    """Run the diffusers pipeline for `config`, capturing into the run file `output`."""
+def run_reference(config: RunConfig, output: Path, progress: bool = True, oracle: bool = False) -> Path:
+    """Run the diffusers pipeline for `config`, capturing into the run file `output`, with one network's
+    weights in memory at a time. `oracle`: the fp64 oracle of `config` (every tensor in float64, the
+    time embedding included, which diffusers computes in float32 otherwise)."""
+    if oracle:
+        config = dataclasses.replace(config, dtype="fp64")
     model_dir = config.model_dir()
-    pipe = load_pipeline(model_dir, config.dtype, config.device, config.pipeline)
+    networks = ResidentNetworks(lambda name: load_network(model_dir, name, config.dtype, config.device))
+    pipe = load_pipeline(model_dir, config.dtype, config.device, config.pipeline, networks)
     pipe.scheduler = scheduler_for(config.scheduler, pipe.scheduler.config, config.karras)
     pipe.set_progress_bar_config(disable=not progress, desc=f"reference {config.dtype}", leave=False)
     x_t = config.initial_noise(latent_channels=pipe.vae.config.latent_channels, scale=pipe.vae_scale_factor)
@@ -238,6 +268,8 @@ def run_reference(config: RunConfig, output: Path, progress: bool = True) -> Pat
     # the hash names the x_T this run started from: the fixture noise rounded to the run's dtype
     metadata = run_metadata(config, impl="reference", model_dir=model_dir, x_t=x_t_tensor.float().cpu().numpy(),
                             scheduler_config=dict(pipe.scheduler.config))
+    if oracle:
+        metadata["oracle"] = "fp64 run of the reference (time embedding in float64 too)"
     guided = config.guidance > 1.0
     with RunWriter(output, metadata, compression=config.compression, background_bytes=WRITE_QUEUE_BYTES) as writer:
         recorder = Recorder(writer, spec, total_steps=config.steps)
@@ -251,6 +283,8 @@ def run_reference(config: RunConfig, output: Path, progress: bool = True) -> Pat
                                                include=("encoder", "quant_conv"), invocation_root=False))
             stack.enter_context(_pipeline_taps(recorder, pipe, guided))
             stack.enter_context(_noise_sources(recorder, pipe, x_t_tensor))
+            stack.enter_context(networks.attached())
+            stack.enter_context(exact_time_embedding() if oracle else nullcontext())
             with torch.inference_mode():
                 result = pipe(**_call_arguments(config, x_t_tensor),
                               generator=torch.Generator(device="cpu").manual_seed(config.seed),

@@ -52,27 +52,34 @@ class Fault:
         return any(component == c and (name == m or path == m or path.startswith(m + ".")) for c, m in self.where)
 
 
-def find_module(root, path: str):
-    """The object under component `root` whose scope path is `path` (breadth-first over attributes)."""
+def modules(root) -> Iterator:
+    """Every object under component `root` that has a scope (`.s`), breadth-first over attributes."""
     queue, seen = [root], set()
     while queue:
         obj = queue.pop(0)
         if id(obj) in seen:
             continue
         seen.add(id(obj))
-        scope = getattr(obj, "s", None)
-        if scope is not None and getattr(scope, "path", None) == path:
-            return obj
+        if getattr(obj, "s", None) is not None:
+            yield obj
         children = list(vars(obj).values()) if hasattr(obj, "__dict__") else []
         children += [getattr(obj, slot) for slot in getattr(type(obj), "__slots__", ()) if hasattr(obj, slot)]
         for child in children:
             items = child if isinstance(child, (list, tuple)) else [child]
             queue.extend(item for item in items if hasattr(item, "s") or isinstance(item, (list, tuple)))
+
+
+def find_module(root, path: str):
+    """The object under component `root` whose scope path is `path`."""
+    for obj in modules(root):
+        if getattr(obj.s, "path", None) == path:
+            return obj
     raise LookupError(f"no module {path!r} in {type(root).__name__}")
 
 
 @contextmanager
-def _swap_ops(obj, **replacements) -> Iterator[None]:
+def swap_ops(obj, **replacements) -> Iterator[None]:
+    """Give `obj` an op set with the named ops replaced (`make(original_ops)` builds each replacement)."""
     original = obj.ops
     obj.ops = FaultyOps(original, **{name: make(original) for name, make in replacements.items()})
     try:
@@ -83,13 +90,13 @@ def _swap_ops(obj, **replacements) -> Iterator[None]:
 
 def _on_module(component: str, path: str, **replacements):
     def apply(sd):
-        return _swap_ops(find_module(sd.models.component(component), path), **replacements)
+        return swap_ops(find_module(sd.models.component(component), path), **replacements)
     return apply
 
 
 def _on_component(component: str, **replacements):
     def apply(sd):
-        return _swap_ops(sd.models.component(component), **replacements)
+        return swap_ops(sd.models.component(component), **replacements)
     return apply
 
 

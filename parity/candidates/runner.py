@@ -123,8 +123,8 @@ def _isolate_blocks(candidate: Any, ref: RunReader, recorder: Recorder) -> None:
         for invocation in ref.invocations(component):
             entries = by_invocation[(component, invocation)]
             with recorder.invocation(component, invocation):
-                for block in _blocks_with_inputs(component, entries):
-                    inputs = _inputs_of(ref, entries, block)
+                for block in blocks_with_inputs(component, entries):
+                    inputs = inputs_of(ref, entries, block)
                     taps = ComponentTaps(recorder, component, outside_blocks=block == "")
                     try:
                         result = candidate.run_block(component, block, inputs, taps)
@@ -134,7 +134,7 @@ def _isolate_blocks(candidate: Any, ref: RunReader, recorder: Recorder) -> None:
                         recorder.module_output(component, block, result)
 
 
-def _blocks_with_inputs(component: str, entries: list[Entry]) -> list[str]:
+def blocks_with_inputs(component: str, entries: list[Entry]) -> list[str]:
     """The component itself ("") and each block whose inputs the reference captured, in execution order."""
     blocks: dict[str, None] = {}
     for entry in sorted(entries, key=lambda e: e.order):
@@ -146,7 +146,7 @@ def _blocks_with_inputs(component: str, entries: list[Entry]) -> list[str]:
     return list(blocks)
 
 
-def _inputs_of(ref: RunReader, entries: list[Entry], block: str) -> dict[str, np.ndarray]:
+def inputs_of(ref: RunReader, entries: list[Entry], block: str) -> dict[str, np.ndarray]:
     """The captured `block@argument` tensors among `entries`, keyed by `argument` (flattened names kept)."""
     prefix = f"{block}@"
     return {e.name[len(prefix):]: ref.read(e, restore_layout=True) for e in entries

@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .derived import judge_derived
 from .metrics import ExactMetrics, FloatMetrics, exact_metrics, is_float, oracle_error, tensor_metrics
 from .name_map import MappedNames, NameMap, identity_map
+from .oracles import Oracles, oracle_paths
 from sd_parity.runs.naming import block_of, module_path
 from sd_parity.runs.hdf5 import Entry, RunReader
-from .tolerances import Decision, Tolerances, judge
+from .tolerances import Decision, Tolerances, dtype_decision, identical, judge
 
 STATUSES = ("pass", "fail", "missing", "extra", "shape_mismatch", "skipped")
 DIVERGENT = ("fail", "shape_mismatch")
@@ -79,6 +81,11 @@ class TensorResult:
     def divergent(self) -> bool:
         return self.status in DIVERGENT
 
+    @property
+    def identical(self) -> bool:
+        """Compared and bit for bit the reference's values, in the reference's dtype."""
+        return (self.metrics is not None and self.ref_dtype == self.cand_dtype and identical(self.metrics))
+
 
 @dataclass
 class Coverage:
@@ -115,6 +122,7 @@ class Comparison:
     warnings: list[str]
     seconds: float
     bytes_read: int
+    oracle_paths: list[Path] = field(default_factory=list)  # most specific first (see judging.oracles)
 
     @property
     def mode(self) -> str | None:
@@ -131,13 +139,19 @@ class Comparison:
     def first_divergence(self) -> TensorResult | None:
         return next((r for r in self.results if r.divergent), None)
 
+    def identical(self) -> bool:
+        """Every reference tensor compared, and each bit-identical to the candidate's."""
+        compared = [r for r in self.results if r.status != "extra"]
+        return bool(compared) and all(r.identical for r in compared)
+
 
 def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
-                 oracle_path: str | os.PathLike | None = None,
+                 oracle_path: str | os.PathLike | list | tuple | None = None,
                  name_map: NameMap | str | os.PathLike | None = None,
                  tolerances: Tolerances | str | os.PathLike | None = None,
                  progress: Callable[[int, int, str], None] | None = None) -> Comparison:
-    """Compare a candidate run with the reference run (and, given an fp64 oracle run, calibrate).
+    """Compare a candidate run with the reference run (and, given an fp64 oracle run, calibrate;
+    several oracle runs are looked up in order, see judging.oracles).
 
     Raises RunFileError for unreadable run files, NameMapError / ToleranceConfigError for bad
     maps or configs: all bad input.
@@ -150,7 +164,8 @@ def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
     elif not isinstance(tolerances, Tolerances):
         tolerances = Tolerances.load(tolerances)
     with RunReader(ref_path) as ref, RunReader(cand_path) as cand:
-        oracle = RunReader(oracle_path) if oracle_path is not None else None
+        paths = oracle_paths(oracle_path)
+        oracle = Oracles(paths) if paths else None
         try:
             return _compare(ref, cand, oracle, name_map, tolerances, progress, started)
         finally:
@@ -158,7 +173,7 @@ def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
                 oracle.close()
 
 
-def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map: NameMap | None,
+def _compare(ref: RunReader, cand: RunReader, oracle: Oracles | None, name_map: NameMap | None,
              tolerances: Tolerances, progress, started: float) -> Comparison:
     ref_entries = ref.entries()
     cand_entries = cand.entries()
@@ -176,13 +191,14 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
     dropped = set(mapped.dropped)
     bytes_read = 0
     total = len(ref_entries)
+    sources = _Sources(ref, cand, by_ref_key)
     for position, entry in enumerate(ref_entries):
         if progress is not None:
             progress(position, total, entry.key)
         match = by_ref_key.get(entry.key)
         if match is not None:
             used.add(match.key)
-        result, nbytes = _compare_one(ref, cand, oracle, entry, match, tolerances, len(results))
+        result, nbytes = _compare_one(ref, cand, oracle, entry, match, tolerances, len(results), sources)
         bytes_read += nbytes
         results.append(result)
 
@@ -198,7 +214,7 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
             notes=["only in the candidate"] + ([f"candidate name {entry.key}"] if key != entry.key else [])))
 
     _fill_coverage(coverage, results, ref_entries, cand_entries, mapped)
-    warnings = _metadata_warnings(ref.metadata, cand.metadata, oracle)
+    warnings = [f"{_label(cand.metadata)}: {w}" for w in _metadata_warnings(ref.metadata, cand.metadata, oracle)]
     if name_map is not None and mapped.unmatched:
         warnings.append(f"{len(mapped.unmatched)} candidate tensor(s) matched no rule of the name map "
                         f"({name_map.unmatched_policy}): first {mapped.unmatched[0]}")
@@ -207,11 +223,34 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
         ref_metadata=ref.metadata, cand_metadata=cand.metadata,
         oracle_metadata=oracle.metadata if oracle is not None else None,
         results=results, coverage=coverage, tolerances=tolerances, name_map=name_map, warnings=warnings,
-        seconds=time.perf_counter() - started, bytes_read=bytes_read)
+        seconds=time.perf_counter() - started, bytes_read=bytes_read,
+        oracle_paths=oracle.paths if oracle is not None else [])
 
 
-def _compare_one(ref: RunReader, cand: RunReader, oracle: RunReader | None, entry: Entry,
-                 match: Entry | None, tolerances: Tolerances, index: int) -> tuple[TensorResult, int]:
+def _label(cand_metadata: dict) -> str:
+    """Which comparison a warning comes from: the free run's or the isolated run's."""
+    return f"{cand_metadata.get('mode') or 'candidate'} run"
+
+
+class _Sources:
+    """Source tensors of derived tensors, by reference key: the candidate's own (through the name map);
+    for an isolated run, whose stages were fed the reference's tensors, the reference's."""
+
+    def __init__(self, ref: RunReader, cand: RunReader, by_ref_key: dict[str, Entry]):
+        self.ref, self.cand, self.by_ref_key = ref, cand, by_ref_key
+        self.isolated = cand.metadata.get("mode") == "isolated"
+
+    def __call__(self, key: str):
+        match = self.by_ref_key.get(key)
+        if match is not None:
+            return self.cand.read(match)
+        if self.isolated and key in self.ref:
+            return self.ref.read(key)
+        return None
+
+
+def _compare_one(ref: RunReader, cand: RunReader, oracle: Oracles | None, entry: Entry,
+                 match: Entry | None, tolerances: Tolerances, index: int, sources: _Sources) -> tuple[TensorResult, int]:
     result = TensorResult(index=index, key=entry.key, component=entry.component, invocation=entry.invocation,
                           name=entry.name, kind=entry.kind, status="missing", order=entry.order,
                           ref_dtype=entry.dtype, ref_shape=list(entry.shape))
@@ -239,35 +278,47 @@ def _compare_one(ref: RunReader, cand: RunReader, oracle: RunReader | None, entr
         result.notes.append(f"shapes differ only in size-1 dimensions ({list(match.shape)} vs "
                             f"{list(entry.shape)}); compared element by element")
     if entry.dtype != match.dtype:
-        result.notes.append(f"dtype differs: reference {entry.dtype}, candidate {match.dtype}; compared after "
-                            f"casting, judged with {judge_dtype} tolerances")
+        allowed = " (allowed by an override)" if rule.any_dtype else ""
+        result.notes.append(f"dtype differs: reference {entry.dtype}, candidate {match.dtype}{allowed}; compared "
+                            f"after casting, judged with {judge_dtype} tolerances")
     ref_array = ref.read(entry)
     cand_array = cand.read(match).reshape(ref_array.shape)
     nbytes = entry.nbytes + match.nbytes
     metrics = tensor_metrics(ref_array, cand_array, rtol=rule.rtol, atol=rule.atol)
     ref_err = cand_err = None
     if oracle is not None and isinstance(metrics, FloatMetrics):
-        if entry.key in oracle and tuple(oracle.entry(entry.key).shape) == tuple(entry.shape):
-            oracle_entry = oracle.entry(entry.key)
-            oracle_array = oracle.read(oracle_entry)
+        found = oracle.read(entry.key, tuple(entry.shape))
+        if found is not None:
+            oracle_array, oracle_entry = found
             nbytes += oracle_entry.nbytes
             ref_err = oracle_error(ref_array, oracle_array)
-            del ref_array
             cand_err = oracle_error(cand_array, oracle_array)
             del oracle_array
             if oracle_entry.dtype != "float64":
                 result.notes.append(f"oracle tensor is {oracle_entry.dtype}, not float64")
         else:
-            reason = "not in the oracle run" if entry.key not in oracle else "has another shape in the oracle run"
+            reason = "not in the oracle run" if not oracle.holds(entry.key) else "has another shape in the oracle run"
             result.notes.append(f"{reason}: judged with the {judge_dtype} default tolerance instead")
-    elif oracle is not None and entry.dtype == "uint8" and entry.key in oracle:
+    elif oracle is not None and entry.dtype == "uint8":
         # an 8-bit image: calibrate on how far the reference's own image is from the fp64 run's
-        oracle_array = oracle.read(oracle.entry(entry.key)).reshape(ref_array.shape)
-        ref_err, cand_err = exact_metrics(oracle_array, ref_array), exact_metrics(oracle_array, cand_array)
+        found = oracle.read(entry.key, tuple(entry.shape))
+        if found is not None:
+            oracle_array = found[0].reshape(ref_array.shape)
+            ref_err, cand_err = exact_metrics(oracle_array, ref_array), exact_metrics(oracle_array, cand_array)
+    del ref_array
+    decision = judge_derived(entry.component, entry.invocation, entry.name, cand_array, sources, rule,
+                             ref.metadata.get("guidance"))
     del cand_array
+    if decision is not None:
+        result.notes.append("judged by its derivation from its own sources (see judging.derived)")
+    else:
+        decision = judge(metrics, rule, ref_vs_oracle=ref_err, cand_vs_oracle=cand_err)
+    decision = dtype_decision(decision, rule, entry.dtype, match.dtype)
     result.metrics = metrics
-    result.decision = judge(metrics, rule, ref_vs_oracle=ref_err, cand_vs_oracle=cand_err)
-    result.status = "pass" if result.decision.passed else "fail"
+    result.decision = decision
+    result.status = "pass" if decision.passed else "fail"
+    if decision.passed and result.identical:
+        decision.reason = "identical"
     return result, nbytes
 
 
@@ -315,7 +366,7 @@ def _invocations(keys) -> list[str]:
     return list(seen)
 
 
-def _metadata_warnings(ref_meta: dict, cand_meta: dict, oracle: RunReader | None) -> list[str]:
+def _metadata_warnings(ref_meta: dict, cand_meta: dict, oracle: Oracles | None) -> list[str]:
     warnings = []
     for key in SETTING_KEYS:
         if key in ref_meta and key in cand_meta and ref_meta[key] != cand_meta[key]:
