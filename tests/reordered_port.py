@@ -11,7 +11,7 @@ reorderings a real port makes, each one numerically sound:
 * one norm (a GroupNorm in the UNet's middle block) accumulated in float64 and rounded once.
 
 Such a port is correct, so the harness must find no failing tensor and no culprit in it
-(tests/test_tolerances.py). Use it as `--candidate tests/reordered_port.py:reordered_port`.
+(tests/test_valid_numerics.py). Use it as `--candidate tests/reordered_port.py:reordered_port`.
 """
 from __future__ import annotations
 

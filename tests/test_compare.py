@@ -419,6 +419,113 @@ def test_divergence_without_isolated_run_says_how_to_find_the_culprit(tmp_path):
     assert "--isolated" in verdict.text and verdict.first_block_is_culprit is None
 
 
+def test_a_block_not_fed_the_references_inputs_is_not_named_a_culprit(tmp_path):
+    """An isolated run whose block inputs are not the reference's did not isolate that block: its
+    failing outputs name no culprit, and the verdict says the run was not isolated there."""
+    ref = write_run(tmp_path / "r.h5", unet_run())
+    free = write_run(tmp_path / "free.h5", unet_run(offset={(0, 1): 0.5}))
+    tensors = unet_run(offset={(0, 1): 0.5})
+    key = ("unet", "step_000", "down_blocks.1@0")
+    tensors[key] = tensors[key] + np.float32(1e-3)  # the candidate ran block 1 on its own upstream result
+    isolated = write_run(tmp_path / "iso.h5", tensors, mode="isolated")
+    verdict = make_verdict(compare_runs(ref, free), compare_runs(ref, isolated))
+    assert verdict.status == "divergence" and verdict.culprits == []
+    assert verdict.not_isolated == ["unet_block_1_down"]
+    assert "not isolated at unet_block_1_down" in verdict.text
+    # fed the reference's inputs exactly (a wider dtype holding the same values is fine), it is a culprit
+    widened = unet_run(offset={(0, 1): 0.5})
+    widened[key] = widened[key].astype(np.float64)
+    good = write_run(tmp_path / "iso2.h5", widened, mode="isolated")
+    verdict = make_verdict(compare_runs(ref, free), compare_runs(ref, good))
+    assert [c.block for c in verdict.culprits] == ["unet_block_1_down"] and verdict.not_isolated == []
+
+
+def test_a_failure_seen_only_in_isolation_is_its_own_status(tmp_path):
+    """Never "parity ... but culprit X": a block that fails only when fed the reference's inputs is a
+    divergence in isolation (exit 1), unless the config says such failures pass."""
+    ref = write_run(tmp_path / "r.h5", unet_run())
+    free = write_run(tmp_path / "free.h5", unet_run())
+    isolated = write_run(tmp_path / "iso.h5", unet_run(offset={(1, 2): 0.5}), mode="isolated")
+    verdict = make_verdict(compare_runs(ref, free), compare_runs(ref, isolated))
+    assert verdict.status == "isolation_only" and verdict.exit_code == 1
+    assert [c.block for c in verdict.culprits] == ["unet_block_2_down"]
+    assert verdict.text.startswith("divergence in isolation only: fed the reference's inputs, unet_block_2_down")
+    tolerant = Tolerances.from_table({"tolerances": {"isolation_only": "pass",
+                                                     "reason": "our port's blocks are checked elsewhere"}})
+    verdict = make_verdict(compare_runs(ref, free, tolerances=tolerant), compare_runs(ref, isolated))
+    assert verdict.status == "isolation_only" and verdict.exit_code == 0
+    with pytest.raises(ToleranceConfigError, match="isolation_only"):
+        Tolerances.from_table({"tolerances": {"isolation_only": "maybe", "reason": "r"}})
+
+
+def test_warnings_say_which_comparison_raised_them(tmp_path):
+    ref = write_run(tmp_path / "r.h5", unet_run())
+    free = write_run(tmp_path / "free.h5", unet_run(), seed=1)
+    isolated = write_run(tmp_path / "iso.h5", unet_run(), seed=2, mode="isolated")
+    assert [w.split(":")[0] for w in compare_runs(ref, free).warnings] == ["free run"]
+    assert [w.split(":")[0] for w in compare_runs(ref, isolated).warnings] == ["isolated run"]
+
+
+def _guided_step(rng, scale=7.5, n=4096):
+    uncond = rng.standard_normal(n).astype(np.float32)
+    text = (uncond + 0.05 * rng.standard_normal(n)).astype(np.float32)  # the halves differ a little
+    guided = uncond + np.float32(scale) * (text - uncond)
+    return {("pipeline", "step_000", "noise_pred_uncond"): uncond, ("pipeline", "step_000", "noise_pred_text"): text,
+            ("pipeline", "step_000", "noise_pred"): guided}
+
+
+def test_guided_noise_prediction_is_judged_from_its_own_halves(tmp_path):
+    """Halves within tolerance give a guided prediction whose difference is amplified by the guidance
+    scale; it passes because it is the guidance combination of the candidate's own halves, and the
+    same prediction with the halves swapped fails."""
+    rng = np.random.default_rng(3)
+    ref = write_run(tmp_path / "r.h5", _guided_step(rng), guidance=7.5)
+    step = _guided_step(np.random.default_rng(3))
+    rtol = DTYPE_DEFAULTS["float32"][0]
+    for name in ("noise_pred_uncond", "noise_pred_text"):  # each half off by 0.7 of its budget, independently
+        half = step[("pipeline", "step_000", name)]
+        step[("pipeline", "step_000", name)] = (half * (1 + 0.7 * rtol * rng.choice([-1, 1], half.size))
+                                                ).astype(np.float32)
+    uncond, text = step[("pipeline", "step_000", "noise_pred_uncond")], step[("pipeline", "step_000", "noise_pred_text")]
+    step[("pipeline", "step_000", "noise_pred")] = uncond + np.float32(7.5) * (text - uncond)
+    comparison = compare_runs(ref, write_run(tmp_path / "c.h5", step, guidance=7.5))
+    guided = comparison.results[2]
+    assert guided.metrics.rel_l2 > rtol  # on its own, the guided prediction would fail
+    assert guided.status == "pass" and guided.decision.mode == "derived"
+    assert all(r.status == "pass" for r in comparison.results)
+    step[("pipeline", "step_000", "noise_pred")] = text + np.float32(7.5) * (uncond - text)
+    swapped = compare_runs(ref, write_run(tmp_path / "swapped.h5", step, guidance=7.5)).results[2]
+    assert swapped.status == "fail" and swapped.decision.criteria[0]["name"] == "derived"
+
+
+def test_the_8bit_image_is_judged_from_its_own_float_image(tmp_path):
+    rng = np.random.default_rng(4)
+    image = rng.random((1, 16, 16, 3)).astype(np.float32)
+    shifted = (image + 2e-3).clip(0, 1).astype(np.float32)  # a float difference that flips many 8-bit levels
+    tensors = lambda x, u8: {("pipeline", "main", "image"): x, ("pipeline", "main", "image_uint8"): u8}  # noqa: E731
+    ref = write_run(tmp_path / "r.h5", tensors(image, (image * 255).round().astype(np.uint8)))
+    rounded = compare_runs(ref, write_run(tmp_path / "c.h5", tensors(shifted, (shifted * 255).round().astype(np.uint8))))
+    assert rounded.results[1].metrics.mismatches > 10 and rounded.results[1].status == "pass"
+    truncated = compare_runs(ref, write_run(tmp_path / "t.h5", tensors(shifted, (shifted * 255).astype(np.uint8))))
+    assert truncated.results[1].status == "fail"  # floor instead of round: a conversion bug
+
+
+def test_isolated_runs_are_calibrated_on_the_block_local_oracle_first(tmp_path):
+    """The block-local oracle (the block re-run in fp64 on the reference's inputs) calibrates the
+    tensors it holds; the whole-run oracle the rest."""
+    key, outside = ("unet", "step_000", "down_blocks.0"), ("unet", "step_000", "conv_out")
+    rng = np.random.default_rng(6)
+    exact = rng.standard_normal(4096)
+    r = write_run(tmp_path / "r.h5", {key: exact.astype(np.float32), outside: exact.astype(np.float32)})
+    c = write_run(tmp_path / "c.h5", {key: exact.astype(np.float32), outside: exact.astype(np.float32)},
+                  mode="isolated")
+    block = write_run(tmp_path / "b.h5", {key: exact}, dtype="fp64")
+    whole = write_run(tmp_path / "o.h5", {key: exact + 1e-3, outside: exact}, dtype="fp64")
+    results = compare_runs(r, c, oracle_path=[block, whole]).results
+    assert results[0].decision.settings["ref_error"] < 1e-7  # against the block oracle, not the whole run's
+    assert results[1].decision.mode == "calibrated"
+
+
 # ---------------------------------------------------------------------------------------------------
 # name maps
 

@@ -147,6 +147,15 @@ UNET_SELF_ATTENTION = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
 UNET_CROSS_ATTENTION = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
 UNET_UPSAMPLER = "up_blocks.1.upsamplers.0"  # up_blocks.0 upsamples 1x1 maps at 64 px: any filter is nearest there
 UNET_UP_BLOCK = "up_blocks.1"
+UNET_LAYER_NORM = "down_blocks.2.attentions.0.transformer_blocks.0.norm1"
+UNET_FF_OUT = "mid_block.attentions.0.transformer_blocks.0.ff.net.2"
+
+
+def _scaled_bias(component: str, path: str, factor: float):
+    def apply(sd):
+        module = find_module(sd.models.component(component), path)
+        return _patched(module, "b", module.b * factor)
+    return apply
 
 FAULTS: dict[str, Fault] = {f.name: f for f in [
     Fault("groupnorm_eps", "GroupNorm eps 1e-2 instead of the config's 1e-5", (("unet", UNET_NORM),),
@@ -173,6 +182,11 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
           lambda sd: _patched(sd.models.vae.config, "scaling_factor", 0.2)),
     Fault("guidance_swap", "classifier-free guidance with its halves swapped", (("pipeline", "noise_pred"),),
           lambda sd: _patched(sd, "guide", lambda uncond, text, scale: text + scale * (uncond - text))),
+    Fault("layernorm_eps", "LayerNorm eps 1e-6 instead of the config's 1e-5 in one transformer block",
+          (("unet", UNET_LAYER_NORM),),
+          _on_module("unet", UNET_LAYER_NORM, layer_norm=lambda ops: lambda x, w, b, eps: ops.layer_norm(x, w, b, 1e-6))),
+    Fault("linear_bias_1e-4", "one Linear's bias off by 1e-4 relative (a weight converted with a small error)",
+          (("unet", UNET_FF_OUT),), _scaled_bias("unet", UNET_FF_OUT, 1 + 1e-4)),
     Fault("cfg_negative_twice", "the negative prompt's embedding used for both guidance halves",
           (("unet", "@encoder_hidden_states"),),
           lambda sd: _patched(sd, "cfg_batch", lambda negative, positive: sd.ops.cat([negative, negative], 0))),
