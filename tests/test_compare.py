@@ -466,6 +466,19 @@ def test_warnings_say_which_comparison_raised_them(tmp_path):
     assert [w.split(":")[0] for w in compare_runs(ref, isolated).warnings] == ["isolated run"]
 
 
+def test_an_fp16_run_and_its_fp64_oracle_start_from_the_same_x_T(tmp_path):
+    """The cause of the old "x_T differs" warning on every fp16 comparison: the fp16 reference starts from
+    the fixture's x_T rounded to fp16, the oracle from the fixture's x_T. Compared by value, they agree."""
+    x_t = np.random.default_rng(7).standard_normal((1, 4, 8, 8))
+    key = ("pipeline", "main", "x_T")
+    ref = write_run(tmp_path / "r.h5", {key: x_t.astype(np.float16)}, dtype="fp16")
+    cand = write_run(tmp_path / "c.h5", {key: x_t.astype(np.float16)}, dtype="fp16")
+    oracle = write_run(tmp_path / "o.h5", {key: x_t.astype(np.float32).astype(np.float64)}, dtype="fp64")
+    assert compare_runs(ref, cand, oracle_path=oracle).warnings == []
+    other = write_run(tmp_path / "other.h5", {key: -x_t}, dtype="fp64")
+    assert ["another x_T" in w for w in compare_runs(ref, cand, oracle_path=other).warnings] == [True]
+
+
 def _guided_step(rng, scale=7.5, n=4096):
     uncond = rng.standard_normal(n).astype(np.float32)
     text = (uncond + 0.05 * rng.standard_normal(n)).astype(np.float32)  # the halves differ a little

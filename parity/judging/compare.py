@@ -214,7 +214,10 @@ def _compare(ref: RunReader, cand: RunReader, oracle: Oracles | None, name_map: 
             notes=["only in the candidate"] + ([f"candidate name {entry.key}"] if key != entry.key else [])))
 
     _fill_coverage(coverage, results, ref_entries, cand_entries, mapped)
-    warnings = [f"{_label(cand.metadata)}: {w}" for w in _metadata_warnings(ref.metadata, cand.metadata, oracle)]
+    warnings = _metadata_warnings(ref.metadata, cand.metadata)
+    if oracle is not None:
+        warnings += oracle.warnings(ref, SETTING_KEYS)
+    warnings = [f"{_label(cand.metadata)}: {w}" for w in warnings]
     if name_map is not None and mapped.unmatched:
         warnings.append(f"{len(mapped.unmatched)} candidate tensor(s) matched no rule of the name map "
                         f"({name_map.unmatched_policy}): first {mapped.unmatched[0]}")
@@ -366,7 +369,7 @@ def _invocations(keys) -> list[str]:
     return list(seen)
 
 
-def _metadata_warnings(ref_meta: dict, cand_meta: dict, oracle: Oracles | None) -> list[str]:
+def _metadata_warnings(ref_meta: dict, cand_meta: dict) -> list[str]:
     warnings = []
     for key in SETTING_KEYS:
         if key in ref_meta and key in cand_meta and ref_meta[key] != cand_meta[key]:
@@ -374,12 +377,4 @@ def _metadata_warnings(ref_meta: dict, cand_meta: dict, oracle: Oracles | None) 
                             "the comparison may not be meaningful")
     if ref_meta.get("mode") == "isolated":
         warnings.append("the reference run is marked isolated; the reference should be a free run")
-    if oracle is not None:
-        meta = oracle.metadata
-        if meta.get("dtype") not in (None, "fp64", "float64"):
-            warnings.append(f"the oracle run's dtype is {meta.get('dtype')!r}, not fp64: calibrated thresholds "
-                            "assume an fp64 oracle")
-        for key in SETTING_KEYS:
-            if key in ref_meta and key in meta and ref_meta[key] != meta[key]:
-                warnings.append(f"oracle and reference differ in {key}: {meta[key]!r} vs {ref_meta[key]!r}")
     return warnings

@@ -56,9 +56,34 @@ class Oracles:
         reader, entry = found
         return reader.read(entry), entry
 
+    def warnings(self, ref: RunReader, setting_keys: tuple[str, ...]) -> list[str]:
+        """What makes an oracle unfit for `ref`: another dtype than fp64, other settings, another x_T.
+
+        x_T is compared by value: an fp16 reference starts from the fixture's x_T rounded to fp16 (its
+        metadata hashes those values), while the oracle starts from the fixture's x_T itself."""
+        warnings = []
+        for reader in self.readers:
+            meta, name = reader.metadata, reader.path.name
+            if meta.get("dtype") not in (None, "fp64", "float64"):
+                warnings.append(f"the oracle run {name} has dtype {meta.get('dtype')!r}, not fp64: calibrated "
+                                "thresholds assume an fp64 oracle")
+            for key in setting_keys:
+                if key != "x_T_sha256" and key in ref.metadata and key in meta and ref.metadata[key] != meta[key]:
+                    warnings.append(f"oracle {name} and reference differ in {key}: {meta[key]!r} vs "
+                                    f"{ref.metadata[key]!r}")
+            x_t = "pipeline/main/x_T"
+            if x_t in ref and x_t in reader and not _rounds_to(reader.read(x_t), ref.read(x_t)):
+                warnings.append(f"oracle {name} starts from another x_T than the reference (not even after "
+                                "rounding to the reference's dtype)")
+        return warnings
+
     def close(self) -> None:
         for reader in self.readers:
             reader.close()
+
+
+def _rounds_to(exact: np.ndarray, rounded: np.ndarray) -> bool:
+    return exact.shape == rounded.shape and bool(np.array_equal(exact.astype(rounded.dtype), rounded))
 
 
 def oracle_paths(oracle_path) -> list:
