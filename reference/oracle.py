@@ -143,7 +143,7 @@ def run_block_oracle(config: RunConfig, reference: Path, output: Path) -> Path:
     from sd_parity.runs.config import unet_parameter_count
 
     from .hooks import capture_module
-    from .runner import load_network
+    from .runner import WRITE_QUEUE_BYTES, load_network
 
     model_dir = config.model_dir()
     with RunReader(reference) as ref:
@@ -154,7 +154,7 @@ def run_block_oracle(config: RunConfig, reference: Path, output: Path) -> Path:
         entries = defaultdict(list)
         for entry in ref.entries():
             entries[(entry.component, entry.invocation)].append(entry)
-        with RunWriter(output, metadata, compression=config.compression) as writer, \
+        with RunWriter(output, metadata, compression=config.compression, background_bytes=WRITE_QUEUE_BYTES) as writer, \
                 torch.inference_mode(), exact_time_embedding():
             recorder = _OutputsOnly(writer, spec, total_steps=config.steps)
             for component in (c for c in MODULE_COMPONENTS if c in ref.components()):

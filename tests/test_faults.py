@@ -12,45 +12,43 @@ backend's faults and a second seed, and tests/test_clean_sweep.py the 360-case c
 import pytest
 
 from sd_parity.candidates.faults import FAULTS
-from sd_parity.cases.case import Case, run_case
+from sd_parity.cases.case import Case, judge_case
 from sd_parity.runs.config import RunConfig
 
 BASE = dict(model="tiny-sd1", steps=3, prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry")
 
 
-def _summary(tmp_path, backend, fault=None, **fields):
-    config = RunConfig(**{**BASE, **fields})
-    return run_case(Case(config, backend, fault=fault), tmp_path / "case").summary
-
-
-def _component_and_name(key: str) -> tuple[str, str]:
-    component, _invocation, name = key.split("/", 2)
-    return component, name
+def _judged(backend, fault=None, **fields):
+    """The case judged as `parity run` judges it (calibrated, free and isolated), without the HTML report."""
+    return judge_case(Case(RunConfig(**{**BASE, **fields}), backend, fault=fault))
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("numpy", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("name", sorted(FAULTS))
-def test_fault_is_detected_and_localized(tmp_path, name, backend):
+def test_fault_is_detected_and_localized(name, backend):
     fault = FAULTS[name]
-    summary = _summary(tmp_path, backend, fault=name)
-    assert summary["verdict"]["status"] == "divergence", f"{name} went undetected"
-    first = summary["first_divergence"]["key"]
-    assert fault.names(*_component_and_name(first)), f"{name}: first divergence at {first}"
-    culprits = [c["block"] for c in summary["culprits"]]
-    worst = max(r["ratio"] or 0 for rows in (summary["tensors"], summary["isolated"]["tensors"]) for r in rows)
+    judged = _judged(backend, fault=name)
+    verdict = judged.verdict
+    assert verdict.status == "divergence", f"{name} went undetected: {verdict.text}"
+    first = verdict.first_divergence
+    assert fault.names(first.component, first.name), f"{name}: first divergence at {first.key}"
+    culprits = [c.block for c in verdict.culprits]
+    worst = max(r.ratio or 0 for comparison in (judged.comparison, judged.isolated) for r in comparison.results)
     assert worst >= 2, f"{name} caught at a ratio of only {worst:.2f}"
+    assert verdict.not_isolated == []
     if fault.block is not None:
         assert culprits == [fault.block.test_id], f"{name}: culprits in isolation {culprits}"
     else:
-        outside = [_component_and_name(r["key"]) for r in summary["isolated_failures_outside_blocks"]]
-        assert any(fault.names(c, n) for c, n in outside), f"{name}: isolation blames {culprits} {outside[:3]}"
+        outside = verdict.isolated_failures_outside_blocks
+        assert any(fault.names(r.component, r.name) for r in outside), \
+            f"{name}: isolation blames {culprits} {[r.key for r in outside[:3]]}"
         assert culprits == [], f"{name}: no block is at fault, yet isolation blames {culprits}"
 
 
 @pytest.mark.parametrize("backend", ["torch", "numpy"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("seed", [1, pytest.param(2, marks=pytest.mark.slow)])
-def test_clean_runs_raise_no_false_alarm(tmp_path, seed, dtype, backend):
-    summary = _summary(tmp_path, backend, seed=seed, dtype=dtype, scheduler="pndm")
-    assert summary["verdict"]["status"] == "parity", summary["verdict"]["text"]
-    assert summary["culprits"] == [], summary["culprits"]
+def test_clean_runs_raise_no_false_alarm(seed, dtype, backend):
+    verdict = _judged(backend, seed=seed, dtype=dtype, scheduler="pndm").verdict
+    assert verdict.status == "parity", verdict.text
+    assert verdict.culprits == [], verdict.culprits
