@@ -259,3 +259,27 @@ def test_inpaint_capture_on_a_nine_channel_unet(reference_run):
 def test_bad_pipeline_input_exits_2(tmp_path, capsys, args, message):
     assert main(["capture", "--model", "tiny-sd1", "--output", str(tmp_path / "r.h5"), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_oracles_from_the_command_line(tmp_path):
+    """`parity capture --oracle` is the run in fp64 (the time embedding too, which diffusers computes in
+    float32 otherwise); `--block-oracle REF.h5` re-runs each block of REF.h5 in fp64 on its own inputs."""
+    ref, oracle, blocks = (tmp_path / f"{name}.h5" for name in ("ref", "oracle", "blocks"))
+    common = ["--model", "tiny-sd1", "--steps", "2"]
+    assert main(["capture", *common, "--output", str(ref)]) == 0
+    assert main(["capture", *common, "--oracle", "--output", str(oracle)]) == 0
+    assert main(["capture", *common, "--block-oracle", str(ref), "--output", str(blocks)]) == 0
+    with RunReader(ref) as r, RunReader(oracle) as o, RunReader(blocks) as b:
+        assert o.metadata["dtype"] == "fp64" and o.entry("unet/step_000/time_proj").dtype == "float64"
+        exact, fp32 = o.read("unet/step_000/time_proj"), r.read("unet/step_000/time_proj").astype(np.float64)
+        assert 0 < np.linalg.norm(fp32 - exact) / np.linalg.norm(exact) < 1e-5
+        assert b.metadata["mode"] == "block_oracle" and all("@" not in e.name for e in b.entries())
+        inside = [e.key for e in r.entries() if e.component == "unet" and e.name.startswith("mid_block")
+                  and "@" not in e.name]
+        assert inside and all(key in b for key in inside)
+        assert "unet/step_000/conv_in" not in b  # outside every block: the whole-run oracle's
+        # the block oracle ran the block on the reference's inputs: it is far closer to the reference
+        key = "unet/step_001/mid_block"
+        near = np.linalg.norm(r.read(key) - b.read(key)) / np.linalg.norm(b.read(key))
+        far = np.linalg.norm(r.read(key) - o.read(key)) / np.linalg.norm(o.read(key))
+        assert near < far / 3, (near, far)
