@@ -4,10 +4,12 @@
 calibrated (fp64 oracle for the free run, block-local oracle for the isolated run) and judged as
 `parity run` judges it: every case must come out at parity, with no culprit. The worst ratio to
 threshold over all compared tensors is the margin recorded in docs/tolerances.md; the sweep writes it,
-per dtype and comparison, to reports/clean-sweep.json.
+per dtype and comparison, to reports/clean-sweep.json. Its ~1,000 run files go to a run cache of its
+own, emptied whenever the seed or sampler changes (they would fill tens of GB otherwise).
 """
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,26 @@ def margins():
     print("\nclean sweep, worst ratio to threshold:", json.dumps(worst))
 
 
+@pytest.fixture(scope="module")
+def run_cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep-runs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SD_PARITY_RUN_CACHE", str(folder))
+        yield {"folder": folder, "group": None}
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def group_cache(request, run_cache):
+    """The runs of one (seed, sampler) group are shared by its dtypes and backends, then dropped."""
+    params = request.node.callspec.params
+    group = (params["seed"], params["scheduler"])
+    if run_cache["group"] != group:
+        shutil.rmtree(run_cache["folder"], ignore_errors=True)
+        run_cache["folder"].mkdir(parents=True, exist_ok=True)
+        run_cache["group"] = group
+
+
 def _worst(comparison):
     rows = [r for r in comparison.results if r.ratio is not None]
     row = max(rows, key=lambda r: r.ratio)
@@ -39,7 +61,7 @@ def _worst(comparison):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed, scheduler, dtype, backend", list(itertools.product(SEEDS, SCHEDULERS, DTYPES, BACKENDS)))
-def test_clean_case_is_at_parity(seed, scheduler, dtype, backend, margins):
+def test_clean_case_is_at_parity(seed, scheduler, dtype, backend, margins, group_cache):
     config = RunConfig(model="tiny-sd1", steps=3, scheduler=scheduler, dtype=dtype, seed=seed,
                        prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry")
     judged = judge_case(Case(config, backend))

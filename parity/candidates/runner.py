@@ -78,7 +78,9 @@ def run_isolated(candidate: Any, config: RunConfig, reference: Path, output: Pat
                                    mode="isolated"), **candidate_facts(candidate)}
         with RunWriter(output, metadata, compression=config.compression,
                        background_bytes=WRITE_QUEUE_BYTES) as writer:
-            recorder = Recorder(writer, CaptureSpec.parse("all"), total_steps=config.steps)
+            # what the reference keeps is what can be compared (block inputs included, for the isolation check)
+            spec = CaptureSpec.parse(config.capture_spec(unet_parameter_count(model_dir)))
+            recorder = Recorder(writer, spec, total_steps=config.steps)
             if supports(candidate, "run_block"):
                 _isolate_blocks(candidate, ref, recorder)
             if supports(candidate, "run_stage"):
