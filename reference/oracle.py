@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 from collections import defaultdict
 from contextlib import contextmanager
 from itertools import chain
@@ -25,6 +26,8 @@ import numpy as np
 import torch
 
 from sd_parity.runs.config import RunConfig, run_metadata
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
 from sd_parity.runs.hdf5 import RunReader, RunWriter
 from sd_parity.runs.recorder import Recorder
 from sd_parity.runs.selection import MODULE_COMPONENTS, CaptureSpec
@@ -36,10 +39,10 @@ ENTRY_MODULES = {"text_encoder": ("",), "unet": ("",), "vae": ("encoder", "quant
 COMPONENT_NETWORK = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
 
 
-def release(module: torch.nn.Module) -> None:
-    """Drop a module's parameters (size-0 tensors of the same dtype and device take their place)."""
+def release(module: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Drop a module's parameters: size-0 tensors (of `dtype`, or the parameter's) take their place."""
     for parameter in module.parameters():
-        parameter.data = torch.empty(0, dtype=parameter.dtype, device=parameter.device)
+        parameter.data = torch.empty(0, dtype=dtype or parameter.dtype, device=parameter.device)
 
 
 def _adopt(module: torch.nn.Module, loaded: torch.nn.Module) -> None:
@@ -53,21 +56,71 @@ def _adopt(module: torch.nn.Module, loaded: torch.nn.Module) -> None:
             owner._buffers[attribute] = tensor
 
 
+def _copy(view: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A weight tensor copied as `dtype`. A tensor of a memory-mapped file leaves the file's pages mapped
+    in the process after reading, counted in its resident memory: they are dropped again here, so
+    loading a network costs its own size, not its size plus its file's."""
+    copy = np.array(view, dtype=dtype)
+    mapping = getattr(view, "_mmap", None)
+    if mapping is not None and view.nbytes:
+        start = view.ctypes.data - np.frombuffer(mapping, np.uint8).ctypes.data
+        first = start // mmap.PAGESIZE * mmap.PAGESIZE
+        mapping.madvise(mmap.MADV_DONTNEED, first, start + view.nbytes - first)
+    return copy
+
+
+class NetworkWeights:
+    """A network's weight files, read tensor by tensor under the network's own parameter names (the
+    files may prefix them, as transformers' `text_model.`)."""
+
+    def __init__(self, folder: Path):
+        from sd_parity.impl.tensor_files import open_component
+
+        self.files = open_component(folder)
+
+    def _key(self, name: str) -> str | None:
+        if name in self.files:
+            return name
+        matches = [key for key in self.files if key.endswith("." + name)]
+        return matches[0] if len(matches) == 1 else None
+
+    def load(self, module: torch.nn.Module, prefix: str = "") -> bool:
+        """Fill `module`'s parameters (`prefix`: its path in the network) from the files, each in the
+        parameter's dtype, as the loader converts them; False (nothing loaded) when a name is missing,
+        e.g. a legacy checkpoint whose names only the loader converts."""
+        parameters = list(module.named_parameters())
+        keys = [self._key(f"{prefix}{name}") for name, _ in parameters]
+        if any(key is None for key in keys):
+            return False
+        for (_, parameter), key in zip(parameters, keys):
+            dtype = parameter.dtype
+            wide = np.float64 if dtype == torch.float64 else np.float32
+            parameter.data = torch.from_numpy(_copy(self.files[key], wide)).to(dtype)
+        return True
+
+
 class ResidentNetworks:
     """Keeps at most one of a pipeline's networks' weights in memory.
 
-    `load(name)` returns network `name` (text_encoder, unet, vae) loaded the way the pipeline loader
-    loads it; the pipeline is then built around released networks, and `attach(pipe)` reloads each
-    one when its first module is called, releasing the others."""
+    `load(name, dtype)` returns network `name` (text_encoder, unet, vae) loaded by the pipeline loader at
+    `dtype`. `released(name)` gives the network's structure without weights, for the pipeline to be
+    built around; while `attached()`, each network gets its weights (tensor by tensor from its folder's
+    files, or from the loader) when one of its modules is first called, and the others drop theirs."""
 
-    def __init__(self, load: Callable[[str], torch.nn.Module]):
-        self._load = load
+    def __init__(self, model_dir: Path, dtype: str, load: Callable[[str, str], torch.nn.Module]):
+        self.model_dir, self.dtype, self._load = model_dir, dtype, load
         self.resident: str | None = None
         self._modules: dict[str, torch.nn.Module] = {}
 
     def released(self, name: str) -> torch.nn.Module:
-        module = self._load(name)
-        release(module)
+        # the structure is loaded at most at float32 (what the files hold), then given the run's dtype
+        module = self._load(name, "fp32" if self.dtype == "fp64" else self.dtype)
+        dtype = TORCH_DTYPES[self.dtype]
+        release(module, dtype)
+        for buffer_owner in module.modules():
+            for key, buffer in buffer_owner._buffers.items():
+                if buffer is not None and buffer.is_floating_point():
+                    buffer_owner._buffers[key] = buffer.to(dtype)
         self._modules[name] = module
         return module
 
@@ -77,7 +130,13 @@ class ResidentNetworks:
         if self.resident is not None:
             release(self._modules[self.resident])
             self.resident = None
-        _adopt(self._modules[name], self._load(name))
+        module = self._modules[name]
+        # The loader maps the weight files and hands out views of them (no copy at the files' dtype; and
+        # the kernels' roundings depend on the views' alignment, so a copy would change the reference's
+        # results). Only a wider dtype than the files' (the fp64 oracle) is read tensor by tensor, to
+        # convert one tensor at a time rather than hold the whole file beside the converted network.
+        if self.dtype != "fp64" or not NetworkWeights(self.model_dir / name).load(module):
+            _adopt(module, self._load(name, self.dtype))
         self.resident = name
 
     @contextmanager
@@ -138,7 +197,6 @@ def run_block_oracle(config: RunConfig, reference: Path, output: Path) -> Path:
     """Each block of `reference` re-run in fp64 on its captured inputs (one block's weights resident),
     every module output inside it captured as the reference names it (what the reference kept)."""
     from sd_parity.candidates.runner import blocks_with_inputs, inputs_of
-    from sd_parity.impl.tensor_files import open_component
 
     from sd_parity.runs.config import unet_parameter_count
 
@@ -159,8 +217,9 @@ def run_block_oracle(config: RunConfig, reference: Path, output: Path) -> Path:
             recorder = _OutputsOnly(writer, spec, total_steps=config.steps)
             for component in (c for c in MODULE_COMPONENTS if c in ref.components()):
                 network = COMPONENT_NETWORK[component]
-                module = load_network(model_dir, network, "fp64", released=True)
-                weights = _WeightSource(module, open_component(model_dir / network), model_dir, network)
+                module = load_network(model_dir, network, "fp32")
+                release(module, torch.float64)
+                weights = _BlockWeights(module, model_dir, network)
                 include = ("post_quant_conv", "decoder") if component == "vae_decoder" else \
                     ("encoder", "quant_conv") if component == "vae_encoder" else ()
                 with capture_module(recorder, component, module, include=include, invocation_root=False):
@@ -206,32 +265,21 @@ def _arguments(block: torch.nn.Module, inputs: dict[str, np.ndarray]) -> dict[st
     return arguments
 
 
-class _WeightSource:
-    """A network's blocks made runnable one at a time in fp64, from its weight files."""
+class _BlockWeights:
+    """A network's blocks made runnable one at a time in fp64."""
 
-    def __init__(self, module: torch.nn.Module, files, model_dir: Path, network: str):
-        self.module, self.files, self.model_dir, self.network = module, files, model_dir, network
-
-    def _file_key(self, name: str) -> str | None:
-        if name in self.files:
-            return name
-        matches = [key for key in self.files if key.endswith("." + name)]
-        return matches[0] if len(matches) == 1 else None
+    def __init__(self, module: torch.nn.Module, model_dir: Path, network: str):
+        self.module, self.model_dir, self.network = module, model_dir, network
+        self.weights = NetworkWeights(model_dir / network)
 
     @contextmanager
     def resident(self, block: str) -> Iterator[torch.nn.Module]:
         target = self.module.get_submodule(block)
-        names = [f"{block}.{name}" for name, _ in target.named_parameters()]
-        keys = [self._file_key(name) for name in names]
-        if all(key is not None for key in keys):
-            for (name, parameter), key in zip(target.named_parameters(), keys):
-                parameter.data = torch.from_numpy(np.asarray(self.files[key], dtype=np.float64))
-        else:  # weights stored under other names (e.g. a legacy VAE): the loader converts them, whole
+        if not self.weights.load(target, prefix=f"{block}."):
+            # weights stored under other names (e.g. a legacy VAE): the loader converts them, whole
             from .runner import load_network
 
-            loaded = load_network(self.model_dir, self.network, "fp64").get_submodule(block)
-            _adopt(target, loaded)
-            del loaded
+            _adopt(target, load_network(self.model_dir, self.network, "fp64").get_submodule(block))
         try:
             yield target
         finally:

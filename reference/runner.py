@@ -18,12 +18,11 @@ from sd_parity.runs.config import RunConfig, run_metadata, unet_parameter_count
 from sd_parity.runs.hdf5 import RunWriter
 
 from .hooks import capture_module
-from .oracle import NETWORKS, ResidentNetworks, exact_time_embedding, release
+from .oracle import NETWORKS, TORCH_DTYPES, ResidentNetworks, exact_time_embedding
 
 # Captured tensors waiting for the disk; bounds the memory that overlapping I/O with compute costs
 # (about twice SD 1.5's largest activation, the 84 MB GEGLU projection at 64x64 latents, batch 2).
 WRITE_QUEUE_BYTES = 192 << 20
-TORCH_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def scheduler_for(name: str, base_config, karras: bool = False):
@@ -77,15 +76,11 @@ def load_pipeline(model_dir: Path, dtype: str, device: str = "cpu", kind: str = 
     return _from_pretrained(model_dir, dtype, kind, **components).to(device)
 
 
-def load_network(model_dir: Path, network: str, dtype: str, device: str = "cpu", released: bool = False):
-    """One network (text_encoder, unet or vae) loaded by diffusers' pipeline loader, the others skipped;
-    `released`: its structure only, the weights dropped."""
+def load_network(model_dir: Path, network: str, dtype: str, device: str = "cpu"):
+    """One network (text_encoder, unet or vae) loaded by diffusers' pipeline loader, the others skipped."""
     pipe = _from_pretrained(model_dir, dtype, "txt2img", tokenizer=None,
                             **{name: None for name in NETWORKS if name != network})
-    module = getattr(pipe, network).to(device)
-    if released:
-        release(module)
-    return module
+    return getattr(pipe, network).to(device)
 
 
 @contextmanager
@@ -258,7 +253,8 @@ def run_reference(config: RunConfig, output: Path, progress: bool = True, oracle
     if oracle:
         config = dataclasses.replace(config, dtype="fp64")
     model_dir = config.model_dir()
-    networks = ResidentNetworks(lambda name: load_network(model_dir, name, config.dtype, config.device))
+    networks = ResidentNetworks(model_dir, config.dtype,
+                                lambda name, dtype: load_network(model_dir, name, dtype, config.device))
     pipe = load_pipeline(model_dir, config.dtype, config.device, config.pipeline, networks)
     pipe.scheduler = scheduler_for(config.scheduler, pipe.scheduler.config, config.karras)
     pipe.set_progress_bar_config(disable=not progress, desc=f"reference {config.dtype}", leave=False)

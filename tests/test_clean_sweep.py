@@ -65,6 +65,8 @@ def test_clean_case_is_at_parity(seed, scheduler, dtype, backend, margins, group
     config = RunConfig(model="tiny-sd1", steps=3, scheduler=scheduler, dtype=dtype, seed=seed,
                        prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry")
     judged = judge_case(Case(config, backend))
+    for run in ("candidate", "isolated"):  # used by this case alone
+        judged.runs[run].unlink()
     assert judged.verdict.status == "parity", judged.verdict.text
     assert judged.verdict.culprits == []
     for label, comparison in (("free", judged.comparison), ("isolated", judged.isolated)):
