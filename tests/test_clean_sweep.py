@@ -4,7 +4,9 @@
 calibrated (fp64 oracle for the free run, block-local oracle for the isolated run) and judged as
 `parity run` judges it: every case must come out at parity, with no culprit. The worst ratio to
 threshold over all compared tensors is the margin recorded in docs/tolerances.md; the sweep writes it,
-per dtype and comparison, to reports/clean-sweep.json. Its ~1,000 run files go to a run cache of its
+per dtype and comparison, to reports/clean-sweep.json, beside the same tensors judged by the default
+thresholds (no oracle) and the largest relative L2 error of a tensor judged on its own: the evidence
+for the default budgets. Its ~1,000 run files go to a run cache of its
 own, emptied whenever the seed or sampler changes (they would fill tens of GB otherwise).
 """
 import itertools
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from sd_parity.cases.case import Case, judge_case
+from sd_parity.judging.tolerances import Tolerances, judge
 from sd_parity.runs.config import RunConfig
 
 SEEDS = range(20)
@@ -59,6 +62,28 @@ def _worst(comparison):
     return row.ratio, row.key
 
 
+def _uncalibrated(comparison):
+    """(worst ratio, key) of the same tensors judged by the default thresholds, and (largest relative L2
+    error, key) of those judged on their own (not derived)."""
+    defaults, worst, largest = Tolerances(), (0.0, None), (0.0, None)
+    for row in comparison.results:
+        if row.decision is None:
+            continue
+        if row.decision.mode in ("calibrated", "normwise"):
+            ratio = judge(row.metrics, defaults.rule_for(row.component, row.invocation, row.name,
+                                                         row.decision.settings["dtype"])).ratio
+            largest = max(largest, (row.metrics.rel_l2, row.key))
+        else:
+            ratio = row.ratio
+        worst = max(worst, (ratio, row.key))
+    return worst, largest
+
+
+def _note(margins, label, value, where):
+    if value > margins.get(label, [0.0])[0]:
+        margins[label] = [value, where]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed, scheduler, dtype, backend", list(itertools.product(SEEDS, SCHEDULERS, DTYPES, BACKENDS)))
 def test_clean_case_is_at_parity(seed, scheduler, dtype, backend, margins, group_cache):
@@ -69,8 +94,10 @@ def test_clean_case_is_at_parity(seed, scheduler, dtype, backend, margins, group
         judged.runs[run].unlink()
     assert judged.verdict.status == "parity", judged.verdict.text
     assert judged.verdict.culprits == []
+    case = f"{backend} {scheduler} seed {seed}"
     for label, comparison in (("free", judged.comparison), ("isolated", judged.isolated)):
         ratio, key = _worst(comparison)
-        entry = margins.setdefault(f"{dtype} {label}", [0.0, None])
-        if ratio > entry[0]:
-            margins[f"{dtype} {label}"] = [ratio, f"{backend} {scheduler} seed {seed}: {key}"]
+        _note(margins, f"{dtype} {label}", ratio, f"{case}: {key}")
+        (ratio, key), (rel_l2, where) = _uncalibrated(comparison)
+        _note(margins, f"{dtype} {label} default thresholds", ratio, f"{case}: {key}")
+        _note(margins, f"{dtype} {label} largest rel_l2", rel_l2, f"{case}: {where}")

@@ -19,6 +19,8 @@ from sd_parity.reports.summary import build_summary, render_outputs
 from sd_parity.runs.cache import cached_run
 from sd_parity.runs.config import RunConfig
 
+from .memory import release_memory
+
 MODES = ("free", "isolated", "both")
 
 
@@ -93,9 +95,11 @@ def judge_case(case: Case, tolerances: Tolerances | None = None,
     config = case.config
     log(f"{case.name}: reference {config.dtype}")
     runs = {"reference": reference_run(config)}
+    release_memory()
     if case.calibrated and config.dtype != "fp64":
         log(f"{case.name}: oracles fp64")
         runs["oracle"], runs["block_oracle"] = oracle_runs(config, runs["reference"])
+        release_memory()
     candidate = resolve(case.candidate, fault=case.fault)
     fingerprint = candidate.fingerprint() if hasattr(candidate, "fingerprint") else None
     label = candidate_label(case.candidate)
@@ -107,6 +111,8 @@ def judge_case(case: Case, tolerances: Tolerances | None = None,
         log(f"{case.name}: {label} isolated")
         runs["isolated"] = cached_run(config, label, lambda cfg, path: run_isolated(
             candidate, cfg, runs["reference"], path), mode="isolated", fingerprint=fingerprint)
+    del candidate  # and its models: the comparisons read run files only
+    release_memory()
     log(f"{case.name}: compare")
     isolated_oracles = [runs[k] for k in ("block_oracle", "oracle") if k in runs] or None
     if "candidate" in runs:
