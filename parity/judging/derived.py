@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from .metrics import dtype_name, eps, is_float
-from .tolerances import Decision, Rule, _criterion, _decide
+from .tolerances import Decision, Rule, criterion, decide
 
 ROUNDING_ULPS = 4.0  # each function below rounds at most three times, each by half an ULP of its operands' scale
 IMAGE_SLACK = 1e-3  # 8-bit levels a rounding may be off beyond half a level (float error in 255 x)
@@ -58,7 +58,7 @@ def _image_uint8(cand, image, *, scale: float, rule: Rule) -> Decision:
     exact = 255.0 * np.clip(image.astype(np.float64), 0.0, 1.0)
     # a correct rounding is at most half a level from 255 x; measured is how far beyond that it goes
     beyond = float(np.abs(cand.astype(np.float64) - exact).max()) - 0.5 if cand.size else 0.0
-    criteria = [_criterion("derived", max(beyond, 0.0), IMAGE_SLACK,
+    criteria = [criterion("derived", max(beyond, 0.0), IMAGE_SLACK,
                            "8-bit levels beyond a rounding of its own float image (round(255 x) is at most "
                            "half a level from 255 x)")]
     return _decision(criteria, {"dtype": "uint8", "derived_from": "round(255 x) of its own float image x",
@@ -93,13 +93,13 @@ def _roundings(cand: np.ndarray, expected: np.ndarray, terms: np.ndarray, source
     limit = ROUNDING_ULPS * eps(dtype) * terms + np.finfo(np.float64).tiny
     excess = np.abs(cand.astype(np.float64).reshape(expected.shape) - expected) / limit
     worst = float(np.nanmax(excess)) if excess.size else 0.0
-    criteria = [_criterion("derived", worst, 1.0, f"max |c - {formula}| in units of {ROUNDING_ULPS:g} {dtype} "
+    criteria = [criterion("derived", worst, 1.0, f"max |c - {formula}| in units of {ROUNDING_ULPS:g} {dtype} "
                                                   "ULPs of the terms it is computed from"),
-                _criterion("nonfinite", int(np.count_nonzero(~np.isfinite(excess))), 0,
+                criterion("nonfinite", int(np.count_nonzero(~np.isfinite(excess))), 0,
                            "NaN/Inf in the tensor or its sources")]
     return _decision(criteria, {"dtype": dtype, "derived_from": formula, "ulps": ROUNDING_ULPS, **settings}, rule)
 
 
 def _decision(criteria: list[dict], settings: dict, rule: Rule) -> Decision:
-    return _decide("derived", criteria, settings, "default" if rule.override is None else "override",
+    return decide("derived", criteria, settings, "default" if rule.override is None else "override",
                    rule.override.describe() if rule.override is not None else None)

@@ -134,7 +134,7 @@ def _ratio(value: float, limit: float) -> float:
     return value / limit
 
 
-def _criterion(name: str, value: float, limit: float, what: str) -> dict[str, Any]:
+def criterion(name: str, value: float, limit: float, what: str) -> dict[str, Any]:
     ratio = _ratio(value, limit)
     return {"name": name, "value": value, "limit": limit, "ratio": ratio, "passed": ratio <= 1.0,
             "description": what}
@@ -294,33 +294,33 @@ def judge(metrics: FloatMetrics | ExactMetrics, rule: Rule, *, ref_vs_oracle: Or
             value, count, what = cand_vs_oracle.max_abs, cand_vs_oracle.mismatches, "the oracle's"
         else:
             value, count, what = metrics.max_abs, metrics.mismatches, "the reference's"
-        criteria = [_criterion("levels", value, levels, f"max |c - {what} image| in 8-bit levels"),
-                    _criterion("quantile", count, allowed,
+        criteria = [criterion("levels", value, levels, f"max |c - {what} image| in 8-bit levels"),
+                    criterion("quantile", count, allowed,
                                f"pixels that differ from {what} image (at most {allowed:.4g} of {metrics.numel})")]
         settings = {"dtype": rule.dtype, "atol": levels, "quantile": rule.quantile, "mismatches": count,
                     "calibrated": what == "the oracle's"}
-        return _decide("image_levels", criteria, settings, source, override)
+        return decide("image_levels", criteria, settings, source, override)
     if isinstance(metrics, ExactMetrics):
         # Other integer/bool tensors (token ids, ...) must be equal; an override's atol allows that
         # much |c - r| per element.
-        criteria = [_criterion("exact", metrics.max_abs, rule.atol,
+        criteria = [criterion("exact", metrics.max_abs, rule.atol,
                                "max |c-r| (0 unless an override sets atol)")]
         settings = {"dtype": rule.dtype, "atol": rule.atol, "mismatches": metrics.mismatches}
-        return _decide("exact", criteria, settings, source, override)
+        return decide("exact", criteria, settings, source, override)
     if ref_vs_oracle is not None and cand_vs_oracle is not None:
         return _calibrated(metrics, rule, ref_vs_oracle, cand_vs_oracle, source, override)
     n = metrics.finite
     norm_limit = rule.rtol * metrics.ref_l2 + rule.atol * math.sqrt(n)
     outlier_limit = rule.outlier_factor * (rule.atol + rule.rtol * metrics.ref_abs_max)
     criteria = [
-        _criterion("normwise", metrics.diff_l2, norm_limit, "||c-r|| vs rtol * ||r|| + atol * sqrt(n)"),
-        _criterion("outlier", metrics.max_abs, outlier_limit,
+        criterion("normwise", metrics.diff_l2, norm_limit, "||c-r|| vs rtol * ||r|| + atol * sqrt(n)"),
+        criterion("outlier", metrics.max_abs, outlier_limit,
                    "max |c-r| vs outlier_factor * (atol + rtol * max|r|)"),
-        _criterion("nonfinite", metrics.nonfinite_mismatch, 0, "NaN/Inf at different places (must be 0)"),
+        criterion("nonfinite", metrics.nonfinite_mismatch, 0, "NaN/Inf at different places (must be 0)"),
     ]
     settings = {"dtype": rule.dtype, "rtol": rule.rtol, "atol": rule.atol, "outlier_factor": rule.outlier_factor,
                 "rel_l2": metrics.rel_l2, "norm_limit": norm_limit, "outlier_limit": outlier_limit}
-    return _decide("normwise", criteria, settings, source, override)
+    return decide("normwise", criteria, settings, source, override)
 
 
 def identical(metrics: FloatMetrics | ExactMetrics) -> bool:
@@ -335,9 +335,9 @@ def dtype_decision(decision: Decision, rule: Rule, ref_dtype: str, cand_dtype: s
     (a bf16 run leaving a LayerNorm output in fp32) fails, unless an override sets any_dtype."""
     if ref_dtype == cand_dtype or not (is_float(ref_dtype) and is_float(cand_dtype)) or rule.any_dtype:
         return decision
-    criterion = _criterion("dtype", 1, 0, f"the candidate holds {cand_dtype}, the reference {ref_dtype} "
+    criterion = criterion("dtype", 1, 0, f"the candidate holds {cand_dtype}, the reference {ref_dtype} "
                                           "(an override with any_dtype = true allows it)")
-    return _decide(decision.mode, decision.criteria + [criterion], decision.settings, decision.source,
+    return decide(decision.mode, decision.criteria + [criterion], decision.settings, decision.source,
                    decision.override)
 
 
@@ -355,10 +355,10 @@ def _calibrated(metrics: FloatMetrics, rule: Rule, ref_err: OracleError, cand_er
     if ref_err.oracle_abs_max == 0:
         max_limit = rule.outlier_factor * ref_err.max_abs + rule.atol
     criteria = [
-        _criterion("calibrated", cand_e, limit, f"candidate {statistic} vs oracle <= k * reference's + floor"),
-        _criterion("calibrated_max", cand_err.max_abs, max_limit,
+        criterion("calibrated", cand_e, limit, f"candidate {statistic} vs oracle <= k * reference's + floor"),
+        criterion("calibrated_max", cand_err.max_abs, max_limit,
                    "candidate max|c-o| <= outlier_factor * reference's max|r-o| + floor * max|o|"),
-        _criterion("nonfinite", max(0, cand_err.nonfinite - ref_err.nonfinite), 0,
+        criterion("nonfinite", max(0, cand_err.nonfinite - ref_err.nonfinite), 0,
                    "NaN/Inf where the oracle is finite, beyond the reference's own"),
     ]
     settings = {"dtype": rule.dtype, "k": rule.k, "floor_ulps": rule.floor_ulps, "floor": floor_e,
@@ -366,10 +366,10 @@ def _calibrated(metrics: FloatMetrics, rule: Rule, ref_err: OracleError, cand_er
                 "outlier_factor": rule.outlier_factor, "ref_max_error": ref_err.max_abs,
                 "cand_max_error": cand_err.max_abs, "max_limit": max_limit,
                 "ref_vs_oracle": ref_err.to_dict(), "cand_vs_oracle": cand_err.to_dict()}
-    return _decide("calibrated", criteria, settings, source, override)
+    return decide("calibrated", criteria, settings, source, override)
 
 
-def _decide(mode: str, criteria: list[dict], settings: dict, source: str, override) -> Decision:
+def decide(mode: str, criteria: list[dict], settings: dict, source: str, override) -> Decision:
     ratio = max((c["ratio"] for c in criteria), default=0.0)
     failed = [c for c in criteria if not c["passed"]]
     if failed:
