@@ -335,10 +335,10 @@ def dtype_decision(decision: Decision, rule: Rule, ref_dtype: str, cand_dtype: s
     (a bf16 run leaving a LayerNorm output in fp32) fails, unless an override sets any_dtype."""
     if ref_dtype == cand_dtype or not (is_float(ref_dtype) and is_float(cand_dtype)) or rule.any_dtype:
         return decision
-    criterion = criterion("dtype", 1, 0, f"the candidate holds {cand_dtype}, the reference {ref_dtype} "
-                                          "(an override with any_dtype = true allows it)")
-    return decide(decision.mode, decision.criteria + [criterion], decision.settings, decision.source,
-                   decision.override)
+    mismatch = criterion("dtype", 1, 0, f"the candidate holds {cand_dtype}, the reference {ref_dtype} "
+                                        "(an override with any_dtype = true allows it)")
+    return decide(decision.mode, decision.criteria + [mismatch], decision.settings, decision.source,
+                  decision.override)
 
 
 def _calibrated(metrics: FloatMetrics, rule: Rule, ref_err: OracleError, cand_err: OracleError,
