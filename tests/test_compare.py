@@ -523,6 +523,22 @@ def test_the_8bit_image_is_judged_from_its_own_float_image(tmp_path):
     assert truncated.results[1].status == "fail"  # floor instead of round: a conversion bug
 
 
+def test_the_float_image_is_judged_from_its_own_decoder_output(tmp_path):
+    """An fp16 run's image is float32, with the error of its fp16 decoder output: judged from that output,
+    a candidate within fp16 tolerance passes; an image not computed as clamp(x / 2 + 0.5) fails."""
+    rng = np.random.default_rng(8)
+    x = rng.uniform(-1.2, 1.2, (1, 3, 16, 16)).astype(np.float16)
+    image = lambda x: np.moveaxis(np.clip(x.astype(np.float32) / 2 + 0.5, 0, 1), 1, -1)  # noqa: E731
+    tensors = lambda x, img: {("vae_decoder", "call_0", "0"): x, ("pipeline", "main", "image"): img}  # noqa: E731
+    ref = write_run(tmp_path / "r.h5", tensors(x, image(x)))
+    other = (x.astype(np.float32) * (1 + 1e-3 * rng.standard_normal(x.shape))).astype(np.float16)
+    result = compare_runs(ref, write_run(tmp_path / "c.h5", tensors(other, image(other)))).results
+    assert result[0].status == "pass" and result[1].status == "pass" and result[1].decision.mode == "derived"
+    assert result[1].metrics.rel_l2 > DTYPE_DEFAULTS["float32"][0]  # as a float32 tensor alone it would fail
+    unscaled = np.moveaxis(np.clip(other.astype(np.float32), 0, 1), 1, -1)
+    assert compare_runs(ref, write_run(tmp_path / "u.h5", tensors(other, unscaled))).results[1].status == "fail"
+
+
 def test_isolated_runs_are_calibrated_on_the_block_local_oracle_first(tmp_path):
     """The block-local oracle (the block re-run in fp64 on the reference's inputs) calibrates the
     tensors it holds; the whole-run oracle the rest."""
