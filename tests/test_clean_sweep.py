@@ -65,7 +65,7 @@ def _worst(comparison):
 def _uncalibrated(comparison):
     """(worst ratio, key) of the same tensors judged by the default thresholds, and (largest relative L2
     error, key) of those judged on their own (not derived)."""
-    defaults, worst, largest = Tolerances(), (0.0, None), (0.0, None)
+    defaults, worst, largest = Tolerances(), (0.0, ""), (0.0, "")
     for row in comparison.results:
         if row.decision is None:
             continue
