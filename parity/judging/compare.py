@@ -34,7 +34,8 @@ from sd_parity.runs.hdf5 import Entry, RunReader
 from sd_parity.runs.open import open_run
 from .tolerances import Decision, Tolerances, dtype_decision, identical, judge
 
-STATUSES = ("pass", "fail", "missing", "extra", "shape_mismatch", "skipped")
+STATUSES = ("pass", "fail", "missing", "extra", "shape_mismatch", "skipped",
+            "accepted")  # accepted: a failure an accepted deviation accounts for (judging.deviations)
 DIVERGENT = ("fail", "shape_mismatch")
 _STEP_RE = re.compile(r"^step_(\d+)$")
 # Metadata fields that must agree for a comparison to mean anything (others, like impl, dtype,

@@ -14,7 +14,10 @@ blocks are to blame.
     "isolation_only"  the free comparison passes but, fed the reference's inputs, a block or stage
                       exceeds its threshold: a real error that the free run's accumulated tolerance
                       hides. It fails (exit 1) unless the config sets isolation_only = "pass";
-    "incomplete"      nothing divergent, but reference tensors missing from the candidate.
+    "incomplete"      nothing divergent, but reference tensors missing from the candidate (or a required
+                      accepted deviation matching none).
+  With accepted deviations ([[deviation]], judging.deviations), "parity" reads "parity with N accepted
+  deviation(s)": the tensors they account for are "accepted", not divergent, and each is listed.
   Exit codes: 0 for parity (and a tolerated isolation_only), 1 otherwise.
 """
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .compare import Comparison, TensorResult
+from .deviations import Deviations, apply_deviations
 from .cross_device import device_pair
 from .isolation import IsolationCheck, check_isolation
 
@@ -51,6 +55,7 @@ class Verdict:
     first_block_is_culprit: bool | None = None  # None: no isolated run, or the divergence is outside blocks
     identical: bool = False  # parity with every tensor bit-identical to the reference
     not_isolated: list[str] = field(default_factory=list)  # blocks the isolated run did not feed the reference's inputs
+    deviations: Deviations | None = None  # the config's accepted deviations and what they came to
     exit_code: int = EXIT_DIVERGENCE
 
 
@@ -95,6 +100,9 @@ def _severity(result: TensorResult) -> tuple[int, float]:
 
 
 def make_verdict(comparison: Comparison, isolated: Comparison | None = None) -> Verdict:
+    """The verdict; the config's accepted deviations ([[deviation]]) are applied to both comparisons first
+    (the tensors they account for get the status "accepted", judging.deviations)."""
+    deviations = apply_deviations(comparison, isolated, comparison.tolerances.deviations)
     check = check_isolation(isolated) if isolated is not None else IsolationCheck()
     culprits, outside = find_culprits(isolated, check) if isolated is not None else ([], [])
     notes = [check.describe()] if check.breaches else []
@@ -110,7 +118,24 @@ def make_verdict(comparison: Comparison, isolated: Comparison | None = None) -> 
     verdict.text += _devices_note(comparison)
     if notes:
         verdict.text += "; " + "; ".join(notes)
+    if deviations.outcomes:
+        _with_deviations(verdict, deviations)
     return verdict
+
+
+def _with_deviations(verdict: Verdict, deviations: Deviations) -> None:
+    """'parity with N accepted deviation(s)', or why not: every deviation is named with its outcome."""
+    verdict.deviations = deviations
+    unmatched = [o.deviation.pattern for o in deviations.outcomes if o.status == "unmatched" and o.deviation.required]
+    count = len(deviations.accepted)
+    if verdict.status == "parity" and unmatched:
+        verdict.status, verdict.exit_code = "incomplete", EXIT_DIVERGENCE
+        verdict.text = (f"incomplete: the required deviation {unmatched[0]!r} matches no compared tensor; "
+                        + verdict.text)
+    elif verdict.status == "parity" and count:
+        verdict.text = (f"parity with {count} accepted deviation{'s' if count > 1 else ''}: "
+                        + verdict.text.removeprefix("parity: "))
+    verdict.text += "; deviations: " + deviations.clause()
 
 
 def _without_divergence(comparison: Comparison, isolated: Comparison | None, culprits: list[Culprit],
@@ -195,4 +220,5 @@ def _devices_note(comparison: Comparison) -> str:
 def verdict_dict(verdict: Verdict) -> dict[str, Any]:
     return {"status": verdict.status, "text": verdict.text, "exit_code": verdict.exit_code,
             "identical": verdict.identical, "not_isolated": verdict.not_isolated,
-            "isolated_given": verdict.isolated_given, "first_block_is_culprit": verdict.first_block_is_culprit}
+            "isolated_given": verdict.isolated_given, "first_block_is_culprit": verdict.first_block_is_culprit,
+            "accepted_deviations": len(verdict.deviations.accepted) if verdict.deviations is not None else 0}

@@ -59,6 +59,7 @@ def build_summary(comparison: Comparison, verdict: Verdict, isolated: Comparison
         "diagnosis": comparison.diagnosis,
         "first_divergence": _first_divergence(first) if first is not None else None,
         "culprits": [_culprit(c) for c in verdict.culprits],
+        "deviations": verdict.deviations.to_dict() if verdict.deviations is not None else None,
         "isolated_failures_outside_blocks": [_brief(r) for r in verdict.isolated_failures_outside_blocks],
         "runs": runs,
         "mode": {"candidate": comparison.mode, "calibrated": comparison.calibrated,
