@@ -69,10 +69,11 @@ def test_the_documented_deviation_reaches_parity_with_1_accepted_deviation(tmp_p
     assert all(any("accepted deviation" in note for note in r["notes"]) for r in accepted)
     own = [r for r in accepted if r["name"] == "time_proj"]
     assert len(own) == BASE["steps"] and all(1 < r["ratio"] <= LIMIT for r in own)
-    assert len(accepted) > 1000 and summary["deviations"]["downstream_accepted"] == len(accepted) - len(own)
+    listing = summary["deviations"]
+    assert len(accepted) > 1000
+    assert listing["downstream_accepted"] + listing["downstream_not_in_isolated_run"] == len(accepted) - len(own)
     # the ratios are not hidden: an accepted row keeps its metrics and its ratio
     assert all(r["ratio"] is not None and r["metrics"] for r in accepted)
-    assert "sin/cos from a 2^-10 rad table" in (tmp_path / "out" / "junit.xml").read_text() or True
 
 
 def test_the_deviation_grown_past_its_limit_fails_at_its_tensor(tmp_path, runs):

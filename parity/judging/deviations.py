@@ -91,10 +91,6 @@ class Outcome:
     accepted: int = 0  # of which beyond their tolerance and within the limit
     worst: TensorResult | None = None  # the matching tensor with the largest ratio
 
-    @property
-    def failed(self) -> bool:
-        return self.status == "exceeded" or (self.status == "unmatched" and self.deviation.required)
-
     def to_dict(self) -> dict[str, Any]:
         worst = self.worst
         return {**self.deviation.describe(), "status": self.status, "tensors": self.tensors,
@@ -108,6 +104,7 @@ class Deviations:
 
     outcomes: list[Outcome] = field(default_factory=list)
     downstream: int = 0  # free failures accepted because they are within tolerance in isolation
+    unheld: int = 0  # free failures downstream that the isolated run does not hold, accepted as its whole passes
     inherited: int = 0  # isolated failures outside blocks that follow an accepted tensor in the same call
     waiting: int = 0  # free failures downstream of an accepted deviation, with no isolated run to judge them
 
@@ -117,7 +114,8 @@ class Deviations:
 
     def to_dict(self) -> dict[str, Any]:
         return {"deviations": [o.to_dict() for o in self.outcomes], "accepted_deviations": len(self.accepted),
-                "downstream_accepted": self.downstream, "inherited_outside_blocks": self.inherited,
+                "downstream_accepted": self.downstream, "downstream_not_in_isolated_run": self.unheld,
+                "inherited_outside_blocks": self.inherited,
                 "downstream_not_judged": self.waiting}
 
     def clause(self) -> str:
@@ -136,10 +134,12 @@ class Deviations:
             else:
                 parts.append(f"{d.pattern!r} matches no compared tensor"
                              + (" (required: check the pattern)" if d.required else " (not required)"))
-        if self.downstream or self.inherited:
+        if self.downstream or self.inherited or self.unheld:
             parts.append(f"{self.downstream} downstream tensor(s) within tolerance in isolation"
                          + (f", {self.inherited} outside blocks inheriting the deviation in the isolated run "
-                            "(not checked locally)" if self.inherited else ""))
+                            "(not checked locally)" if self.inherited else "")
+                         + (f", {self.unheld} the isolated run does not hold (pipeline glue; accepted because every "
+                            "tensor it holds is within tolerance or accepted)" if self.unheld else ""))
         if self.waiting:
             parts.append(f"{self.waiting} downstream tensor(s) fail and cannot be judged by their local error "
                          "without an isolated run (--isolated)")
@@ -147,45 +147,41 @@ class Deviations:
 
 
 def apply_deviations(free: Comparison, isolated: Comparison | None, deviations: list[Deviation]) -> Deviations:
-    """Mark the tensors the deviations account for as "accepted" (in place, counts included)."""
+    """Mark the tensors the deviations account for as "accepted" (in place, counts included). A deviation
+    beyond its limit in any tensor accepts nothing: it is no longer the deviation that was explained."""
     result = Deviations()
     if not deviations:
         return result
-    outcomes = {d: Outcome(d, "unmatched") for d in deviations}
     comparisons = [c for c in (isolated, free) if c is not None]
+    matched: dict[Deviation, list[tuple[Comparison, TensorResult]]] = {d: [] for d in deviations}
     for comparison in comparisons:
         for row in comparison.results:
-            if row.status not in ("pass", "fail"):
-                continue
-            deviation = next((d for d in deviations if d.matches(row)), None)
+            deviation = next((d for d in deviations if d.matches(row)), None) if row.status in ("pass", "fail") else None
             if deviation is not None:
-                _count(outcomes[deviation], row)
-                if row.status == "fail" and row.ratio is not None and row.ratio <= deviation.limit:
-                    _accept(comparison, row, f"accepted deviation {deviation.pattern!r} (ratio <= limit "
-                                             f"{deviation.limit:g}): {deviation.reason}")
-                    outcomes[deviation].accepted += 1
-                elif row.status == "fail":
-                    row.notes.append(f"beyond the accepted deviation {deviation.pattern!r}: ratio "
-                                     f"{row.ratio:.3g} > limit {deviation.limit:g}")
-    for outcome in outcomes.values():
-        if outcome.tensors:
-            exceeded = any(r.status == "fail" for r in _matching(comparisons, outcome.deviation))
-            outcome.status = "exceeded" if exceeded else ACCEPTED if outcome.accepted else "not_needed"
-    result.outcomes = list(outcomes.values())
+                matched[deviation].append((comparison, row))
+    for deviation, rows in matched.items():
+        outcome = Outcome(deviation, "unmatched", tensors=len(rows))
+        result.outcomes.append(outcome)
+        if not rows:
+            continue
+        outcome.worst = max((row for _, row in rows), key=lambda row: row.ratio or 0.0)
+        beyond = [row for _, row in rows if row.status == "fail" and not (row.ratio or 0.0) <= deviation.limit]
+        for row in beyond:
+            row.notes.append(f"beyond the accepted deviation {deviation.pattern!r}: ratio {row.ratio:.3g} > limit "
+                             f"{deviation.limit:g}")
+        if beyond:
+            outcome.status = "exceeded"
+            continue
+        for comparison, row in rows:
+            if row.status == "fail":
+                _accept(comparison, row, f"accepted deviation {deviation.pattern!r} (ratio <= limit "
+                                         f"{deviation.limit:g}): {deviation.reason}")
+                outcome.accepted += 1
+        outcome.status = ACCEPTED if outcome.accepted else "not_needed"
     if isolated is not None:
         result.inherited = _accept_inherited(isolated)
-    result.downstream, result.waiting = _accept_downstream(free, isolated)
+    result.downstream, result.unheld, result.waiting = _accept_downstream(free, isolated)
     return result
-
-
-def _count(outcome: Outcome, row: TensorResult) -> None:
-    outcome.tensors += 1
-    if outcome.worst is None or (row.ratio or 0.0) > (outcome.worst.ratio or 0.0):
-        outcome.worst = row
-
-
-def _matching(comparisons: list[Comparison], deviation: Deviation) -> list[TensorResult]:
-    return [r for c in comparisons for r in c.results if r.status in ("pass", "fail", ACCEPTED) and deviation.matches(r)]
 
 
 def _accept(comparison: Comparison, row: TensorResult, note: str) -> None:
@@ -214,14 +210,17 @@ def _accept_inherited(isolated: Comparison) -> int:
     return count
 
 
-def _accept_downstream(free: Comparison, isolated: Comparison | None) -> tuple[int, int]:
-    """Free failures after the first accepted tensor that are within tolerance (or accepted) in isolation."""
+def _accept_downstream(free: Comparison, isolated: Comparison | None) -> tuple[int, int, int]:
+    """Free failures after the first accepted tensor that are within tolerance (or accepted) in isolation;
+    those the isolated run does not hold (the CFG halves, the latents between steps: copies and slices of
+    tensors it judges) when nothing in it diverges. Returns (accepted, accepted unheld, not judged)."""
     orders = [r.order for r in free.results if r.status == ACCEPTED and r.order is not None]
     if not orders:
-        return 0, 0
+        return 0, 0, 0
     start = min(orders)
     local = {r.key: r for r in isolated.results} if isolated is not None else {}
-    accepted = waiting = 0
+    clean = isolated is not None and not isolated.divergent()
+    accepted = unheld = waiting = 0
     for row in free.results:
         if row.status != "fail" or row.order is None or row.order <= start:
             continue
@@ -232,7 +231,11 @@ def _accept_downstream(free: Comparison, isolated: Comparison | None) -> tuple[i
             _accept(free, row, "downstream of an accepted deviation; within tolerance in isolation (its local "
                                f"error{': ' + there.notes[-1] if there.status == ACCEPTED else ''})")
             accepted += 1
-    return accepted, waiting
+        elif clean and (there is None or there.status == "missing"):
+            _accept(free, row, "downstream of an accepted deviation; not in the isolated run, every tensor of "
+                               "which is within tolerance or accepted")
+            unheld += 1
+    return accepted, unheld, waiting
 
 
 def _finite(value: float | None) -> float | str | None:
