@@ -150,3 +150,18 @@ def test_a_baseline_that_is_not_a_summary_is_bad_input(tmp_path, runs):
     (tmp_path / "junk.json").write_text("[1, 2]")
     assert main(["compare", str(runs[DEVIATION]["reference"]), str(runs[DEVIATION]["candidate"]), "--baseline",
                  str(tmp_path / "junk.json"), "--output-dir", str(tmp_path / "out"), "--quiet"]) == 2
+
+
+def test_parity_run_writes_a_baseline_and_judges_the_next_run_against_it(tmp_path, runs):
+    """`parity run --write-baseline DIR` keeps each case's summary; `--baseline DIR` passes the same known
+    divergence (exit 0) and fails a new fault on top of it (exit 1)."""
+    case = ["run", "--model", BASE["model"], "--steps", str(BASE["steps"]), "--prompt", BASE["prompt"],
+            "--negative-prompt", BASE["negative_prompt"], "--candidate", "torch", "--inject-fault"]
+    baseline = tmp_path / "baseline"
+    assert main(case + [DEVIATION, "--output-dir", str(tmp_path / "first"), "--write-baseline", str(baseline)]) == 1
+    [kept] = baseline.glob("*/summary.json")
+    assert json.loads(kept.read_text())["verdict"]["status"] == "divergence"
+    assert main(case + [DEVIATION, "--output-dir", str(tmp_path / "again"), "--baseline", str(baseline)]) == 0
+    again = json.loads((tmp_path / "again" / kept.parent.name / "summary.json").read_text())
+    assert again["baseline"]["regressed"] is False
+    assert main(case + ["groupnorm_eps", "--output-dir", str(tmp_path / "other"), "--baseline", str(baseline)]) == 1

@@ -19,8 +19,9 @@ def suite_cases(model: str = "tiny-sd1", steps: int = 6) -> list[Case]:
     configs = [RunConfig(**base, scheduler=s) for s in ("ddim", "pndm", "euler_ancestral")]
     configs += [RunConfig(**base, scheduler="ddim", dtype=d) for d in ("fp16", "bf16")]
     configs += [RunConfig(**base, scheduler="ddim", pipeline="img2img", init_image=INIT, strength=0.7)]
-    configs += [RunConfig(**{**base, "model": model + STRESS_SUFFIX}, scheduler="ddim", dtype="fp16")]
-    return [Case(config, candidate) for config in configs for candidate in ("torch", "numpy")]
+    stress = RunConfig(**{**base, "model": model + STRESS_SUFFIX}, scheduler="ddim", dtype="fp16")
+    return ([Case(config, candidate) for config in configs for candidate in ("torch", "numpy")]
+            + [Case(stress, candidate, label=f"stress-txt2img-ddim-{candidate}-fp16") for candidate in ("torch", "numpy")])
 
 
 def register(subparsers) -> None:

@@ -95,7 +95,7 @@ class Outcome:
         worst = self.worst
         return {**self.deviation.describe(), "status": self.status, "tensors": self.tensors,
                 "accepted_tensors": self.accepted, "worst": worst.key if worst is not None else None,
-                "worst_ratio": _finite(worst.ratio) if worst is not None else None}
+                "worst_ratio": worst.ratio if worst is not None else None}
 
 
 @dataclass
@@ -237,6 +237,3 @@ def _accept_downstream(free: Comparison, isolated: Comparison | None) -> tuple[i
             unheld += 1
     return accepted, unheld, waiting
 
-
-def _finite(value: float | None) -> float | str | None:
-    return value if value is None or math.isfinite(value) else str(value)

@@ -86,4 +86,6 @@ def _reason(row: dict[str, Any]) -> str:
         return f"shape {row['cand_shape']} vs reference {row['ref_shape']}{diagnosis}"
     if row["status"] in ("missing", "extra", "skipped"):
         return "; ".join(row["notes"]) or row["status"]
+    if row["status"] == "accepted":  # the last note says which deviation accounts for it, and why
+        return row["notes"][-1]
     return ""
