@@ -152,6 +152,7 @@ class Baselines:
 
     def keep(self, results: list[CaseResult]) -> None:
         for result in results if self.write is not None else []:
+            (self.write / result.case.name).mkdir(parents=True, exist_ok=True)
             write_summary_json(result.summary, self.write / result.case.name / SUMMARY_FILE)
 
 

@@ -57,7 +57,8 @@ def _image(cand, decoded, *, scale: float, rule: Rule) -> Decision:
 def _image_uint8(cand, image, *, scale: float, rule: Rule) -> Decision:
     exact = 255.0 * np.clip(image.astype(np.float64), 0.0, 1.0)
     # a correct rounding is at most half a level from 255 x; measured is how far beyond that it goes
-    beyond = float(np.abs(cand.astype(np.float64) - exact).max()) - 0.5 if cand.size else 0.0
+    finite = np.isfinite(exact)  # a NaN pixel (an overflowed decoder, judging.overflow) has no 8-bit value to check
+    beyond = float(np.abs(cand.astype(np.float64) - exact)[finite].max()) - 0.5 if finite.any() else 0.0
     criteria = [criterion("derived", max(beyond, 0.0), IMAGE_SLACK,
                            "8-bit levels beyond a rounding of its own float image (round(255 x) is at most "
                            "half a level from 255 x)")]
@@ -91,8 +92,11 @@ def _roundings(cand: np.ndarray, expected: np.ndarray, terms: np.ndarray, source
     """Each element within ROUNDING_ULPS ULPs (of the sources' dtype) of the terms it is computed from."""
     dtype = source_dtype if is_float(source_dtype) else "float32"
     limit = ROUNDING_ULPS * eps(dtype) * terms + np.finfo(np.float64).tiny
-    excess = np.abs(cand.astype(np.float64).reshape(expected.shape) - expected) / limit
-    worst = float(np.nanmax(excess)) if excess.size else 0.0
+    cand = cand.astype(np.float64).reshape(expected.shape)
+    # non-finite where its own sources are (past an overflow, judging.overflow): derived alike
+    alike = ~np.isfinite(cand) & ~np.isfinite(expected)
+    excess = np.where(alike, 0.0, np.abs(cand - expected) / limit)
+    worst = float(np.nanmax(excess)) if excess.size and not np.isnan(excess).all() else 0.0
     criteria = [criterion("derived", worst, 1.0, f"max |c - {formula}| in units of {ROUNDING_ULPS:g} {dtype} "
                                                   "ULPs of the terms it is computed from"),
                 criterion("nonfinite", int(np.count_nonzero(~np.isfinite(excess))), 0,
