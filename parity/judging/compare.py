@@ -26,8 +26,10 @@ from .diagnosis import Diagnoser, Diagnosis, summarize
 from .cross_device import describe as describe_devices, device_pair, widened
 from .metrics import ExactMetrics, FloatMetrics, exact_metrics, is_float, oracle_error, tensor_metrics
 from .name_map import CandidateView, NameMap, Resolution
+from . import pool
 from .scope import Scope, ScopeCoverage
 from sd_parity.runs.naming import block_of, module_path
+from sd_parity.runs.buffers import Buffers
 from sd_parity.runs.hdf5 import Entry, RunReader
 from sd_parity.runs.open import open_run
 from .tolerances import Decision, Tolerances, judge
@@ -189,16 +191,31 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
     results: list[TensorResult] = []
     used: set[str] = set()
     bytes_read = 0
-    total = len(ref_entries)
-    for position, entry in enumerate(ref_entries):
-        if progress is not None:
-            progress(position, total, entry.key)
+    pairs = []
+    for entry in ref_entries:
         match = mapped.sources.get(entry.key)
         if match is None and coverage.scope.leaves_out(scope, entry, mapped.absent.get(entry.key)):
             continue
+        pairs.append((entry, match))
+
+    total = len(pairs)
+
+    recycled = Buffers(keep=pool.DEFAULT_BUDGET)
+
+    def measure(pair):  # on the pool's threads: reads and metrics only, the index is set in order below
+        with recycled.lease():  # the tensors read here are dropped when it returns
+            return _compare_one(ref, view, oracle, *pair, tolerances, -1)
+
+    def cost(pair) -> int:  # what measuring the pair holds in memory at once (the oracle's is float64)
+        entry, match = pair
+        return (entry.nbytes + match.nbytes) * (2 if oracle is not None else 1) if match is not None else 0
+
+    for position, ((entry, match), (result, nbytes)) in enumerate(pool.ordered_map(measure, pairs, cost)):
+        if progress is not None:
+            progress(position, total, entry.key)
+        result.index = len(results)
         if match is not None:
             used.add(match.key)
-        result, nbytes = _compare_one(ref, view, oracle, entry, match, tolerances, len(results))
         bytes_read += nbytes
         if match is not None:
             result.notes.extend(match.notes)

@@ -44,6 +44,7 @@ from sd_parity.impl.families import COMPONENTS as MODULE_COMPONENTS
 from sd_parity.errors import OutputError, RunFileError
 from sd_parity.interrupts import default_handlers
 from sd_parity.outputs import check_output_file, output_error, release_temporary, sweep_stale_temps, temp_path
+from . import buffers
 from .limits import Limits, expansion_problem, name_problem, nbytes_of, parse_metadata, json_document, shape_problem
 
 FORMAT = "sd-parity-run"
@@ -447,6 +448,11 @@ class RunReader:
             more = f" (and {len(examined.problems) - 5} more: parity validate lists them)" if len(examined.problems) > 5 else ""
             raise RunFileError(f"{self.path} is not a valid run file: {shown}{more}")
         self._file = _open(self.path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            self._file.close()
+            raise RunFileError(f"{self.path} cannot be read ({exc.strerror})") from exc
         self.metadata: dict[str, Any] = copy.deepcopy(examined.metadata)
         self._entries = examined.entries
         self._by_key = {e.key: e for e in self._entries}
@@ -471,8 +477,12 @@ class RunReader:
             dataset = h5py.h5d.open(self._file.id, entry.key.encode())
             if dataset.shape != entry.shape:
                 raise RunFileError(f"{self.path}: {entry.key} changed shape since the file was opened")
-            data = np.empty(entry.shape, dtype=storage_dtype(entry.dtype))
-            if data.size:
+            data = buffers.empty(entry.shape, storage_dtype(entry.dtype))
+            extents = _extents(dataset, entry) if data.nbytes >= RAW_READ_BYTES else None
+            if extents is not None:
+                del dataset  # HDF5's lock is not needed for the reading itself
+                self._read_raw(extents, data, entry)
+            elif data.size:
                 dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, data)
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise RunFileError(f"{self.path}: cannot read {entry.key} ({exc}); the file is truncated or corrupt, "
@@ -483,6 +493,18 @@ class RunReader:
             data = np.ascontiguousarray(data.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
         return data
 
+    def _read_raw(self, extents: list[tuple[int, int, int]], data: np.ndarray, entry: Entry) -> None:
+        """Copy the tensor's bytes straight from the file (os.preadv releases the GIL, so other threads
+        measure while this one reads; HDF5's own read holds it throughout)."""
+        buffer = memoryview(data.reshape(-1).view(np.uint8))
+        for file_offset, length, array_offset in extents:
+            done = 0
+            while done < length:
+                got = os.preadv(self._fd, [buffer[array_offset + done:array_offset + length]], file_offset + done)
+                if got <= 0:
+                    raise OSError(f"the file ends inside {entry.key}")
+                done += got
+
     def components(self) -> list[str]:
         return sorted({e.component for e in self._entries}, key=COMPONENTS.index)
 
@@ -491,12 +513,56 @@ class RunReader:
 
     def close(self) -> None:
         self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     def __enter__(self) -> "RunReader":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+RAW_READ_BYTES = 1 << 20  # smaller tensors are read through HDF5: finding their bytes would cost as much
+
+
+def _extents(dataset, entry: Entry) -> list[tuple[int, int, int]] | None:
+    """Where an unfiltered tensor's bytes lie in the file: (file offset, length, offset in the tensor) runs;
+    None when HDF5 must do the reading (filters, compact storage, another byte order, unwritten chunks).
+
+    A chunk is a contiguous run of the tensor when it has size 1 on the axes before one axis and spans
+    the whole of every axis after it: the shape chunk_shape() gives, and so every chunk this writer makes.
+    A chunk at the end of that axis is stored whole; only its first rows belong to the tensor."""
+    plist = dataset.get_create_plist()
+    if plist.get_nfilters() or dataset.dtype != storage_dtype(entry.dtype) or dataset.dtype.byteorder == ">":
+        return None
+    itemsize = dataset.dtype.itemsize
+    shape = entry.shape
+    layout = plist.get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        offset = dataset.get_offset()
+        return None if offset is None else [(offset, entry.nbytes, 0)]
+    if layout != h5py.h5d.CHUNKED:
+        return None
+    chunk = plist.get_chunk()
+    cut = max((axis for axis in range(len(shape)) if chunk[axis] != shape[axis]), default=0)
+    if any(chunk[axis] != 1 for axis in range(cut)):
+        return None
+    row_bytes = int(np.prod(shape[cut + 1:], dtype=np.int64)) * itemsize
+    strides = [int(np.prod(shape[axis + 1:], dtype=np.int64)) * itemsize for axis in range(len(shape))]
+    extents, covered = [], 0
+    for number in range(dataset.get_num_chunks()):
+        info = dataset.get_chunk_info(number)
+        if info.byte_offset is None or info.filter_mask:
+            return None
+        rows = min(chunk[cut], shape[cut] - info.chunk_offset[cut])
+        length = rows * row_bytes
+        if info.size < length:
+            return None
+        extents.append((info.byte_offset, length, sum(o * s for o, s in zip(info.chunk_offset, strides))))
+        covered += length
+    return extents if covered == entry.nbytes else None
 
 
 def validate(path: str | os.PathLike, limits: Limits | None = None) -> list[str]:
