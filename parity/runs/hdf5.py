@@ -369,13 +369,15 @@ WRITE_LIMITS = Limits()  # what a writer may produce: the defaults, so every rea
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     """Chunks of at most CHUNK_BYTES, cut along the leading axes (h5py's automatic chunks are ~1 MB and
-    make reading large tensors several times slower)."""
+    make reading large tensors several times slower), into near-equal parts: HDF5 stores the last chunk
+    of an axis whole, so cutting 4096 rows into 1638 + 1638 + 820 would store 10% of padding."""
     chunk = list(shape)
     for axis in range(len(chunk)):
         inner = int(np.prod(chunk[axis + 1:], dtype=np.int64)) * itemsize
         if inner * chunk[axis] <= CHUNK_BYTES:
             break
-        chunk[axis] = max(1, CHUNK_BYTES // max(inner, 1))
+        most = max(1, CHUNK_BYTES // max(inner, 1))
+        chunk[axis] = -(-chunk[axis] // -(-chunk[axis] // most))  # rows per part, in ceil(rows / most) parts
         if inner * chunk[axis] <= CHUNK_BYTES:
             break
     return tuple(max(1, c) for c in chunk)
