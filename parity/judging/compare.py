@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from sd_parity.errors import BadInput
 from .diagnosis import Diagnoser, Diagnosis, summarize
 from .cross_device import describe as describe_devices, device_pair, widened
@@ -146,7 +148,7 @@ class Comparison:
         return next((r for r in self.results if r.divergent), None)
 
 
-def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
+def compare_runs(ref_path: str | os.PathLike, cand_path: "str | os.PathLike | LiveRun", *,
                  oracle_path: str | os.PathLike | None = None,
                  name_map: NameMap | str | os.PathLike | None = None,
                  tolerances: Tolerances | str | os.PathLike | None = None,
@@ -154,9 +156,12 @@ def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
                  scope: Scope | None = None) -> Comparison:
     """Compare a candidate run with the reference run (and, given an fp64 oracle run, calibrate).
 
-    `scope` limits what the candidate is expected to provide (scope.py). Raises RunFileError for
+    `cand_path` may also be the LiveRun a live comparison (live.py) returned: its tensors were measured as
+    they were produced. `scope` limits what the candidate is expected to provide (scope.py). Raises RunFileError for
     unreadable run files, NameMapError / ToleranceConfigError for bad maps or configs: all bad input.
     """
+    from .live import LiveRun
+
     started = time.perf_counter()
     if name_map is not None and not isinstance(name_map, NameMap):
         name_map = NameMap.load(name_map)
@@ -164,7 +169,7 @@ def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
         tolerances = Tolerances()
     elif not isinstance(tolerances, Tolerances):
         tolerances = Tolerances.load(tolerances)
-    with open_run(ref_path) as ref, open_run(cand_path) as cand:
+    with open_run(ref_path) as ref, (cand_path if isinstance(cand_path, LiveRun) else open_run(cand_path)) as cand:
         oracle = open_run(oracle_path) if oracle_path is not None else None
         try:
             return _compare(ref, cand, oracle, name_map, tolerances, progress, started, scope or Scope())
@@ -286,9 +291,29 @@ def _compare_one(ref: RunReader, cand: RunReader, oracle: RunReader | None, entr
     if entry.dtype != match.dtype:
         result.notes.append(f"dtype differs: reference {entry.dtype}, candidate {match.dtype}; compared after "
                             f"casting, judged with {judge_dtype} tolerances")
-    ref_array = ref.read(entry)
-    cand_array = cand.read(match).reshape(ref_array.shape)
-    nbytes = entry.nbytes + match.nbytes
+    live = getattr(cand.reader, "measured", None)  # a live run (live.py) measured its tensors as they came
+    if live is not None:
+        metrics, ref_err, cand_err, notes = live(match.key, rule)
+        nbytes = 0
+    else:
+        ref_array = ref.read(entry)
+        cand_array = cand.read(match).reshape(ref_array.shape)
+        metrics, ref_err, cand_err, notes, oracle_bytes = measure(ref_array, cand_array, oracle, entry, rule,
+                                                                  judge_dtype)
+        nbytes = entry.nbytes + match.nbytes + oracle_bytes
+    result.notes.extend(notes)
+    result.metrics = metrics
+    result.decision = judge(metrics, rule, ref_vs_oracle=ref_err, cand_vs_oracle=cand_err)
+    result.status = "pass" if result.decision.passed else "fail"
+    return result, nbytes
+
+
+def measure(ref_array: np.ndarray, cand_array: np.ndarray, oracle: RunReader | None, entry: Entry, rule,
+            judge_dtype: str) -> tuple[FloatMetrics | ExactMetrics, Any, Any, list[str], int]:
+    """(metrics, reference vs oracle, candidate vs oracle, notes, oracle bytes read) for one tensor pair:
+    what a comparison from files and a live one (live.py) both compute."""
+    notes: list[str] = []
+    nbytes = 0
     metrics = tensor_metrics(ref_array, cand_array, rtol=rule.rtol, atol=rule.atol)
     ref_err = cand_err = None
     if oracle is not None and isinstance(metrics, FloatMetrics):
@@ -297,23 +322,18 @@ def _compare_one(ref: RunReader, cand: RunReader, oracle: RunReader | None, entr
             oracle_array = oracle.read(oracle_entry)
             nbytes += oracle_entry.nbytes
             ref_err = oracle_error(ref_array, oracle_array)
-            del ref_array
             cand_err = oracle_error(cand_array, oracle_array)
             del oracle_array
             if oracle_entry.dtype != "float64":
-                result.notes.append(f"oracle tensor is {oracle_entry.dtype}, not float64")
+                notes.append(f"oracle tensor is {oracle_entry.dtype}, not float64")
         else:
             reason = "not in the oracle run" if entry.key not in oracle else "has another shape in the oracle run"
-            result.notes.append(f"{reason}: judged with the {judge_dtype} default tolerance instead")
+            notes.append(f"{reason}: judged with the {judge_dtype} default tolerance instead")
     elif oracle is not None and entry.dtype == "uint8" and entry.key in oracle:
         # an 8-bit image: calibrate on how far the reference's own image is from the fp64 run's
         oracle_array = oracle.read(oracle.entry(entry.key)).reshape(ref_array.shape)
         ref_err, cand_err = exact_metrics(oracle_array, ref_array), exact_metrics(oracle_array, cand_array)
-    del cand_array
-    result.metrics = metrics
-    result.decision = judge(metrics, rule, ref_vs_oracle=ref_err, cand_vs_oracle=cand_err)
-    result.status = "pass" if result.decision.passed else "fail"
-    return result, nbytes
+    return metrics, ref_err, cand_err, notes, nbytes
 
 
 def _refuse_empty_comparison(coverage: Coverage, ref_path: Path, cand_path: Path) -> None:

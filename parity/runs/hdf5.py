@@ -151,7 +151,7 @@ class RunWriter:
         self._order = 0
         self._bytes = 0
         self.before_close: list[Callable[[], None]] = []
-        self._worker: _BackgroundWrites | None = None
+        self._worker: BackgroundWork | None = None
         _WriteFailures.watch()
         self._watching = True
         try:
@@ -164,7 +164,7 @@ class RunWriter:
             self._discard()
             raise OutputError(f"cannot create {self.path}: {_cause(exc)}; choose another --output") from exc
         if background_bytes > 0:
-            self._worker = _BackgroundWrites(self._store, background_bytes)
+            self._worker = BackgroundWork(self._store, background_bytes)
 
     @property
     def tensors_written(self) -> int:
@@ -183,23 +183,15 @@ class RunWriter:
         """Store one tensor. `layout="channels_last"` notes that the producer held a 4-D tensor with its
         channels innermost in memory: values are stored NCHW all the same, but a re-run that wants the
         producer's exact rounding must restore that layout (convolution kernels choose by it)."""
-        if component not in COMPONENTS:
-            raise RunFileError(f"unknown component {component!r}; expected one of {COMPONENTS}")
-        if not INVOCATION_RE.match(invocation):
-            raise RunFileError(f"bad invocation label {invocation!r}; expected main, call_N or step_NNN")
-        problem = name_problem(name, WRITE_LIMITS)
-        if problem:
-            raise RunFileError(f"bad tensor name {name!r}: {problem}")
+        check_tensor(component, invocation, name, layout)
         array = np.ascontiguousarray(array)
         dtype = logical_dtype(array)
         stored = array.view(_STORED_AS[dtype]) if dtype in _STORED_AS else array
         order = self._order
         self._order += 1
         self._bytes += stored.nbytes
-        if layout not in (None, "channels_last"):
-            raise RunFileError(f"unknown layout {layout!r} for {name}; only channels_last is recorded")
         if self._worker is not None:
-            self._worker.put((component, invocation, name, stored.copy(), dtype, order, layout))
+            self._worker.put((component, invocation, name, stored.copy(), dtype, order, layout), stored.nbytes)
         else:
             self._store(component, invocation, name, stored, dtype, order, layout)
 
@@ -308,6 +300,19 @@ class RunWriter:
             self.abort()
 
 
+def check_tensor(component: str, invocation: str, name: str, layout: str | None = None) -> None:
+    """Refuse a tensor no run file may hold under this name (what every writer checks)."""
+    if component not in COMPONENTS:
+        raise RunFileError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+    if not INVOCATION_RE.match(invocation):
+        raise RunFileError(f"bad invocation label {invocation!r}; expected main, call_N or step_NNN")
+    problem = name_problem(name, WRITE_LIMITS)
+    if problem:
+        raise RunFileError(f"bad tensor name {name!r}: {problem}")
+    if layout not in (None, "channels_last"):
+        raise RunFileError(f"unknown layout {layout!r} for {name}; only channels_last is recorded")
+
+
 def _cause(exc: BaseException) -> str:
     """What an HDF5 write error means for the user (h5py raises OSError or RuntimeError, errno in the text)."""
     text = str(exc)
@@ -383,7 +388,7 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     return tuple(max(1, c) for c in chunk)
 
 
-class _BackgroundWrites:
+class BackgroundWork:
     """A worker thread draining a byte-bounded FIFO of pending writes; its first error stops the run."""
 
     THREAD_NAME = "run-file-writer"
@@ -398,15 +403,15 @@ class _BackgroundWrites:
         self._thread = threading.Thread(target=self._drain, name=self.THREAD_NAME, daemon=True)
         self._thread.start()
 
-    def put(self, item: tuple) -> None:
-        size = item[3].nbytes
+    def put(self, item: tuple, size: int) -> None:
+        """Queue `item` (the arguments of `store`), holding `size` bytes, once the queue has room for it."""
         with self._room:
             # A tensor larger than the whole budget waits for an empty queue rather than forever.
             self._room.wait_for(lambda: self._error is not None or self._pending == 0
                                 or self._pending + size <= self._max_bytes)
             self._raise_error()
             self._pending += size
-        self._queue.put(item)
+        self._queue.put((item, size))
 
     def finish(self) -> None:
         self._queue.put(None)
@@ -425,14 +430,15 @@ class _BackgroundWrites:
             raise self._error
 
     def _drain(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while (queued := self._queue.get()) is not None:
+            item, size = queued
             if self._error is None:
                 try:
                     self._store(*item)
                 except BaseException as exc:  # noqa: BLE001 - handed to the capturing thread
                     self._error = exc
             with self._room:
-                self._pending -= item[3].nbytes
+                self._pending -= size
                 self._room.notify_all()
 
 
@@ -605,7 +611,7 @@ def _can_fork() -> bool:
     """Fork where it is cheap and safe: on Linux, and not while a run-file writer thread may hold h5py's
     lock (the child would wait on it forever)."""
     return (hasattr(os, "fork") and sys.platform.startswith("linux")
-            and not any(t.name == _BackgroundWrites.THREAD_NAME for t in threading.enumerate()))
+            and not any(t.name == BackgroundWork.THREAD_NAME for t in threading.enumerate()))
 
 
 def _examine_here(path: Path, limits: Limits, file_bytes: int, progress: Callable[[], None] = lambda: None
