@@ -7,7 +7,8 @@ ahead in the reference's execution order), computes its metrics with the rule th
 judge it by (compare.measure: the same code, so the same numbers as from files) and then drops it,
 unless it is one the comparison or the report needs in full:
 
-  * the pipeline's tensors (latents, noise predictions, images: small, and what the report draws),
+  * the pipeline's tensors (latents, noise predictions, images: small, and what the report draws) and
+    the tensors derived ones are judged from (derived.py: the VAE decoder's output),
   * the first KEEP_DIVERGENT divergent tensors and the inputs of their blocks (for the diagnosis and
     a re-run of the block), and tensors the reference does not have (extra: diagnosed from their data),
   * the TOP_N tensors closest to failing (the report's drill-downs), kept as they enter the top N.
@@ -36,7 +37,9 @@ from sd_parity.runs.naming import block_of
 from sd_parity.runs.open import open_run
 from .compare import _judging_dtype, _squeezed, measure
 from .cross_device import device_pair, widened
-from .tolerances import Tolerances, judge
+from .derived import DERIVATIONS
+from .oracles import Oracles, oracle_paths
+from .tolerances import Tolerances, dtype_decision, judge
 
 KEEP_DIVERGENT = 8
 QUEUE_BYTES = 256 << 20  # tensors waiting for their metrics (the capture waits when it is full)
@@ -54,7 +57,8 @@ class LiveCompare:
                  compression: str | None = None, queue_bytes: int = QUEUE_BYTES):
         self.path = Path(path)
         self._ref = open_run(reference)
-        self._oracle = open_run(oracle) if oracle is not None else None
+        paths = oracle_paths(oracle)
+        self._oracle = Oracles(paths) if paths else None
         tolerances = tolerances or Tolerances()
         if device_pair(self._ref.metadata, metadata) is not None and oracle is None:
             tolerances = widened(tolerances)  # as compare_runs judges a cross-device pair
@@ -106,7 +110,7 @@ class LiveCompare:
 
     def _measure(self, entry: Entry, array: np.ndarray) -> None:
         key = entry.key
-        keep = entry.kind == "pipeline"
+        keep = entry.kind == "pipeline" or key in _derivation_sources(entry.invocation)
         if key not in self._ref:
             keep = keep or self._divergent < KEEP_DIVERGENT  # an extra tensor: diagnosed from its data
         else:
@@ -123,7 +127,8 @@ class LiveCompare:
                                                                self._oracle, ref_entry, rule, judge_dtype)
                 del ref_array
                 self._measured[key] = (rule.rtol, rule.atol, metrics, ref_err, cand_err, notes)
-                decision = judge(metrics, rule, ref_vs_oracle=ref_err, cand_vs_oracle=cand_err)
+                decision = dtype_decision(judge(metrics, rule, ref_vs_oracle=ref_err, cand_vs_oracle=cand_err),
+                                          rule, ref_entry.dtype, entry.dtype)
                 if not decision.passed:
                     keep = self._diverged(entry) or keep
                 keep = self._closer(decision.ratio, entry) or keep
@@ -201,6 +206,11 @@ class LiveCompare:
             self.close()
         else:
             self.abort()
+
+
+def _derivation_sources(invocation: str) -> set[str]:
+    """The tensors derived pipeline tensors are judged from (judging/derived.py): their data is needed."""
+    return {source.format(invocation=invocation) for d in DERIVATIONS.values() for source in d.sources}
 
 
 def _block(entry: Entry) -> tuple[str, str] | None:
