@@ -76,3 +76,20 @@ def test_a_live_comparison_writes_nothing_half_done_and_refuses_what_a_writer_re
         with pytest.raises(RunFileError, match="written twice"):
             live.write("unet", "step_000", "conv_in", np.zeros((1, 4, 8, 8), np.float32))
     assert kept.exists()
+
+
+def test_parity_run_live_gives_the_verdict_of_a_run_from_files(tmp_path, capsys):
+    from sd_parity.cli import main as cli_main
+
+    settings = ["run", "--model", "tiny-sd1", "--steps", "3", "--capture", "all", "--candidate", "torch", "--mode",
+                "free", "--no-calibrate"]
+    assert cli_main([*settings, "--output-dir", str(tmp_path / "files")]) == 0
+    assert cli_main([*settings, "--live", "--output-dir", str(tmp_path / "live")]) == 0
+    files, live = (json.loads(next((tmp_path / d).rglob("summary.json")).read_text()) for d in ("files", "live"))
+    assert live["verdict"] == files["verdict"]
+    assert [(t["key"], t["status"], t["metrics"]) for t in live["tensors"]] == \
+        [(t["key"], t["status"], t["metrics"]) for t in files["tensors"]]
+    assert "--live" in live["case"]["repro"]
+    kept = next((tmp_path / "live").rglob("*-live.h5"))
+    with RunReader(kept) as run:
+        assert run.metadata["live"] is True and 0 < len(run.entries()) < len(files["tensors"])
