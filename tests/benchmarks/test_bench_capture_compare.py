@@ -2,6 +2,8 @@
 25% to the uncaptured time, with peak memory within weights + 2x the largest activation + 1 GB.
 Issue 5: comparing two such all-tensor captures runs at >= 1 GB/s of tensor data per side, with peak
 memory under 2x the largest tensor + 500 MB.
+Issue 14.2: the same call compared live against the first capture (judging.live): wall time at most 1.3x the
+two uncaptured forwards (reference and candidate), bytes written at most 10% of the tensor bytes.
 Issue 4: impl txt2img on sd15-arch at 256x256, 2 steps, stays under 8 GB on either backend.
 Each measurement runs in a fresh process, so its peak RSS is its own, at the tool's default thread count
 (parity.threads); the disk's own write and read rates (dd) and the load average are recorded beside them."""
@@ -87,6 +89,25 @@ print(json.dumps({{"seconds": seconds, "cpu_seconds": cpu, "bytes_per_side": nby
     assert measured["status"], "two captures of the same call must be at parity"
     assert rate >= 1e9, f"{rate / 1e9:.2f} GB/s per side"
     assert beyond <= 2 * measured["largest"] + 500e6
+
+
+def test_live_compare_time_and_bytes(captures):
+    folder, plain, captured, out = captures
+    reference = sorted(out.glob("run.*.h5"))[0]
+    live = _run("-m", "tests.benchmarks.unet_call", str(folder), "--latent", "64", "--batch", "2", "--repeat", "2",
+                "--live", str(reference), "--capture", str(out / "kept.h5"))
+    two_forwards = 2 * plain["seconds"]
+    # the reference's own forward, captured to its run file (the other capture's time), and the candidate's, live
+    with_reference = captured["seconds"] + live["seconds"]
+    record("sd15-arch/unet-live-compare/64", "parity", live["seconds"], plain_seconds=plain["seconds"],
+           ratio_candidate_to_one_forward=live["seconds"] / plain["seconds"],
+           ratio_to_two_forwards=with_reference / two_forwards, reference_capture_seconds=captured["seconds"],
+           bytes_written=live["bytes_written"], tensor_bytes=live["tensor_bytes"],
+           written_fraction=live["bytes_written"] / live["tensor_bytes"], tensors=live["tensors"],
+           peak_rss=live["peak_rss"], load_average=load_average())
+    assert live["passed"], "the same call compared live must be at parity"
+    assert live["bytes_written"] <= 0.10 * live["tensor_bytes"]
+    assert with_reference <= 1.3 * two_forwards, f"{with_reference:.1f} s vs two forwards {two_forwards:.1f} s"
 
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])

@@ -5,6 +5,7 @@ thread count. The phases of the parity run are timed from its progress lines, as
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -49,9 +50,13 @@ def test_parity_run_end_to_end_against_the_bare_pipelines(tmp_path):
     ensure_fixture("sd15-arch")
     load = os.getloadavg()[0]
     diffusers, torch = _bare("diffusers"), _bare("torch")
-    seconds, phases = _parity_run(tmp_path)
+    try:
+        seconds, phases = _parity_run(tmp_path)
+        written = sum(f.stat().st_size for f in tmp_path.rglob("*.h5"))
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)  # several GB of run files: never left behind
     ratio = seconds / (diffusers + torch)
     record("sd15-arch/parity-run-256-4steps", "parity", seconds, bare_diffusers=diffusers, bare_torch=torch,
-           ratio_to_bare=ratio, phases=phases, load_average=[load, os.getloadavg()[0]])
+           ratio_to_bare=ratio, phases=phases, run_file_bytes=written, load_average=[load, os.getloadavg()[0]])
     print(json.dumps({"ratio": ratio, "seconds": seconds, "diffusers": diffusers, "torch": torch, "phases": phases}))
     assert ratio <= 1.5, f"parity run {seconds:.1f} s = {ratio:.2f}x the bare pipelines ({phases})"
