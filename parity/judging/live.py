@@ -32,7 +32,7 @@ import numpy as np
 
 from sd_parity.errors import BadInput, RunFileError
 from sd_parity.reports.html.drilldown import TOP_N
-from sd_parity.runs.hdf5 import BackgroundWork, Entry, RunWriter, check_tensor, kind_of, logical_dtype
+from sd_parity.runs.hdf5 import BackgroundWork, Entry, Indexed, RunWriter, Writer, check_tensor, kind_of, logical_dtype
 from sd_parity.runs.naming import block_of
 from sd_parity.runs.open import open_run
 from .compare import _judging_dtype, _squeezed, measure
@@ -46,7 +46,7 @@ QUEUE_BYTES = 256 << 20  # tensors waiting for their metrics (the capture waits 
 READ_AHEAD_BYTES = 256 << 20
 
 
-class LiveCompare:
+class LiveCompare(Writer):
     """A RunWriter look-alike that measures each tensor against `reference` and keeps only what is needed.
 
     `path` is the small run file of kept tensors; `close()` writes it and returns the LiveRun to pass
@@ -198,15 +198,6 @@ class LiveCompare:
         if self._oracle is not None:
             self._oracle.close()
 
-    def __enter__(self) -> "LiveCompare":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
 
 def _derivation_sources(invocation: str) -> set[str]:
     """The tensors derived pipeline tensors are judged from (judging/derived.py): their data is needed."""
@@ -235,7 +226,7 @@ def run_live(candidate: Any, config, reference: str | os.PathLike, kept: str | o
     return made[-1].result
 
 
-class LiveRun:
+class LiveRun(Indexed):
     """A live-compared candidate run, as compare_runs reads it: every tensor's entry (in the candidate's
     execution order) and metrics; the data of the kept tensors only (from the kept run file)."""
 
@@ -247,15 +238,6 @@ class LiveRun:
         self._entries = entries
         self._by_key = {e.key: e for e in entries}
         self._measured = measured
-
-    def entries(self) -> list[Entry]:
-        return list(self._entries)
-
-    def entry(self, key: str) -> Entry:
-        return self._by_key[key]
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._by_key
 
     def holds(self, key: str) -> bool:
         """Whether the tensor's data was kept."""
@@ -280,12 +262,6 @@ class LiveRun:
 
     def close(self) -> None:
         self._kept.close()
-
-    def __enter__(self) -> "LiveRun":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class _ReadAhead:

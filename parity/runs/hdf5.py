@@ -124,7 +124,27 @@ class Entry:
                 self.layout]
 
 
-class RunWriter:
+class Writer:
+    """What every run writer is as a context manager: closed (made complete) on success, aborted (nothing
+    left behind) on an exception."""
+
+    def close(self):
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class RunWriter(Writer):
     """Streams tensors into a new run file; use as a context manager so failures leave no file behind.
 
     With `background_bytes` > 0, tensors are copied into a FIFO queue of at most that many bytes and
@@ -290,15 +310,6 @@ class RunWriter:
             self._watching = False
             _WriteFailures.release()
 
-    def __enter__(self) -> "RunWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-
 
 def check_tensor(component: str, invocation: str, name: str, layout: str | None = None) -> None:
     """Refuse a tensor no run file may hold under this name (what every writer checks)."""
@@ -442,7 +453,33 @@ class BackgroundWork:
                 self._room.notify_all()
 
 
-class RunReader:
+class Indexed:
+    """A run's tensor index, as readers present it (`_entries` in execution order, `_by_key`)."""
+
+    _entries: list[Entry]
+    _by_key: dict[str, Entry]
+
+    def entries(self) -> list[Entry]:
+        """Every tensor in execution order."""
+        return list(self._entries)
+
+    def entry(self, key: str) -> Entry:
+        return self._by_key[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._by_key
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RunReader(Indexed):
     """Reads a complete, valid run file; tensors are loaded one at a time, on request.
 
     The whole file is checked when it is opened (see `examine`); a file that breaks the format or a
@@ -464,16 +501,6 @@ class RunReader:
         self.metadata: dict[str, Any] = copy.deepcopy(examined.metadata)
         self._entries = examined.entries
         self._by_key = {e.key: e for e in self._entries}
-
-    def entries(self) -> list[Entry]:
-        """Every tensor in execution order."""
-        return list(self._entries)
-
-    def entry(self, key: str) -> Entry:
-        return self._by_key[key]
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._by_key
 
     def read(self, key: str | Entry, restore_layout: bool = False) -> np.ndarray:
         """One tensor, NCHW; with `restore_layout`, a channels_last tensor comes back as a channels-last view."""
@@ -524,12 +551,6 @@ class RunReader:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-
-    def __enter__(self) -> "RunReader":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 RAW_READ_BYTES = 1 << 20  # smaller tensors are read through HDF5: finding their bytes would cost as much
