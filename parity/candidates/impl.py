@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from sd_parity.errors import require_extra
+from sd_parity.errors import BadInput, require_extra
 from sd_parity.impl.pipeline import Observer, Request, StableDiffusion
 from sd_parity.devices import prepare as prepare_device
 from sd_parity.runs.cache import source_fingerprint
@@ -43,9 +43,13 @@ class ImplCandidate(Candidate):
         if self.fault is not None:
             from .faults import fault
 
+            injected = fault(self.fault)
+            if injected.families is not None and self.sd.family.name not in injected.families:
+                raise BadInput(f"fault {self.fault!r} is a bug of {', '.join(injected.families)} models; "
+                               f"this model is {self.sd.family.title}")
             # the model is this run's alone, so the fault is never undone; holding the context keeps
             # it from being closed (and undone) when garbage-collected
-            self._applied_fault = fault(self.fault).apply(self.sd)
+            self._applied_fault = injected.apply(self.sd)
             self._applied_fault.__enter__()
 
     def fingerprint(self) -> str:
