@@ -3,11 +3,12 @@ capture hooks and writes a run file. What is hooked comes from the family regist
 (sd_parity.impl.families): each component's module and subtrees, each text embedder's token ids."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import sys
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -26,11 +27,11 @@ from sd_parity.threads import pin_torch
 
 from sd_parity.candidates.hooks import hook_module
 from sd_parity.candidates.sinks import RecorderSink
+from .oracle import TORCH_DTYPES, ResidentNetworks, exact_time_embedding
 
 # Captured tensors waiting for the disk; bounds the memory that overlapping I/O with compute costs
 # (about twice SD 1.5's largest activation, the 84 MB GEGLU projection at 64x64 latents, batch 2).
 WRITE_QUEUE_BYTES = 192 << 20
-TORCH_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def scheduler_for(name: str, base_config, karras: bool = False):
@@ -62,7 +63,7 @@ def pipeline_class(model_dir: Path, kind: str = "txt2img"):
     return getattr(diffusers, family.pipelines[kind])
 
 
-def load_pipeline(model_dir: Path, dtype: str, device: str = "cpu", kind: str = "txt2img"):
+def _quiet_loading() -> None:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -71,11 +72,31 @@ def load_pipeline(model_dir: Path, dtype: str, device: str = "cpu", kind: str = 
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
+
+
+def _from_pretrained(model_dir: Path, dtype: str, kind: str, **components):
+    _quiet_loading()
     cls = pipeline_class(model_dir, kind)
     accepted = inspect.signature(cls.__init__).parameters
     options = {name: value for name, value in _PIPELINE_OPTIONS.items() if name in accepted}
-    pipe = cls.from_pretrained(str(model_dir), dtype=TORCH_DTYPES[dtype], local_files_only=True, **options)
-    return pipe.to(device)
+    return cls.from_pretrained(str(model_dir), dtype=TORCH_DTYPES[dtype], local_files_only=True,
+                               **options, **components)
+
+
+def load_pipeline(model_dir: Path, dtype: str, device: str = "cpu", kind: str = "txt2img",
+                  networks: ResidentNetworks | None = None):
+    """The diffusers pipeline for a model folder; with `networks`, built around its released networks
+    (weights loaded one network at a time while the pipeline runs, see reference.oracle)."""
+    components = {name: networks.released(name) for name in networks.names} if networks is not None else {}
+    return _from_pretrained(model_dir, dtype, kind, **components).to(device)
+
+
+def load_network(model_dir: Path, network: str, dtype: str, device: str = "cpu"):
+    """One network (a component folder: text_encoder, text_encoder_2, unet or vae) loaded by diffusers'
+    pipeline loader, the family's other networks and its tokenizers skipped."""
+    family = detect_family(model_dir)
+    skipped = {name: None for name in (*family.folders, *family.tokenizers) if name != network}
+    return getattr(_from_pretrained(model_dir, dtype, "txt2img", **skipped), network).to(device)
 
 
 @contextmanager
@@ -93,6 +114,16 @@ def _patched_randn(module_name: str, replacement) -> Iterator[None]:
         module.randn_tensor = original
 
 
+def _draw_in_float32(original, *args, dtype=None, **kwargs):
+    """One draw from the run's generator, made in float32 and cast to the run's dtype.
+
+    torch's CPU normal sampler consumes its generator differently per dtype, so drawing in the run's
+    dtype would give an fp64 oracle (or an fp16 run) other noise than the fp32 run of the same seed;
+    float32 is what diffusers draws for the usual fp32 pipeline, so that run is unchanged."""
+    noise = original(*args, dtype=torch.float32, **kwargs)
+    return noise if dtype is None else noise.to(dtype)
+
+
 @contextmanager
 def _noise_sources(recorder: Recorder, pipe, x_t: torch.Tensor) -> Iterator[None]:
     """Every random draw of the run, made reproducible for any implementation.
@@ -107,14 +138,14 @@ def _noise_sources(recorder: Recorder, pipe, x_t: torch.Tensor) -> Iterator[None
         return x_t.clone()
 
     def record_step_noise(original, *args, **kwargs):
-        noise = original(*args, **kwargs)
+        noise = _draw_in_float32(original, *args, **kwargs)
         recorder.pipeline("noise", noise, step=recorder.step)
         return noise
 
     posterior_draws = [0]
 
     def record_posterior_noise(original, *args, **kwargs):
-        noise = original(*args, **kwargs)
+        noise = _draw_in_float32(original, *args, **kwargs)
         recorder.pipeline(with_call_index("posterior_noise", posterior_draws[0]), noise)
         posterior_draws[0] += 1
         return noise
@@ -161,8 +192,9 @@ def _pipeline_taps(recorder: Recorder, pipe, family: Family, guided: bool) -> It
 
     originals = {"step": scheduler.step, "add_noise": scheduler.add_noise, "decode": vae.decode, "encode": vae.encode}
 
-    # wraps: the pipeline passes its seeded generator only to a step() whose signature shows `generator`;
-    # without it a stochastic sampler draws from torch's global RNG, which differs from process to process
+    # The wrappers keep the wrapped methods' signatures (functools.wraps sets __wrapped__, which
+    # inspect.signature follows): diffusers' prepare_extra_step_kwargs inspects scheduler.step for
+    # `eta` and `generator`, and would silently drop both for a bare (*args, **kwargs) wrapper.
     @functools.wraps(originals["step"])
     def step(model_output, timestep, sample, *args, **kwargs):
         recorder.pipeline("noise_pred", model_output, step=recorder.step)
@@ -171,6 +203,7 @@ def _pipeline_taps(recorder: Recorder, pipe, family: Family, guided: bool) -> It
         recorder.pipeline("step_output", prev, step=recorder.step)
         return result
 
+    @functools.wraps(originals["add_noise"])
     def add_noise(original_samples, noise, timesteps):
         result = originals["add_noise"](original_samples, noise, timesteps)
         step_index = None if recorder.step < 0 else recorder.step
@@ -179,6 +212,7 @@ def _pipeline_taps(recorder: Recorder, pipe, family: Family, guided: bool) -> It
         return result
 
     def coder(component: str, method: str, argument: str):
+        @functools.wraps(originals[method])
         def call(x, *args, **kwargs):
             with recorder.invocation(component):
                 recorder.module_inputs(component, "", {argument: x})
@@ -236,20 +270,32 @@ def _call_arguments(config: RunConfig, x_t: torch.Tensor) -> dict:
     return arguments
 
 
-def run_reference(config: RunConfig, output: Path, progress: bool = True) -> Path:
-    """Run the diffusers pipeline for `config`, capturing into the run file `output`."""
+def run_reference(config: RunConfig, output: Path, progress: bool = True, oracle: bool = False) -> Path:
+    """Run the diffusers pipeline for `config`, capturing into the run file `output`, with one network's
+    weights in memory at a time. `oracle`: the fp64 oracle of `config` (every tensor in float64, the
+    time embedding included, which diffusers computes in float32 otherwise)."""
+    if oracle:
+        config = dataclasses.replace(config, dtype="fp64")
     model_dir = config.model_dir()
     family = detect_family(model_dir)
     prepare_device(config.device)
     pin_torch()
-    pipe = load_pipeline(model_dir, config.dtype, config.device, config.pipeline)
+    networks = ResidentNetworks(model_dir, config.dtype,
+                                lambda name, dtype: load_network(model_dir, name, dtype, config.device))
+    pipe = load_pipeline(model_dir, config.dtype, config.device, config.pipeline, networks)
+    if oracle and getattr(pipe.vae.config, "force_upcast", False):
+        # float64 throughout: SDXL's pipeline would encode (img2img) at float32 in an fp64 run
+        pipe.vae.register_to_config(force_upcast=False)
     pipe.scheduler = scheduler_for(config.scheduler, pipe.scheduler.config, config.karras)
     pipe.set_progress_bar_config(disable=not progress, desc=f"reference {config.dtype}", leave=False)
     x_t = config.initial_noise(latent_channels=pipe.vae.config.latent_channels, scale=pipe.vae_scale_factor)
     x_t_tensor = torch.from_numpy(x_t).to(config.device, TORCH_DTYPES[config.dtype])
     spec = CaptureSpec.parse(config.capture_spec(unet_parameter_count(model_dir)))
-    metadata = run_metadata(config, impl="reference", model_dir=model_dir, x_t=x_t,
+    # the hash names the x_T this run started from: the fixture noise rounded to the run's dtype
+    metadata = run_metadata(config, impl="reference", model_dir=model_dir, x_t=x_t_tensor.float().cpu().numpy(),
                             scheduler_config=dict(pipe.scheduler.config))
+    if oracle:
+        metadata["oracle"] = "fp64 run of the reference (time embedding in float64 too)"
     guided = config.guidance > 1.0
     with RunWriter(output, metadata, compression=config.compression, background_bytes=WRITE_QUEUE_BYTES) as writer:
         recorder = Recorder(writer, spec, total_steps=config.steps)
@@ -264,6 +310,8 @@ def run_reference(config: RunConfig, output: Path, progress: bool = True) -> Pat
                                                 invocations=not component.subtrees))
             stack.enter_context(_pipeline_taps(recorder, pipe, family, guided))
             stack.enter_context(_noise_sources(recorder, pipe, x_t_tensor))
+            stack.enter_context(networks.attached())
+            stack.enter_context(exact_time_embedding() if oracle else nullcontext())
             stack.enter_context(warnings.catch_warnings())
             # SDXL's pipeline calls its own deprecated upcast_vae() (force_upcast at fp16): not the user's concern
             warnings.filterwarnings("ignore", message=".*upcast_vae.*deprecated", category=FutureWarning)

@@ -12,14 +12,16 @@ from typing import Any, Callable
 from sd_parity.candidates.protocol import supports
 from sd_parity.candidates.registry import label as candidate_label, resolve
 from sd_parity.candidates.runner import run_free, run_isolated
-from sd_parity.judging.compare import compare_runs
+from sd_parity.judging.compare import Comparison, compare_runs
 from sd_parity.judging.name_map import NameMap
 from sd_parity.judging.scope import Scope
 from sd_parity.judging.tolerances import Tolerances
-from sd_parity.judging.verdict import make_verdict
+from sd_parity.judging.verdict import Verdict, make_verdict
 from sd_parity.reports.summary import build_summary, render_outputs
 from sd_parity.runs.cache import cached_run
 from sd_parity.runs.config import RunConfig
+
+from .memory import release_memory
 
 MODES = ("free", "isolated", "both")
 
@@ -52,7 +54,7 @@ class CaseResult:
 
     @property
     def passed(self) -> bool:
-        return self.summary["verdict"]["status"] == "parity"
+        return self.summary["verdict"]["exit_code"] == 0
 
 
 def reference_run(config: RunConfig) -> Path:
@@ -69,16 +71,42 @@ def with_candidate_tensors(config: RunConfig, candidate: Any) -> RunConfig:
     return config if config.capture is not None or tensors is None else dataclasses.replace(config, capture=tensors)
 
 
-def run_case(case: Case, out_dir: Path, tolerances: Tolerances | None = None,
-             log: Callable[[str], None] = lambda line: None) -> CaseResult:
-    started = time.perf_counter()
+def oracle_runs(config: RunConfig, reference: Path) -> tuple[Path, Path]:
+    """The cached fp64 oracles of `config`'s reference run: the whole run in fp64 (computed one network
+    at a time; one run serves every dtype of a config) and the block-local oracle of `reference` (each
+    block in fp64 on the inputs the reference captured; it calibrates isolated runs)."""
+    from sd_parity.reference.oracle import run_block_oracle
+    from sd_parity.reference.runner import run_reference
+
+    whole = cached_run(dataclasses.replace(config, dtype="fp64"), "oracle",
+                       lambda cfg, path: run_reference(cfg, path, progress=False, oracle=True))
+    blocks = cached_run(config, "block-oracle", lambda cfg, path: run_block_oracle(cfg, reference, path))
+    return whole, blocks
+
+
+@dataclass
+class Judged:
+    """A case's comparisons, before any report is written."""
+
+    comparison: Comparison
+    isolated: Comparison | None
+    verdict: Verdict
+    runs: dict[str, Path]
+
+
+def judge_case(case: Case, tolerances: Tolerances | None = None,
+               log: Callable[[str], None] = lambda line: None) -> Judged:
+    """Produce (or find cached) the case's runs and compare them: free against the fp64 oracle,
+    isolated against the block-local oracle first."""
     candidate = resolve(case.candidate, fault=case.fault)
     config = with_candidate_tensors(case.config, candidate)
     log(f"{case.name}: reference {config.dtype}")
     runs = {"reference": reference_run(config)}
+    release_memory()
     if case.calibrated and config.dtype != "fp64":
-        log(f"{case.name}: oracle fp64")
-        runs["oracle"] = reference_run(dataclasses.replace(config, dtype="fp64"))
+        log(f"{case.name}: oracles fp64")
+        runs["oracle"], runs["block_oracle"] = oracle_runs(config, runs["reference"])
+        release_memory()
     fingerprint = candidate.fingerprint() if hasattr(candidate, "fingerprint") else None
     label = candidate_label(case.candidate)
     if case.mode in ("free", "both"):
@@ -89,23 +117,36 @@ def run_case(case: Case, out_dir: Path, tolerances: Tolerances | None = None,
         log(f"{case.name}: {label} isolated")
         runs["isolated"] = cached_run(config, label, lambda cfg, path: run_isolated(
             candidate, cfg, runs["reference"], path), mode="isolated", fingerprint=fingerprint)
+    del candidate  # and its models: the comparisons read run files only
+    release_memory()
     log(f"{case.name}: compare")
-    main = runs.get("candidate", runs.get("isolated"))
     naming = dict(name_map=NameMap.load_all(case.maps) if case.maps else None,
                   scope=Scope(case.only, case.require))
-    comparison = compare_runs(runs["reference"], main, oracle_path=runs.get("oracle"), tolerances=tolerances,
-                              **naming)
+    isolated_oracles = [runs[k] for k in ("block_oracle", "oracle") if k in runs] or None
+    if "candidate" in runs:
+        comparison = compare_runs(runs["reference"], runs["candidate"], oracle_path=runs.get("oracle"),
+                                  tolerances=tolerances, **naming)
+    else:
+        comparison = compare_runs(runs["reference"], runs["isolated"], oracle_path=isolated_oracles,
+                                  tolerances=tolerances, **naming)
     isolated = None
     if "isolated" in runs and "candidate" in runs:
-        isolated = compare_runs(runs["reference"], runs["isolated"], oracle_path=runs.get("oracle"),
+        isolated = compare_runs(runs["reference"], runs["isolated"], oracle_path=isolated_oracles,
                                 tolerances=tolerances, **naming)
-    summary = build_summary(comparison, make_verdict(comparison, isolated), isolated)
+    return Judged(comparison, isolated, make_verdict(comparison, isolated), runs)
+
+
+def run_case(case: Case, out_dir: Path, tolerances: Tolerances | None = None,
+             log: Callable[[str], None] = lambda line: None) -> CaseResult:
+    started = time.perf_counter()
+    judged = judge_case(case, tolerances, log)
+    summary = build_summary(judged.comparison, judged.verdict, judged.isolated)
     summary["case"] = {"name": case.name, "candidate": case.candidate, "mode": case.mode,
-                       "calibrated": "oracle" in runs, "repro": repro_command(case)}
+                       "calibrated": "oracle" in judged.runs, "repro": repro_command(case)}
     from sd_parity.reports.html.drilldown import add_drilldowns  # tensor data the HTML report drills into
     add_drilldowns(summary)
     render_outputs(summary, out_dir)
-    return CaseResult(case, summary, out_dir, time.perf_counter() - started, runs)
+    return CaseResult(case, summary, out_dir, time.perf_counter() - started, judged.runs)
 
 
 def repro_command(case: Case) -> str:

@@ -36,6 +36,9 @@ def register(subparsers) -> None:
                         help="an fp64 run of the reference: thresholds calibrated on the reference's own error")
     parser.add_argument("--isolated", type=Path, metavar="ISO_CAND.h5",
                         help="the candidate run in isolated mode, to name culprit blocks")
+    parser.add_argument("--block-oracle", type=Path, metavar="BLOCKS.h5",
+                        help="the block-local fp64 oracle of REF.h5 (parity capture --block-oracle REF.h5): "
+                             "calibrates the isolated comparison, ahead of --oracle")
     parser.add_argument("--config", type=Path, metavar="parity.toml",
                         help="tolerance settings and overrides (a parity.toml, or a pyproject.toml with "
                              "[tool.parity]); default: ./parity.toml, else ./pyproject.toml's [tool.parity]")
@@ -75,7 +78,7 @@ def naming_options(args) -> tuple[NameMap | None, Scope]:
 
 def run(args) -> int:
     for label, path in (("REF.h5", args.reference), ("CAND.h5", args.candidate), ("--oracle", args.oracle),
-                        ("--isolated", args.isolated)):
+                        ("--isolated", args.isolated), ("--block-oracle", args.block_oracle)):
         if path is not None and not path.exists():
             raise BadInput(f"{label} {path} does not exist")
     _check_output_dir(args.output_dir)
@@ -98,7 +101,8 @@ def run(args) -> int:
                                   tolerances=tolerances, progress=progress, scope=scope)
         isolated = None
         if args.isolated is not None:
-            isolated = compare_runs(args.reference, args.isolated, oracle_path=args.oracle, name_map=name_map,
+            oracles = [path for path in (args.block_oracle, args.oracle) if path is not None] or None
+            isolated = compare_runs(args.reference, args.isolated, oracle_path=oracles, name_map=name_map,
                                     tolerances=tolerances, progress=progress, scope=scope)
             if isolated_mode is None:
                 isolated.warnings.append(f"{args.isolated} does not record mode=isolated; treated as isolated")

@@ -327,9 +327,11 @@ def threshold_line(row: dict, with_reason: bool = True) -> str:
     if t is None:
         return "-"
     s = t["settings"]
-    if t["mode"] == "allclose_quantile":
-        text = (f"{s['dtype']} rtol {_num(s['rtol'])} atol {_num(s['atol'])} at quantile {s['quantile']} "
-                f"(allowed {_num(s['allowed_violations'])} violations), outlier limit {_num(s['outlier_limit'])}")
+    if t["mode"] == "normwise":
+        text = (f"{s['dtype']} ||c-r|| <= rtol {_num(s['rtol'])} ||r|| + atol {_num(s['atol'])} sqrt(n) "
+                f"(rel_l2 {_num(s['rel_l2'])}), outlier limit {_num(s['outlier_limit'])}")
+    elif t["mode"] == "derived":
+        text = f"derived: {s['derived_from']}"
     elif t["mode"] == "calibrated":
         text = (f"calibrated {s['statistic']} <= {_num(s['k'])} x ref {_num(s['ref_error'])} + floor "
                 f"{_num(s['floor'])} = {_num(s['limit'])} (candidate {_num(s['cand_error'])})")

@@ -11,6 +11,7 @@ HEADLINES = {
     "parity": "Parity: the candidate matches the reference within tolerance",
     "divergence": "Divergence: the candidate does not match the reference",
     "incomplete": "Incomplete: reference tensors are missing from the candidate",
+    "isolation_only": "Divergence in isolation only: fed the reference's inputs, a block or stage exceeds its threshold",
 }
 # (label, metadata field) shown from the run files' metadata
 FACTS = (("model", "model"), ("prompt", "prompt"), ("negative prompt", "negative_prompt"), ("seed", "seed"),
