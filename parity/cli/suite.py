@@ -1,4 +1,4 @@
-"""`parity suite`: the CI parity suite on the embedded tiny model (what `make parity` runs)."""
+"""`parity suite`: the CI parity suite on the tiny models of each family (what `make parity` runs)."""
 from __future__ import annotations
 
 from pathlib import Path
