@@ -1,10 +1,10 @@
 """The fp64 oracles that calibrate thresholds, at a memory cost that fits beside the rest of a run.
 
 * `ResidentNetworks`: the pipeline's networks (the family's component folders: text encoder(s), UNet,
-  VAE) held one at a time. Each is
-  loaded with its weights, which are dropped as soon as the pipeline moves on to another network and
-  loaded again if it comes back (the VAE of img2img encodes first and decodes last). An fp64 run of
-  SD 1.5 then peaks at its UNet's 6.9 GB instead of the whole pipeline's 8.6 GB, plus activations.
+  VAE) held one at a time. Each is loaded with its weights, which are dropped as soon as the pipeline
+  moves on to another network and loaded again if it comes back (the VAE of img2img encodes first and
+  decodes last). An fp64 run of SD 1.5 then peaks at its UNet's 6.9 GB instead of the whole
+  pipeline's 8.6 GB, plus activations.
 * `exact_time_embedding`: diffusers computes the sinusoidal time embedding in float32 whatever the
   model's dtype, so an fp64 run would carry float32's error there (up to ~5e-5 at t = 999, where sin
   and cos see angles near 1000); the oracle computes it in float64 like everything else.
@@ -33,7 +33,6 @@ TORCH_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.floa
 from sd_parity.runs.hdf5 import RunReader, RunWriter
 from sd_parity.runs.recorder import Recorder
 from sd_parity.runs.selection import MODULE_COMPONENTS, CaptureSpec
-
 
 
 def entry_modules(family, network: str) -> tuple[str, ...]:

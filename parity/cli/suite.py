@@ -52,6 +52,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    title = "parity suite (tiny-sd1, tiny-sd2, tiny-sdxl)" + (f" with fault {args.inject_fault}" if args.inject_fault else "")
-    return execute(with_fault(fault_cases(suite_cases() + family_cases(), args.inject_fault), args.inject_fault), args.output_dir, args.config, title=title,
-                   options=executor_options(args))
+    fault_name = args.inject_fault
+    title = "parity suite (tiny-sd1, tiny-sd2, tiny-sdxl)" + (f" with fault {fault_name}" if fault_name else "")
+    cases = with_fault(fault_cases(suite_cases() + family_cases(), fault_name), fault_name)
+    return execute(cases, args.output_dir, args.config, title=title, options=executor_options(args))
