@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -12,7 +13,9 @@ from typing import Any, Callable
 from sd_parity.candidates.protocol import supports
 from sd_parity.candidates.registry import label as candidate_label, resolve
 from sd_parity.candidates.runner import run_free, run_isolated
+from sd_parity.errors import BadInput
 from sd_parity.judging.compare import Comparison, compare_runs
+from sd_parity.judging.live import run_live
 from sd_parity.judging.name_map import NameMap
 from sd_parity.judging.scope import Scope
 from sd_parity.judging.tolerances import Tolerances
@@ -37,6 +40,7 @@ class Case:
     maps: tuple[str, ...] = ()  # --map specs: the candidate's names onto the reference's
     only: tuple[str, ...] = ()  # --only globs
     require: str = "all"  # --require
+    live: bool = False  # --live: the free run compared as it runs, only what the report needs kept (judging.live)
 
     @property
     def name(self) -> str:
@@ -96,9 +100,14 @@ class Judged:
 
 
 def judge_case(case: Case, tolerances: Tolerances | None = None,
-               log: Callable[[str], None] = lambda line: None) -> Judged:
+               log: Callable[[str], None] = lambda line: None, kept_dir: Path | None = None) -> Judged:
     """Produce (or find cached) the case's runs and compare them: free against the fp64 oracle,
-    isolated against the block-local oracle first."""
+    isolated against the block-local oracle first. A live case's free run is compared as it runs
+    and keeps its few full tensors in `kept_dir` (it is never cached)."""
+    if case.live and (case.maps or kept_dir is None):
+        raise BadInput("--live compares a candidate that uses the reference's names: give no --map" if case.maps
+                       else "a live case needs a folder for the tensors it keeps")
+    tolerances = tolerances or Tolerances()  # a live run measures with the rules it is judged by
     candidate = resolve(case.candidate, fault=case.fault)
     config = with_candidate_tensors(case.config, candidate)
     log(f"{case.name}: reference {config.dtype}")
@@ -110,7 +119,14 @@ def judge_case(case: Case, tolerances: Tolerances | None = None,
         release_memory()
     fingerprint = candidate.fingerprint() if hasattr(candidate, "fingerprint") else None
     label = candidate_label(case.candidate)
-    if case.mode in ("free", "both"):
+    live = None
+    if case.mode in ("free", "both") and case.live:
+        log(f"{case.name}: {label} free, compared live")
+        kept_dir.mkdir(parents=True, exist_ok=True)
+        live = run_live(candidate, config, runs["reference"], kept_dir / f"{label}-free-live.h5",
+                        tolerances=tolerances, oracle=runs.get("oracle"))
+        runs["candidate"] = live.path
+    elif case.mode in ("free", "both"):
         log(f"{case.name}: {label} free")
         runs["candidate"] = cached_run(config, label, lambda cfg, path: run_free(
             candidate, cfg, path, reference=runs["reference"]), fingerprint=fingerprint)
@@ -125,8 +141,9 @@ def judge_case(case: Case, tolerances: Tolerances | None = None,
                   scope=Scope(case.only, case.require))
     isolated_oracles = [runs[k] for k in ("block_oracle", "oracle") if k in runs] or None
     if "candidate" in runs:
-        comparison = compare_runs(runs["reference"], runs["candidate"], oracle_path=runs.get("oracle"),
-                                  tolerances=tolerances, **naming)
+        with live or nullcontext():
+            comparison = compare_runs(runs["reference"], live or runs["candidate"], oracle_path=runs.get("oracle"),
+                                      tolerances=tolerances, **naming)
     else:
         comparison = compare_runs(runs["reference"], runs["isolated"], oracle_path=isolated_oracles,
                                   tolerances=tolerances, **naming)
@@ -140,7 +157,7 @@ def judge_case(case: Case, tolerances: Tolerances | None = None,
 def run_case(case: Case, out_dir: Path, tolerances: Tolerances | None = None,
              log: Callable[[str], None] = lambda line: None) -> CaseResult:
     started = time.perf_counter()
-    judged = judge_case(case, tolerances, log)
+    judged = judge_case(case, tolerances, log, kept_dir=out_dir)
     summary = build_summary(judged.comparison, judged.verdict, judged.isolated)
     summary["case"] = {"name": case.name, "candidate": case.candidate, "mode": case.mode,
                        "calibrated": "oracle" in judged.runs, "repro": repro_command(case)}
@@ -168,6 +185,8 @@ def repro_command(case: Case) -> str:
         parts.append("--no-calibrate")
     if case.fault:
         parts.append(f"--inject-fault {case.fault}")
+    if case.live:
+        parts.append("--live")
     parts += [f"--map {shlex.quote(spec)}" for spec in case.maps] + [f"--only {shlex.quote(g)}" for g in case.only]
     if case.require != "all":
         parts.append(f"--require {case.require}")

@@ -39,6 +39,10 @@ def register(subparsers) -> None:
                              "reads the JSON run description {config} and writes its run to {output}")
     parser.add_argument("--mode", default="both", choices=MODES)
     parser.add_argument("--capture", default=None, metavar="SPEC", help="what to capture (see parity capture)")
+    parser.add_argument("--live", action="store_true",
+                        help="compare the free run's tensors as they are produced instead of writing them all: "
+                             "metrics for every tensor, full tensors only for the first divergences, the pipeline "
+                             "and the report (docs/architecture.md)")
     parser.add_argument("--no-calibrate", dest="calibrated", action="store_false",
                         help="judge by dtype tolerances only, without an fp64 oracle run")
     parser.add_argument("--config", type=Path, default=None, help="parity.toml with tolerance overrides")
@@ -120,7 +124,7 @@ def run(args) -> int:
     if args.candidate_cmd or args.candidate_cmd_run:
         modes.update(command_candidate(args))
     naming = dict(maps=tuple(args.map), only=tuple(args.only), require=args.require)
-    cases = with_fault([Case(replace(base, scheduler=s, dtype=d), c, mode, args.calibrated, **naming)
+    cases = with_fault([Case(replace(base, scheduler=s, dtype=d), c, mode, args.calibrated, live=args.live, **naming)
                         for s, d, (c, mode) in itertools.product(schedulers, dtypes, modes.items())], args.inject_fault)
     baselines = Baselines(args.baseline, args.write_baseline, check_margin(args.baseline_margin))
     return execute(cases, args.output_dir, args.config, title=f"parity run on {base.model}",

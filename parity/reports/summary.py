@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from sd_parity.escaping import printable, xml_safe
+from sd_parity.impl.families import COMPONENTS
 from sd_parity.judging.compare import Comparison, TensorResult
 from sd_parity.judging.diagnosis import clause as diagnosis_clause
 from sd_parity.judging.overflow import overflow_clause, reference_overflow
@@ -30,8 +31,6 @@ from sd_parity.judging.verdict import Culprit, Verdict, describe_location, verdi
 SCHEMA_VERSION = 1
 SUMMARY_FILE = "summary.json"
 JUNIT_FILE = "junit.xml"
-_STEMS = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder",
-          "pipeline": "pipeline"}
 _GROUP_BAD = ("fail", "shape_mismatch", "missing")
 
 
@@ -169,7 +168,8 @@ def group_id(result: TensorResult) -> str:
     block = result.block_id
     if block is not None:
         return block
-    stem = _STEMS.get(result.component, result.component)
+    component = COMPONENTS.get(result.component)
+    stem = component.test_stem if component is not None else result.component
     return "pipeline" if result.component == "pipeline" else f"{stem}_toplevel"
 
 
