@@ -21,47 +21,69 @@ from sd_parity.runs.open import open_run
 from sd_parity.reports.summary import JUNIT_FILE, SUMMARY_FILE, build_summary, format_table, render_outputs
 from sd_parity.judging.tolerances import ToleranceConfigError, Tolerances
 from sd_parity.judging.verdict import make_verdict
+from ._options import add_parser, examples
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "compare", help="compare a candidate run file with the reference run file, tensor by tensor",
-        description="Compare CAND.h5 with REF.h5 in the reference's execution order; write summary.json and "
-                    "junit.xml into --output-dir. Exit 0 parity, 1 divergence, 2 bad input.")
-    parser.add_argument("reference", type=Path, metavar="REF.h5", help="the reference run (file or run folder)")
-    parser.add_argument("candidate", type=Path, metavar="CAND.h5",
+    parser = add_parser(
+        subparsers, "compare", help="compare two run files (reference and candidate) tensor by tensor",
+        description="Compare CAND with REF in the reference's execution order and write report.html, summary.json "
+                    "and junit.xml into --output-dir. Runs are HDF5 run files or run folders of .npy/.safetensors "
+                    "(docs/run-format.md), e.g. written by a port in any language. Exit 0 parity, 1 divergence, "
+                    "2 bad input.",
+        epilog=examples(
+            ("parity compare ref.h5 cand.h5", "writes cand-parity/ (report.html, summary.json, junit.xml) beside cand.h5"),
+            ("parity compare ref.h5 port_run/ --map ldm --output-dir reports/port",
+             "a port's run folder named after the original CompVis/LDM modules"),
+            ("parity compare ref.h5 cand.h5 --oracle ref-fp64.h5 --isolated cand-isolated.h5",
+             "calibrated thresholds, and culprit blocks from an isolated-mode run"),
+            ("parity compare ref.h5 port.h5 --only 'unet/**' --require blocks",
+             "judge only the UNet, and only the block-level tensors a port dumps")))
+    parser.add_argument("reference", type=Path, metavar="REF", help="the reference run (.h5 file or run folder)")
+    parser.add_argument("candidate", type=Path, metavar="CAND",
                         help="the candidate run (free mode): an HDF5 run file or a run folder of .npy/.safetensors")
     add_naming_arguments(parser)
-    parser.add_argument("--oracle", type=Path, metavar="ORACLE.h5",
-                        help="an fp64 run of the reference: thresholds calibrated on the reference's own error")
-    parser.add_argument("--isolated", type=Path, metavar="ISO_CAND.h5",
-                        help="the candidate run in isolated mode, to name culprit blocks")
-    parser.add_argument("--config", type=Path, metavar="parity.toml",
+    parser.add_argument("--oracle", type=Path, default=None, metavar="ORACLE.h5",
+                        help="an fp64 run of the reference: thresholds calibrated on the reference's own error "
+                             "(default: dtype tolerances)")
+    parser.add_argument("--isolated", type=Path, default=None, metavar="ISO_CAND.h5",
+                        help="the candidate run in isolated mode, to name culprit blocks (default: none)")
+    parser.add_argument("--config", type=Path, default=None, metavar="parity.toml",
                         help="tolerance settings and overrides (a parity.toml, or a pyproject.toml with "
                              "[tool.parity]); default: ./parity.toml, else ./pyproject.toml's [tool.parity]")
-    parser.add_argument("--output-dir", type=Path, required=True, metavar="DIR",
-                        help="folder for summary.json and junit.xml (created if missing)")
-    parser.add_argument("--top", type=int, default=10, help="how many tensors the table lists (default 10)")
-    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--output-dir", type=Path, default=None, metavar="DIR",
+                        help="folder for report.html, summary.json and junit.xml, created if missing (default: "
+                             "CAND's name + '-parity', beside CAND)")
+    parser.add_argument("--top", type=int, default=10, metavar="N", help="how many tensors the terminal table lists")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(handler=run)
+
+
+def default_output_dir(candidate: Path) -> Path:
+    """Where compare writes without --output-dir: beside the candidate run, named after it."""
+    name = candidate.resolve().name
+    stem = name[:-len(candidate.suffix)] if candidate.suffix and not candidate.is_dir() else name
+    return candidate.resolve().parent / f"{stem}-parity"
 
 
 def add_naming_arguments(parser, model_dir: bool = True) -> None:
     """--map, --only, --require (and --model-dir): shared by `parity compare` and `parity run`."""
     parser.add_argument("--map", action="append", default=[], metavar="NAMES.toml|ldm",
                         help="name map from the candidate's tensor names to the reference's: a TOML file of rules, "
-                             "or a built-in map (ldm: the original CompVis module names); repeatable (docs/maps.md)")
+                             "or a built-in map (ldm: the original CompVis module names); repeatable (docs/maps.md; "
+                             "default: none, names as they are)")
     if model_dir:
         parser.add_argument("--model-dir", type=Path, default=None, metavar="DIR",
                             help="the diffusers model folder built-in maps are generated from (default: the "
                                  "reference run's model_path)")
     parser.add_argument("--only", action="append", default=[], metavar="GLOB",
                         help="judge only reference tensors matching GLOB (component/invocation/name, or the name "
-                             "alone), e.g. 'unet/**'; repeatable; the verdict states what was left out")
+                             "alone; *, ** and ? as in docs/maps.md), e.g. 'unet/**'; repeatable; the verdict states "
+                             "what was left out (default: all tensors)")
     parser.add_argument("--require", default="all", choices=REQUIRE,
-                        help="what the candidate must provide: all tensors (default), blocks (block-level tensors "
-                             "only) or pipeline (pipeline tensors only); tensors not required are compared when "
-                             "present and listed when absent")
+                        help="what the candidate must provide: all tensors, blocks (block-level tensors only) or "
+                             "pipeline (pipeline tensors only); tensors not required are compared when present and "
+                             "listed when absent")
 
 
 def naming_options(args) -> tuple[NameMap | None, Scope]:
@@ -74,10 +96,12 @@ def naming_options(args) -> tuple[NameMap | None, Scope]:
 
 
 def run(args) -> int:
-    for label, path in (("REF.h5", args.reference), ("CAND.h5", args.candidate), ("--oracle", args.oracle),
+    for label, path in (("REF", args.reference), ("CAND", args.candidate), ("--oracle", args.oracle),
                         ("--isolated", args.isolated)):
         if path is not None and not path.exists():
             raise BadInput(f"{label} {path} does not exist")
+    if args.output_dir is None:
+        args.output_dir = default_output_dir(args.candidate)
     _check_output_dir(args.output_dir)
     isolated_mode = None
     if args.isolated is not None:

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from sd_parity.errors import BadInput
+from ._options import add_parser, examples
 from sd_parity.reports.summary import SCHEMA_VERSION
 
 REQUIRED = ("verdict", "first_divergence", "culprits", "runs", "mode", "config", "coverage", "warnings", "blocks",
@@ -16,11 +17,13 @@ REQUIRED = ("verdict", "first_divergence", "culprits", "runs", "mode", "config",
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("report", help="re-render the HTML report of a summary.json (no recomputing)",
-                                   description="Render the HTML report of a comparison from its summary.json, "
-                                               "without the run files. Exit 0 written, 2 bad input.")
+    parser = add_parser(subparsers, "report", help="re-render the HTML report of a summary.json (no recomputing)",
+                        description="Render the HTML report of a comparison from its summary.json (and the "
+                                    "details file beside it), without the run files. Exit 0 written, 2 bad input.",
+                        epilog=examples(("parity report reports/txt2img-ddim-numpy-fp32/summary.json",
+                                         "writes report.html beside the summary and prints its file:// address")))
     parser.add_argument("summary", type=Path, metavar="summary.json", help="written by parity compare / parity run")
-    parser.add_argument("--output", type=Path, default=None, metavar="PATH",
+    parser.add_argument("--output", type=Path, default=None, metavar="FILE",
                         help="where to write the report (default: report.html beside the summary)")
     parser.set_defaults(handler=run)
 

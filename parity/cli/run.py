@@ -14,20 +14,36 @@ from sd_parity.runs.config import DTYPES, SCHEDULERS
 from sd_parity.reports.summary import format_table
 from sd_parity.judging.tolerances import ToleranceConfigError, Tolerances
 from .capture import add_run_arguments, config_from_args
+from ._options import add_parser, add_renamed, examples
 from .compare import add_naming_arguments, naming_options
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("run", help="reference vs a candidate end to end: capture, run, compare, report")
+    parser = add_parser(
+        subparsers, "run", help="check a candidate against the reference end to end: capture, run, compare, report",
+        description="Capture the reference (and its fp64 oracle), run the candidate free-running and block by block "
+                    "(isolated), compare and write a report per case into --output-dir. One case per sampler x "
+                    "dtype x candidate. Exit 0 parity, 1 divergence, 2 bad input.",
+        epilog=examples(
+            ("parity run --model tiny-sd1 --candidate my_port/parity.py:make",
+             "check your port (docs/ports.md) on the embedded tiny model"),
+            ("parity run --model /models/sd15 --candidate my_port.parity:make --dtype fp16",
+             "the same on a real SD 1.5 checkpoint (a diffusers folder) in fp16"),
+            ("parity run --model tiny-sd1 --candidate numpy torch --dtype fp32 fp16 --scheduler ddim pndm",
+             "a matrix of cases: our own clean-room SD on both backends"),
+            ("parity run --model tiny-sd1 --candidate numpy --inject-fault groupnorm_eps",
+             "see a porting bug caught and located")))
     add_run_arguments(parser)
     parser.set_defaults(scheduler=None, dtype=None)
     for action in parser._actions:  # several samplers and dtypes per run
         if action.dest in ("scheduler", "dtype"):
             action.nargs, action.default = "+", None
-    parser.add_argument("--candidate", "--backend", dest="candidate", nargs="+", default=None, metavar="SPEC",
+            action.help += f"; several make one case each (default: {'ddim' if action.dest == 'scheduler' else 'fp32'})"
+    parser.add_argument("--candidate", dest="candidate", nargs="+", default=None, metavar="SPEC",
                         help="what to check against the reference: numpy, torch or both (impl/), an installed "
                              "port's name, pkg.module:factory or path/to/port.py:factory (default: both, or "
                              "only the --candidate-cmd program when one is given)")
+    add_renamed(parser, "--backend", "--candidate")
     parser.add_argument("--candidate-cmd", default=None, metavar="TEMPLATE",
                         help="a port in any language, run block by block (isolated mode): e.g. \"my-port run-block "
                              "{component} {block} {inputs} {outputs}\"; inputs and outputs are run folders "
@@ -35,14 +51,21 @@ def register(subparsers) -> None:
     parser.add_argument("--candidate-cmd-run", default=None, metavar="TEMPLATE",
                         help="the same port's whole run (free mode): e.g. \"my-port run {config} {output}\"; it "
                              "reads the JSON run description {config} and writes its run to {output}")
-    parser.add_argument("--mode", default="both", choices=MODES)
-    parser.add_argument("--capture", default=None, metavar="SPEC", help="what to capture (see parity capture)")
+    parser.add_argument("--mode", default="both", choices=MODES,
+                        help="free: the candidate's own pipeline end to end; isolated: each block fed the "
+                             "reference's inputs (names the culprit block); both")
+    parser.add_argument("--capture", default=None, metavar="SPEC",
+                        help="what to capture, as parity capture --capture (default: what the candidate reports, "
+                             "else all for small models and blocks for full-size ones)")
     parser.add_argument("--no-calibrate", dest="calibrated", action="store_false",
-                        help="judge by dtype tolerances only, without an fp64 oracle run")
-    parser.add_argument("--config", type=Path, default=None, help="parity.toml with tolerance overrides")
+                        help="judge by dtype tolerances only, without an fp64 oracle run (default: calibrate)")
+    parser.add_argument("--config", type=Path, default=None, metavar="parity.toml",
+                        help="tolerance overrides (default: ./parity.toml, else ./pyproject.toml's [tool.parity])")
     add_naming_arguments(parser, model_dir=False)
     add_fault_argument(parser)
-    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--output-dir", type=Path, default=Path("reports"), metavar="DIR",
+                        help="folder for the reports: one subfolder per case (report.html, summary.json, "
+                             "junit.xml, its run files, repro.sh) and parity.html/parity.json/junit.xml over all")
     parser.set_defaults(handler=run)
 
 
@@ -50,8 +73,8 @@ def add_fault_argument(parser) -> None:
     from sd_parity.candidates.faults import FAULTS
 
     parser.add_argument("--inject-fault", default=None, choices=sorted(FAULTS), metavar="FAULT",
-                        help="inject a known porting bug into impl (to see the harness catch it): "
-                             + ", ".join(sorted(FAULTS)))
+                        help="inject a known porting bug into impl/ (numpy, torch) to see the harness catch it: "
+                             + ", ".join(sorted(FAULTS)) + " (default: none)")
 
 
 def with_fault(cases: list[Case], name: str | None) -> list[Case]:

@@ -7,6 +7,7 @@ from sd_parity.cases.case import Case
 from sd_parity.fixtures import IMAGES_DIR
 from sd_parity.runs.config import RunConfig
 from .run import add_fault_argument, execute, with_fault
+from ._options import add_parser, examples
 
 INIT = str(IMAGES_DIR / "init_64.png")
 
@@ -22,9 +23,17 @@ def suite_cases(model: str = "tiny-sd1", steps: int = 6) -> list[Case]:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("suite", help="the CI parity suite on tiny-sd1 (make parity)")
-    parser.add_argument("--output-dir", type=Path, default=Path("reports"))
-    parser.add_argument("--config", type=Path, default=None, help="parity.toml with tolerance overrides")
+    parser = add_parser(subparsers, "suite", help="the CI parity suite on tiny-sd1 (what make parity runs)",
+                        description="Check our own clean-room SD (impl/, numpy and torch) against the reference "
+                                    "on the embedded tiny model: samplers, dtypes and pipelines, 12 cases. Exit 0 "
+                                    "parity, 1 divergence.",
+                        epilog=examples(("parity suite", "writes reports/parity.html, parity.json and junit.xml"),
+                                        ("parity suite --inject-fault attention_no_scale --output-dir reports/fault",
+                                         "the suite with a known porting bug: every case should catch it")))
+    parser.add_argument("--output-dir", type=Path, default=Path("reports"), metavar="DIR",
+                        help="folder for the reports (one subfolder per case)")
+    parser.add_argument("--config", type=Path, default=None, metavar="parity.toml",
+                        help="tolerance overrides (default: ./parity.toml, else ./pyproject.toml's [tool.parity])")
     add_fault_argument(parser)
     parser.set_defaults(handler=run)
 
