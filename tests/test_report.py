@@ -20,7 +20,7 @@ from sd_parity.reports.html.drilldown import HISTOGRAM_BINS, MAP_SIDE, WORST_ELE
 from sd_parity.reports.html.pictures import amplified_difference, png_data_uri
 from sd_parity.reports.html.render import REPORT_SCRIPTS, inline_asset, render_report, script_json
 from sd_parity.runs.hdf5 import RunWriter
-from sd_parity.reports.summary import build_summary, render_outputs
+from sd_parity.reports.summary import build_summary, load_summary, render_outputs
 from sd_parity.judging.verdict import make_verdict
 
 FAULTED = "down_blocks.1.resnets.0.norm1"
@@ -122,10 +122,17 @@ def test_the_first_divergence_and_its_culprit_lead_the_page(fake_case):
     assert f'href="#dd-free-{summary["first_divergence"]["index"]}"' in top
     assert re.search(rf'<details class="card drill" id="dd-free-{summary["first_divergence"]["index"]}"[^>]* open>',
                      html)
-    # run facts, coverage and copy-paste commands
+    # run facts, coverage and copy-paste commands: the candidate is not ours, so its test is an assert_parity
     for text in ("fake-sd", "a red cube", "ddim", "fp32", str(folder.parent / "reference.h5"),
-                 "pytest -k &#39;unet_block_1_down and fp32&#39;", "parity compare ", "No coverage gaps"):
+                 f"parity compare {folder.parent / 'reference.h5'} {folder.parent / 'free.h5'} --isolated "
+                 f"{folder.parent / 'isolated.h5'}",
+                 "sd_parity.assert_parity(&#39;", "only=&#39;unet_block_1_down&#39;", "No coverage gaps"):
         assert text in top, text
+    assert "pytest -k" not in top and "DIR" not in top  # no block tests of our impl, no placeholders
+    # next steps follow from the verdict: the culprit block first, then the first divergence
+    steps = top[top.index('id="next-steps"'):top.index('id="repro"')]
+    assert steps.index("Look at block unet_block_1_down") < steps.index("Look at the first divergence")
+    assert f'href="#dd-isolated-{summary["culprits"][0]["worst"]["index"]}"' in steps
     assert 'id="depth-charts"' in html and 'id="heatmaps"' in html and 'id="tensor-table"' in html
 
 
@@ -177,8 +184,8 @@ def test_rerendering_needs_only_the_summary(fake_case, capsys):
 
 
 @pytest.mark.parametrize("content, message", [
-    (None, "does not exist"), ("{not json", "not readable JSON"), ('{"schema_version": 99}', "schema version 1"),
-    ('{"schema_version": 1, "tensors": []}', "lacks verdict")])
+    (None, "does not exist"), ("{not json", "not readable JSON"), ('{"schema_version": 99}', "schema version 2"),
+    ('{"schema_version": 2, "tensors": []}', "lacks verdict")])
 def test_report_command_rejects_bad_summaries(tmp_path, capsys, content, message):
     path = tmp_path / "summary.json"
     if content is not None:
@@ -391,7 +398,7 @@ def faulty_tiny_case(folder: Path, reference_run, monkeypatch, steps: int = 1) -
 
 def test_tiny_sd1_fault_is_named_at_the_top(tmp_path, reference_run, monkeypatch):
     folder = faulty_tiny_case(tmp_path, reference_run, monkeypatch)
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = load_summary(folder / "summary.json")
     assert summary["first_divergence"]["key"] == f"unet/step_000/{FAULTED}"
     assert summary["culprits"][0]["block"] == "unet_block_1_down"
     report = folder / REPORT_FILE

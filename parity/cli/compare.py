@@ -1,24 +1,26 @@
-"""`parity compare REF.h5 CAND.h5 --output-dir DIR`: tensor-by-tensor comparison of two runs (each an HDF5
+"""`parity compare REF CAND [--output-dir DIR]`: tensor-by-tensor comparison of two runs (each an HDF5
 run file or a run folder, docs/run-format.md).
 
-Writes DIR/summary.json and DIR/junit.xml (and whatever summary.render_outputs adds), prints the
-verdict and the worst tensors. Exit 0: parity; 1: divergence (or reference tensors missing);
+Writes DIR (default: CAND-parity beside CAND) with report.html, summary.json, details.json.gz and
+junit.xml (summary.render_outputs), prints the verdict and the worst tensors. Exit 0: parity; 1: divergence (or reference tensors missing);
 2: bad input (unreadable run file, bad name map, bad tolerance config, unwritable output folder).
 """
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from pathlib import Path
 
 from sd_parity.errors import BadInput
 from sd_parity.escaping import printable
 from sd_parity.outputs import check_output_file
+from sd_parity.progress import count_progress, on_terminal, table_options
 from sd_parity.judging.compare import compare_runs
 from sd_parity.judging.name_map import NameMap, NameMapError
 from sd_parity.judging.scope import REQUIRE, Scope, ScopeError
 from sd_parity.runs.open import open_run
-from sd_parity.reports.summary import JUNIT_FILE, SUMMARY_FILE, build_summary, format_table, render_outputs
+from sd_parity.reports.summary import DETAILS_FILE, JUNIT_FILE, SUMMARY_FILE, build_summary, format_table, render_outputs
 from sd_parity.judging.tolerances import ToleranceConfigError, Tolerances
 from sd_parity.judging.verdict import make_verdict
 from ._options import add_parser, examples
@@ -116,33 +118,51 @@ def run(args) -> int:
         raise BadInput(str(exc)) from exc
     name_map, scope = naming_options(args)
 
-    progress = None if args.quiet or not sys.stderr.isatty() else _progress
+    drawing = not args.quiet and on_terminal(sys.stderr)
     try:
         comparison = compare_runs(args.reference, args.candidate, oracle_path=args.oracle, name_map=name_map,
-                                  tolerances=tolerances, progress=progress, scope=scope)
+                                  tolerances=tolerances, progress=count_progress(drawing, "compare"), scope=scope)
         isolated = None
         if args.isolated is not None:
             isolated = compare_runs(args.reference, args.isolated, oracle_path=args.oracle, name_map=name_map,
-                                    tolerances=tolerances, progress=progress, scope=scope)
+                                    tolerances=tolerances, progress=count_progress(drawing, "compare isolated"),
+                                    scope=scope)
             if isolated_mode is None:
                 isolated.warnings.append(f"{args.isolated} does not record mode=isolated; treated as isolated")
     except (ToleranceConfigError, NameMapError) as exc:
         raise BadInput(str(exc)) from exc
-    finally:
-        if progress is not None:
-            print("\r\033[K", end="", file=sys.stderr)
     if comparison.mode == "isolated":
         comparison.warnings.append(f"{args.candidate} is an isolated-mode run; the first divergence of a free "
                                    "run is what locates accumulated error")
 
     verdict = make_verdict(comparison, isolated)
     summary = build_summary(comparison, verdict, isolated, config_source=tolerances.source)
+    summary["command"] = compare_command(args)
     from sd_parity.reports.html.drilldown import add_drilldowns  # tensor data the HTML report drills into
     add_drilldowns(summary)
     written = render_outputs(summary, args.output_dir)
-    print(format_table(summary, top=args.top))
+    print(format_table(summary, top=args.top, **table_options(sys.stdout)))
+    report = next(p for p in written if p.suffix == ".html")
+    print(printable(f"report: {report.resolve().as_uri()}"))
     print(printable("written: " + ", ".join(str(p) for p in written)))
     return verdict.exit_code
+
+
+def compare_command(args) -> str:
+    """This comparison's command line, with absolute paths: it reproduces the summary from any folder."""
+    def path(value: Path) -> str:
+        return shlex.quote(str(Path(value).resolve()))
+
+    parts = ["parity compare", path(args.reference), path(args.candidate)]
+    parts += [f"--{option} {path(getattr(args, option))}" for option in ("oracle", "isolated", "config")
+              if getattr(args, option) is not None]
+    parts += [f"--map {path(spec) if Path(spec).exists() else shlex.quote(spec)}" for spec in args.map]
+    if args.model_dir is not None:
+        parts.append(f"--model-dir {path(args.model_dir)}")
+    parts += [f"--only {shlex.quote(pattern)}" for pattern in args.only]
+    if args.require != "all":
+        parts.append(f"--require {args.require}")
+    return " ".join(parts + [f"--output-dir {path(args.output_dir)}"])
 
 
 def _check_output_dir(out: Path) -> None:
@@ -154,10 +174,7 @@ def _check_output_dir(out: Path) -> None:
     if out.is_dir():  # refuse a FIFO or device in place of an output before any work, not after
         from sd_parity.reports.html import REPORT_FILE
 
-        for name in (SUMMARY_FILE, JUNIT_FILE, REPORT_FILE):
+        for name in (SUMMARY_FILE, DETAILS_FILE, JUNIT_FILE, REPORT_FILE):
             check_output_file(out / name, "--output-dir")
 
 
-def _progress(position: int, total: int, key: str) -> None:
-    if position % 25 == 0 or position == total - 1:
-        print(f"\rcomparing {position + 1}/{total} {printable(key[:80])}\033[K", end="", file=sys.stderr, flush=True)

@@ -9,7 +9,9 @@ from pathlib import Path
 from sd_parity.errors import BadInput
 from sd_parity.escaping import printable
 from sd_parity.candidates.registry import builtin_names
-from sd_parity.cases.case import MODES, Case, CaseResult, run_case
+from sd_parity.cases.case import MODES, REPRO_FILE, RUNS_DIR, Case, CaseResult, phase_count, run_case
+from sd_parity.progress import Phases, on_terminal, table_options, use_color
+from sd_parity.reports.statuses import terminal_style
 from sd_parity.runs.config import DTYPES, SCHEDULERS
 from sd_parity.reports.summary import format_table
 from sd_parity.judging.tolerances import ToleranceConfigError, Tolerances
@@ -122,19 +124,42 @@ def execute(cases: list[Case], output_dir: Path, config: Path | None, title: str
     except ToleranceConfigError as exc:
         raise BadInput(str(exc)) from exc
     output_dir.mkdir(parents=True, exist_ok=True)
+    drawing = on_terminal(sys.stderr)
+    phases = Phases(sum(phase_count(case) for case in cases), len(cases), enabled=drawing)
+    color = use_color(sys.stdout)
     results: list[CaseResult] = []
-    for number, case in enumerate(cases, 1):
-        log = lambda line: print(f"[{number}/{len(cases)}] {line}", file=sys.stderr, flush=True)  # noqa: E731
-        result = run_case(case, output_dir / case.name, tolerances, log)
-        results.append(result)
-        mark = "ok  " if result.passed else "FAIL"
-        print(printable(f"{mark} {case.name:40s} {result.summary['verdict']['text']}  ({result.seconds:.1f} s)"))
+    try:
+        for number, case in enumerate(cases, 1):
+            phases.case(number)
+            result = run_case(case, output_dir / case.name, tolerances, phases.start, progress=drawing)
+            results.append(result)
+            phases.write(_case_line(result, color))
+    finally:
+        phases.close()
     failed = [r for r in results if not r.passed]
     for result in failed:
-        print(f"\n== {result.case.name} ==\n{format_table(result.summary)}")
+        print(f"\n== {printable(result.case.name)} ==\n{format_table(result.summary, **table_options(sys.stdout))}")
     index = index_dict(results, title)
     paths = write_index_set(index, results, output_dir)
     print(f"\n{len(results) - len(failed)}/{len(results)} cases at parity. Reports:")
     for path in paths:
         print(f"  {path.resolve().as_uri() if path.suffix == '.html' else path}")
+    if len(results) == 1:
+        print(f"  case folder {results[0].out_dir} (run files in {RUNS_DIR}/, rerun with {REPRO_FILE})")
     return 0 if not failed else 1
+
+
+def _case_line(result: CaseResult, color: bool) -> str:
+    """One line per finished case: ok/FAIL, its name, its verdict and how long it took."""
+    status = result.summary["verdict"]["status"]
+    mark = "ok  " if result.passed else "FAIL"
+    if color:
+        from rich.console import Console
+        from rich.text import Text
+
+        console = Console(force_terminal=True, highlight=False, width=100_000)
+        with console.capture() as captured:
+            console.print(Text(mark, style=terminal_style(status)), end="")
+        mark = captured.get()
+    text = printable(f"{result.case.name:40s} {result.summary['verdict']['text']}  ({result.seconds:.1f} s)")
+    return f"{mark} {text}"

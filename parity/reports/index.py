@@ -7,7 +7,8 @@ from pathlib import Path
 
 from sd_parity.cases.case import CaseResult
 from sd_parity.outputs import write_set
-from .summary import JUNIT_FILE, SUMMARY_FILE, xml_document
+from .junit import xml_document
+from .summary import JUNIT_FILE, SUMMARY_FILE
 
 
 def index_dict(results: list[CaseResult], title: str) -> dict:
