@@ -36,7 +36,7 @@ def table_options(stream: TextIO) -> dict:
 def _bar(total: int | None, label: str, **options):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=label, leave=False, file=sys.stderr, dynamic_ncols=True, **options)
+    return tqdm(total=total, desc=label, file=sys.stderr, dynamic_ncols=True, **{"leave": False, **options})
 
 
 def step_progress(enabled: bool, total: int, label: str) -> Callable[[int, int], None]:
@@ -58,13 +58,13 @@ def count_progress(enabled: bool, label: str, unit: str = "tensor") -> Callable[
     """A `progress(position, total, key)` callback (compare_runs) drawing a bar; None when not enabled."""
     if not enabled:
         return None
-    bar = _bar(None, label, unit=unit)
+    bars = []
 
     def update(position: int, total: int, key: str) -> None:
-        bar.total = total
-        bar.n = position + 1
-        if position % 25 == 0 or position + 1 == total:
-            bar.refresh()
+        if not bars:
+            bars.append(_bar(total, label, unit=unit))
+        bar = bars[0]
+        bar.update(position + 1 - bar.n)  # tqdm redraws at most every 0.1 s
         if position + 1 == total:
             bar.close()
 
@@ -92,7 +92,7 @@ class Phases:
     `[case i/n] text` lines instead, which is what CI logs keep."""
 
     def __init__(self, total: int, cases: int, enabled: bool):
-        self._bar = _bar(total, "parity", unit="phase", leave=True,
+        self._bar = _bar(total, "parity", unit="phase",
                          bar_format="{desc} {n_fmt}/{total_fmt} phases [{elapsed}<{remaining}]") if enabled else None
         self._cases, self._case, self._started = cases, 0, False
 

@@ -404,9 +404,8 @@ def format_table(summary: dict[str, Any], top: int = 10, width: int | None = Non
             if row["cand_dtype"] and row["ref_dtype"] and row["cand_dtype"] != row["ref_dtype"]:
                 dtype = f"{row['cand_dtype']}/{row['ref_dtype']}"
             tensor = Text(printable(row["key"]))
-            if row["status"] == "fail" and row["threshold"]:
-                tensor.append(f"\nfailed {printable(row['threshold']['reason'])} | "
-                              f"{printable(threshold_line(row, with_reason=False))}", style="dim")
+            if row["status"] == "fail" and row["threshold"]:  # the threshold's settings are in the report
+                tensor.append(f"\nfailed {printable(row['threshold']['reason'])}", style="dim")
             ulp = number_text(m.get("ulp_max")) if row["status"] != "pass" else "·"  # ULPs near 0 mislead
             table.add_row(Text(row["status"], style=terminal_style(row["status"])), number_text(row["ratio"]),
                           number_text(m.get("max_abs")), number_text(m.get("rel_l2")), ulp, dtype, tensor)
