@@ -159,7 +159,7 @@ def keep_runs(runs: dict[str, Path], folder: Path) -> dict[str, Path]:
         finally:
             shutil.rmtree(temporary, ignore_errors=True) if temporary.is_dir() else temporary.unlink(missing_ok=True)
             release_temporary(temporary)
-        kept[role] = target
+        kept[role] = target.resolve()  # the report names them from any folder
     return kept
 
 

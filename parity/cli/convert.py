@@ -43,9 +43,10 @@ def register(subparsers) -> None:
     parser.add_argument("--output-dir", type=Path, default=None, metavar="DIR",
                         help="--to diffusers: the new folder to write (default: SOURCE's name without suffix in "
                              "the current folder)")
-    parser.add_argument("--config", type=Path, default=None, metavar="FOLDER",
-                        help="--to diffusers: a diffusers folder whose configs, scheduler and tokenizer to use "
-                             "(default: inferred from tensor shapes, SD 1.5's scheduler, the shipped CLIP tokenizer)")
+    parser.add_argument("--config", default=None, metavar="FOLDER",
+                        help="--to diffusers: a diffusers folder (or fixture name) whose configs, scheduler and "
+                             "tokenizer to use (default: inferred from tensor shapes, SD 1.5's scheduler, the "
+                             "shipped CLIP tokenizer)")
     parser.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
                         help="--to diffusers: a tokenizer folder (vocab.json, merges.txt) to copy (default: as --config)")
     parser.set_defaults(handler=run)
@@ -76,17 +77,18 @@ def run(args) -> int:
     output = args.output_dir or args.output or Path.cwd() / source.stem
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise BadInput(f"--output-dir {output} exists and is not an empty folder; choose a new folder")
+    config = _source(args.config) if args.config is not None else None
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = args.tokenizer
-        if tokenizer is None and not (args.config and (args.config / "tokenizer" / "vocab.json").is_file()):
+        if tokenizer is None and not (config and (config / "tokenizer" / "vocab.json").is_file()):
             from sd_parity.fixtures import write_tokenizer
 
             tokenizer = Path(scratch) / "tokenizer"  # SD 1.x's CLIP tokenizer, built from the shipped vocabulary
             write_tokenizer(tokenizer)
         try:
-            single_file_to_folder(source, output, config=args.config, tokenizer=tokenizer)
+            single_file_to_folder(source, output, config=config, tokenizer=tokenizer)
         except ModelInputError as exc:
-            hint = "" if args.config else (" (from the command line: --config FOLDER, a diffusers folder with the "
+            hint = "" if config else (" (from the command line: --config FOLDER, a diffusers folder with the "
                                            "model's configs)")
             raise BadInput(f"{exc}{hint}") from exc
     print(f"wrote {output} (diffusers folder)")
