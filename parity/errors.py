@@ -47,10 +47,11 @@ def require_extra(purpose: str, packages: tuple[str, ...] = REFERENCE_PACKAGES, 
     """Raise MissingExtra naming the extra to install when any of `packages` is not importable."""
     missing = [name for name in packages if importlib.util.find_spec(name) is None]
     if missing:
+        torch_hint = (" (install a CPU build of torch first unless you want CUDA's, e.g. pip install torch==2.13.0)"
+                      if "torch" in missing else "")
         raise MissingExtra(
             f"{purpose} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
-            f"install sd-parity[{extra}]: pip install 'sd-parity[{extra}]' (install a CPU build of torch first "
-            "unless you want CUDA's, e.g. pip install torch==2.13.0)")
+            f"install sd-parity[{extra}]: pip install 'sd-parity[{extra}]'{torch_hint}")
 
 
 class Interrupted(KeyboardInterrupt):

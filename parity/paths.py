@@ -9,7 +9,9 @@ the variables below.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 CACHE_ENV = "SD_PARITY_CACHE_DIR"  # root of everything generated
 MODELS_ENV = "SD_PARITY_MODELS_DIR"  # generated fixture models (several GB for the full-size ones)
@@ -44,3 +46,27 @@ def noise_dir() -> Path:
 def package_data(*parts: str) -> Path:
     """A file shipped inside the package (parts relative to the sd_parity package folder)."""
     return Path(__file__).resolve().parent.joinpath(*parts)
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created empty if missing) for the block.
+
+    Several processes share the caches: `parity run --jobs N`'s case workers, and Ray tasks whose run
+    cache is on a shared folder. Each producer of a cached file takes the file's lock and looks again,
+    so a file is produced once and the others wait for it. flock is released when its process dies (no
+    stale locks), and Linux emulates it over NFS with POSIX locks, which work across machines. Where
+    there is no fcntl (Windows) nothing is locked: files are still moved into place atomically, so at
+    worst the work is done twice."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -89,23 +89,25 @@ class Phases:
     """One bar over the phases of several cases (reference, oracle, candidate, compare, ...), with an ETA.
 
     `start(text)` finishes the phase before it and names the new one; without a terminal it prints
-    `[case i/n] text` lines instead, which is what CI logs keep."""
+    `[case i/n] text` lines instead, which is what CI logs keep. The bar appears with the first phase
+    started in this process: cases run by worker processes print their own lines."""
 
     def __init__(self, total: int, cases: int, enabled: bool):
-        self._bar = _bar(total, "parity", unit="phase",
-                         bar_format="{desc} {n_fmt}/{total_fmt} phases [{elapsed}<{remaining}]") if enabled else None
-        self._cases, self._case, self._started = cases, 0, False
+        self.drawing = enabled
+        self._total, self._cases, self._case, self._bar = total, cases, 0, None
 
     def case(self, number: int) -> None:
         self._case = number
 
     def start(self, text: str) -> None:
-        if self._bar is None:
+        if not self.drawing:
             print(f"[{self._case}/{self._cases}] {text}", file=sys.stderr, flush=True)
             return
-        if self._started:
+        if self._bar is None:
+            self._bar = _bar(self._total, "parity", unit="phase",
+                             bar_format="{desc} {n_fmt}/{total_fmt} phases [{elapsed}<{remaining}]")
+        else:
             self._bar.update(1)
-        self._started = True
         self._bar.set_description_str(f"[{self._case}/{self._cases}] {text}")
 
     def write(self, line: str) -> None:
@@ -117,6 +119,6 @@ class Phases:
 
     def close(self) -> None:
         if self._bar is not None:
-            if self._started:
-                self._bar.update(1)
+            self._bar.update(1)
             self._bar.close()
+            self._bar = None

@@ -1,6 +1,7 @@
 """Runs the real diffusers StableDiffusionPipeline with capture hooks and writes a run file."""
 from __future__ import annotations
 
+import functools
 import sys
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -14,6 +15,8 @@ from sd_parity.runs.naming import with_call_index
 from sd_parity.runs.recorder import Recorder
 from sd_parity.runs.config import RunConfig, run_metadata, unet_parameter_count
 from sd_parity.runs.hdf5 import RunWriter
+from sd_parity.devices import prepare as prepare_device
+from sd_parity.threads import pin_torch
 
 from sd_parity.candidates.hooks import hook_module
 from sd_parity.candidates.sinks import RecorderSink
@@ -133,6 +136,9 @@ def _pipeline_taps(recorder: Recorder, pipe, guided: bool) -> Iterator[None]:
 
     originals = {"step": scheduler.step, "add_noise": scheduler.add_noise, "decode": vae.decode, "encode": vae.encode}
 
+    # wraps: the pipeline passes its seeded generator only to a step() whose signature shows `generator`;
+    # without it a stochastic sampler draws from torch's global RNG, which differs from process to process
+    @functools.wraps(originals["step"])
     def step(model_output, timestep, sample, *args, **kwargs):
         recorder.pipeline("noise_pred", model_output, step=recorder.step)
         result = originals["step"](model_output, timestep, sample, *args, **kwargs)
@@ -207,6 +213,8 @@ def _call_arguments(config: RunConfig, x_t: torch.Tensor) -> dict:
 def run_reference(config: RunConfig, output: Path, progress: bool = True) -> Path:
     """Run the diffusers pipeline for `config`, capturing into the run file `output`."""
     model_dir = config.model_dir()
+    prepare_device(config.device)
+    pin_torch()
     pipe = load_pipeline(model_dir, config.dtype, config.device, config.pipeline)
     pipe.scheduler = scheduler_for(config.scheduler, pipe.scheduler.config, config.karras)
     pipe.set_progress_bar_config(disable=not progress, desc=f"reference {config.dtype}", leave=False)

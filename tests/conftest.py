@@ -7,9 +7,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 
+from sd_parity import threads  # noqa: E402
 from sd_parity.fixtures import ensure_fixture  # noqa: E402
 from sd_parity.runs.config import RunConfig  # noqa: E402
 from sd_parity.runs.cache import cached_run  # noqa: E402
+
+threads.apply()  # the tool's thread policy: one count for torch, BLAS and impl's pools (it decides reduction order)
 
 
 @pytest.fixture(scope="session")

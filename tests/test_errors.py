@@ -33,8 +33,8 @@ def assert_bad_input(code, out, err, words=""):
 
 CAPTURE_ARGUMENTS = {
     "negative seed": (["--seed", "-1"], "--seed -1 is outside"),
-    "unknown device": (["--device", "bogus"], "not a torch device"),
-    "absent device": (["--device", "cuda:7"], "no such device"),
+    "unknown device": (["--device", "bogus"], "is not a device"),
+    "absent device": (["--candidate", "torch", "--device", "cuda:7"], "sees no CUDA GPU"),  # numpy ignores it
     "height 0": (["--height", "0"], "--height 0 is not a positive multiple of 8"),
     "width not a multiple of 8": (["--width", "12"], "--width 12"),
     "guidance NaN": (["--guidance", "nan"], "--guidance nan is not a finite number"),

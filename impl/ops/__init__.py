@@ -103,9 +103,9 @@ class Ops:
 def get_ops(backend: str = "numpy", dtype: str = "fp32", **options) -> Ops:
     """The op set of `backend` at storage dtype `dtype`.
 
-    Options: torch `device` ("cpu", "cuda", ...); NumPy `threads` (worker threads, default: the
-    usable CPUs), `chunk_bytes` (im2col buffer budget, 64 MiB) and `attention_block_bytes` (scores
-    per attention block, 512 KiB). A NumPy ops object keeps scratch buffers: one model call at a time."""
+    Options: torch `device` ("cpu", "cuda", ...); NumPy `threads` (worker threads, default:
+    OMP_NUM_THREADS, else the usable CPUs), `chunk_bytes` (im2col buffer budget, 64 MiB) and
+    `attention_block_bytes` (scores per attention block, 512 KiB). A NumPy ops object keeps scratch buffers: one model call at a time."""
     if dtype not in DTYPES:
         raise ModelInputError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     if backend == "numpy":

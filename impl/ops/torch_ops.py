@@ -15,6 +15,20 @@ import torch.nn.functional as F
 from . import Ops
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
+# MKL picks its code path, and so its summation order, by the operands' alignment: a matrix-vector
+# product on data 8 bytes past a 64-byte boundary differs in the last bit from the same product on
+# 64-byte aligned data (docs/precision.md, "What decides reduction order"). The reference's activations
+# are torch allocations (64-byte aligned), so inputs handed in from NumPy memory are aligned the same
+# way. Weights are not: diffusers' safetensors weights are views of the memory-mapped file, with the
+# file's alignment, and so are ours (same file, same offsets).
+ALIGNMENT = 64
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, copied (same strides) when it lies in CPU memory that is not ALIGNMENT-byte aligned."""
+    if tensor.device.type != "cpu" or tensor.data_ptr() % ALIGNMENT == 0:
+        return tensor
+    return tensor.clone(memory_format=torch.preserve_format)
 
 
 def _numpy_to_torch(array: np.ndarray) -> torch.Tensor:
@@ -69,7 +83,7 @@ class TorchOps(Ops):
             tensor = tensor.to(self.device, TORCH_DTYPES[dtype] if dtype else self.torch_dtype)
         else:
             tensor = tensor.to(self.device, torch.int64)
-        return tensor
+        return _aligned(tensor)
 
     def weight(self, array):
         """Weights flagged requires_grad, as the reference's nn.Parameters are: torch picks kernels by it

@@ -9,6 +9,7 @@ import numpy as np
 
 from sd_parity.errors import require_extra
 from sd_parity.impl.pipeline import Observer, Request, StableDiffusion
+from sd_parity.devices import prepare as prepare_device
 from sd_parity.runs.cache import source_fingerprint
 from sd_parity.runs.config import RunConfig
 
@@ -33,6 +34,9 @@ class ImplCandidate(Candidate):
 
     def prepare(self, config: RunConfig, model_dir) -> None:
         self.config = config
+        if self.backend == "torch":
+            prepare_device(config.device)
+        self.facts = {**self.facts, "device": config.device if self.backend == "torch" else "cpu"}
         self.sd = StableDiffusion.from_folder(model_dir, backend=self.backend, dtype=config.dtype,
                                               **({"device": config.device} if self.backend == "torch" else {}))
         self._applied_fault = None

@@ -18,6 +18,7 @@ import traceback
 from sd_parity.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, is_bad_input
 from sd_parity.escaping import printable_lines
 from sd_parity.interrupts import handled, message, set_label
+from sd_parity.threads import add_threads_argument, apply as apply_threads
 
 DEBUG_ENV = "SD_PARITY_DEBUG"
 
@@ -58,15 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]  # _x: shared helpers
     for name in sorted(names, key=lambda n: (FIRST.index(n) if n in FIRST else len(FIRST), n)):
         importlib.import_module(f"{__name__}.{name}").register(subparsers)
-    for subparser in subparsers.choices.values():  # accepted after the subcommand too
+    for subparser in dict.fromkeys(subparsers.choices.values()):  # accepted after the subcommand too
         add_global_options(subparser, default=argparse.SUPPRESS)
     return parser
 
 
-def add_global_options(parser: argparse.ArgumentParser, default=False) -> None:
-    """Options every command takes, before or after its name."""
-    parser.add_argument("--debug", action="store_true", default=default,
+def add_global_options(parser: argparse.ArgumentParser, default=None) -> None:
+    """Options every command takes, before or after its name (after it, `default` is SUPPRESS, so the
+    value given before the name stands)."""
+    parser.add_argument("--debug", action="store_true", default=False if default is None else default,
                         help=f"print the traceback of an internal error (also: {DEBUG_ENV}=1)")
+    add_threads_argument(parser, default=default)  # every command computes with the same thread policy
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,6 +93,7 @@ def _run(argv: list[str] | None) -> int:
         command = f"parity {args.command}"
         set_label(command)
         debug = debug or args.debug
+        apply_threads(args.threads)
         code = int(args.handler(args) or 0)
         sys.stdout.flush()
         return code

@@ -1,6 +1,7 @@
 """`parity run`: capture the reference, run impl, compare, report — for a matrix of backends, dtypes, samplers."""
 from __future__ import annotations
 
+import argparse
 import itertools
 import sys
 from dataclasses import replace
@@ -9,7 +10,8 @@ from pathlib import Path
 from sd_parity.errors import BadInput
 from sd_parity.escaping import printable
 from sd_parity.candidates.registry import builtin_names
-from sd_parity.cases.case import MODES, REPRO_FILE, RUNS_DIR, Case, CaseResult, phase_count, run_case
+from sd_parity.cases.case import MODES, REPRO_FILE, RUNS_DIR, Case, CaseResult, phase_count
+from sd_parity.cases.executors import EXECUTORS, ExecutorOptions, run_cases
 from sd_parity.progress import Phases, on_terminal, table_options, use_color
 from sd_parity.reports.statuses import terminal_style
 from sd_parity.runs.config import DTYPES, SCHEDULERS
@@ -68,7 +70,35 @@ def register(subparsers) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("reports"), metavar="DIR",
                         help="folder for the reports: one subfolder per case (report.html, summary.json, "
                              "junit.xml, its run files, repro.sh) and parity.html/parity.json/junit.xml over all")
+    add_executor_arguments(parser)
     parser.set_defaults(handler=run)
+
+
+def add_executor_arguments(parser) -> None:
+    group = parser.add_argument_group("where the cases run (docs/scaling.md)")
+    group.add_argument("--jobs", type=_count, default=None, metavar="N",
+                       help="cases at once (default: local, as many as the CPUs and the memory allow; "
+                            "Ray, every case queued at once)")
+    group.add_argument("--executor", default="local", choices=EXECUTORS,
+                       help="local worker processes (default) or Ray tasks on a cluster (needs sd-parity[ray])")
+    group.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                       help="the Ray cluster to use (default: a running local one, else a new local one)")
+    group.add_argument("--shared-dir", type=Path, default=None, metavar="DIR",
+                       help="a folder every worker sees: the run cache (reference, oracle and candidate runs, "
+                            "made once for all cases) and the generated models go there")
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count; give a whole number >= 1")
+    return int(text)
+
+
+def executor_options(args) -> ExecutorOptions:
+    if args.ray_address and args.executor != "ray":
+        raise BadInput("--ray-address is for --executor ray")
+    return ExecutorOptions(executor=args.executor, jobs=args.jobs, threads=getattr(args, "threads", None),
+                           ray_address=args.ray_address, shared_dir=args.shared_dir)
 
 
 def add_fault_argument(parser) -> None:
@@ -113,10 +143,12 @@ def run(args) -> int:
     naming = dict(maps=tuple(args.map), only=tuple(args.only), require=args.require)
     cases = with_fault([Case(replace(base, scheduler=s, dtype=d), c, mode, args.calibrated, **naming)
                         for s, d, (c, mode) in itertools.product(schedulers, dtypes, modes.items())], args.inject_fault)
-    return execute(cases, args.output_dir, args.config, title=f"parity run on {base.model}")
+    return execute(cases, args.output_dir, args.config, title=f"parity run on {base.model}",
+                   options=executor_options(args))
 
 
-def execute(cases: list[Case], output_dir: Path, config: Path | None, title: str) -> int:
+def execute(cases: list[Case], output_dir: Path, config: Path | None, title: str,
+            options: ExecutorOptions = ExecutorOptions()) -> int:
     from sd_parity.reports.index import index_dict, write_index_set
 
     try:
@@ -124,16 +156,12 @@ def execute(cases: list[Case], output_dir: Path, config: Path | None, title: str
     except ToleranceConfigError as exc:
         raise BadInput(str(exc)) from exc
     output_dir.mkdir(parents=True, exist_ok=True)
-    drawing = on_terminal(sys.stderr)
-    phases = Phases(sum(phase_count(case) for case in cases), len(cases), enabled=drawing)
+    # a bar over every case's phases when the cases run in this process, else each case's lines
+    phases = Phases(sum(phase_count(case) for case in cases), len(cases), enabled=on_terminal(sys.stderr))
     color = use_color(sys.stdout)
-    results: list[CaseResult] = []
     try:
-        for number, case in enumerate(cases, 1):
-            phases.case(number)
-            result = run_case(case, output_dir / case.name, tolerances, phases.start, progress=drawing)
-            results.append(result)
-            phases.write(_case_line(result, color))
+        results = run_cases(cases, output_dir, tolerances, options,
+                            lambda position, result: phases.write(_case_line(result, color)), phases)
     finally:
         phases.close()
     failed = [r for r in results if not r.passed]

@@ -6,7 +6,7 @@ from pathlib import Path
 from sd_parity.cases.case import Case
 from sd_parity.fixtures import IMAGES_DIR
 from sd_parity.runs.config import RunConfig
-from .run import add_fault_argument, execute, with_fault
+from .run import add_executor_arguments, add_fault_argument, execute, executor_options, with_fault
 from ._options import add_parser, examples
 
 INIT = str(IMAGES_DIR / "init_64.png")
@@ -35,9 +35,11 @@ def register(subparsers) -> None:
     parser.add_argument("--config", type=Path, default=None, metavar="parity.toml",
                         help="tolerance overrides (default: ./parity.toml, else ./pyproject.toml's [tool.parity])")
     add_fault_argument(parser)
+    add_executor_arguments(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args) -> int:
     title = "parity suite (tiny-sd1)" + (f" with fault {args.inject_fault}" if args.inject_fault else "")
-    return execute(with_fault(suite_cases(), args.inject_fault), args.output_dir, args.config, title=title)
+    return execute(with_fault(suite_cases(), args.inject_fault), args.output_dir, args.config, title=title,
+                   options=executor_options(args))

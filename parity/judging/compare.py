@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from sd_parity.errors import BadInput
 from .diagnosis import Diagnoser, Diagnosis, summarize
+from .cross_device import describe as describe_devices, device_pair, widened
 from .metrics import ExactMetrics, FloatMetrics, exact_metrics, is_float, oracle_error, tensor_metrics
 from .name_map import CandidateView, NameMap, Resolution
 from .scope import Scope, ScopeCoverage
@@ -174,6 +175,9 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
              tolerances: Tolerances, progress, started: float, scope: Scope) -> Comparison:
     all_ref_entries = ref.entries()
     cand_entries = cand.entries()
+    devices = device_pair(ref.metadata, cand.metadata)
+    if devices is not None and oracle is None:
+        tolerances = widened(tolerances)
     mapped: Resolution = (name_map or NameMap()).resolve(cand_entries, all_ref_entries, ref.metadata)
     view = CandidateView(cand)
     diagnoser = Diagnoser(ref, view, ref.metadata)
@@ -220,6 +224,8 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
     _fill_coverage(coverage, results, ref_entries, cand_entries, mapped)
     _refuse_empty_comparison(coverage, ref.path, cand.path)
     warnings = _metadata_warnings(ref.metadata, cand.metadata, oracle) + _nonfinite_warnings(results)
+    if devices is not None:
+        warnings.append(describe_devices(devices, calibrated=oracle is not None))
     if name_map is not None and mapped.unmatched:
         warnings.append(f"{len(mapped.unmatched)} candidate tensor(s) matched no rule of the name map "
                         f"({name_map.unmatched_policy}): first {mapped.unmatched[0]}")

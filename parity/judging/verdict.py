@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .compare import Comparison, TensorResult
+from .cross_device import device_pair
 
 EXIT_PARITY = 0
 EXIT_DIVERGENCE = 1
@@ -108,6 +109,7 @@ def make_verdict(comparison: Comparison, isolated: Comparison | None = None) -> 
             status = "parity"
         if isolated is not None and culprits:
             text += ("; but in isolation " + ", ".join(c.block for c in culprits) + " exceed their thresholds")
+        text += _devices_note(comparison)
         return Verdict(status=status, text=text, first_divergence=None, culprits=culprits,
                        isolated_failures_outside_blocks=outside, isolated_given=isolated is not None)
 
@@ -144,9 +146,15 @@ def make_verdict(comparison: Comparison, isolated: Comparison | None = None) -> 
     count = len(comparison.divergent())
     if count > 1:
         text += f" [{count} divergent tensors in all]"
+    text += _devices_note(comparison)
     return Verdict(status="divergence", text=text, first_divergence=first, culprits=culprits,
                    isolated_failures_outside_blocks=outside, isolated_given=isolated is not None,
                    first_block_is_culprit=is_culprit)
+
+
+def _devices_note(comparison: Comparison) -> str:
+    pair = device_pair(comparison.ref_metadata, comparison.cand_metadata)
+    return f" [cross-device: {pair[0]} reference, {pair[1]} candidate]" if pair else ""
 
 
 def verdict_dict(verdict: Verdict) -> dict[str, Any]:

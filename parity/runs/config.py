@@ -5,7 +5,6 @@ import hashlib
 import json
 import math
 import platform
-import re
 import types
 import typing
 from dataclasses import asdict, dataclass, fields
@@ -15,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from sd_parity.devices import check_syntax as check_device_syntax
 from sd_parity.errors import BadInput
 from sd_parity.impl.samplers import SAMPLERS
+from sd_parity.threads import current_threads
 from .selection import CaptureSpec, default_spec
 from sd_parity.fixtures import FIXTURES, ensure_fixture, fixed_noise, folder_hash
 
@@ -43,7 +44,7 @@ class RunConfig:
     karras: bool = False
     images_per_prompt: int = 1
     compression: str | None = None
-    device: str = "cpu"
+    device: str = "cpu"  # torch device of the reference and the torch backend: cpu, cuda[:N], mps
     pipeline: str = "txt2img"
     init_image: str | None = None
     mask_image: str | None = None
@@ -75,6 +76,7 @@ class RunConfig:
             raise BadInput(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
         if self.dtype not in DTYPES:
             raise BadInput(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        check_device_syntax(self.device)  # availability is checked where torch runs (sd_parity.devices)
         if self.capture is not None:
             CaptureSpec.parse(self.capture)  # fail before any model is loaded
 
@@ -178,7 +180,6 @@ def _json_or_empty(path: Path) -> dict:
 MAX_SIDE = 8192  # pixels: far beyond any SD model, and a bound on what a typo can allocate
 MAX_STEPS = 1000  # the schedulers' training timesteps: no sampler can take more steps
 MAX_SEED = 2**63 - 1
-DEVICE_RE = re.compile(r"^(cpu|cuda|mps|xpu|meta|hip)(:\d+)?$")
 
 
 def _check_types(config: RunConfig) -> None:
@@ -239,26 +240,6 @@ def _check_numbers(config: RunConfig) -> None:
             raise BadInput(f"{option} {value} is not a finite number")
     if config.eta < 0:
         raise BadInput(f"--eta {config.eta} is negative; DDIM's eta is 0 (deterministic) to 1 (DDPM-like)")
-    if not DEVICE_RE.match(config.device):
-        raise BadInput(f"--device {config.device!r} is not a torch device; use cpu, cuda, cuda:N, mps or xpu")
-    if config.device != "cpu":
-        _check_device_present(config.device)
-
-
-def _check_device_present(device: str) -> None:
-    try:
-        import torch
-    except ImportError:
-        return  # only torch runs use the device, and they say torch is missing themselves
-    kind, _, number = device.partition(":")
-    backend = {"cuda": torch.cuda, "hip": torch.cuda, "xpu": getattr(torch, "xpu", None),
-               "mps": getattr(torch.backends, "mps", None)}.get(kind)
-    if backend is None:
-        return
-    count = backend.device_count() if hasattr(backend, "device_count") else int(backend.is_available())
-    if not backend.is_available() or int(number or 0) >= count:
-        raise BadInput(f"--device {device}: this machine's torch has no such device ({count} {kind} device(s)); "
-                       "use --device cpu or one that exists")
 
 
 def _open_image(path: str, option: str):
@@ -306,7 +287,15 @@ def run_metadata(config: RunConfig, *, impl: str, model_dir: Path, x_t: np.ndarr
         "mode": mode,
         "model_path": str(model_dir.resolve()),
         "model_hash": folder_hash(model_dir),
-        "scheduler_config": json.loads(json.dumps(scheduler_config, default=str)),
+        "scheduler_config": _stable(json.loads(json.dumps(scheduler_config, default=str))),
         "x_T_sha256": hashlib.sha256(np.ascontiguousarray(x_t).tobytes()).hexdigest(),
+        "threads": current_threads(),  # with the device, decides the kernels and so the reduction order
         "versions": library_versions(),
     }
+
+
+def _stable(scheduler_config: dict) -> dict:
+    """diffusers lists `_use_default_values` from a set, in an order that changes from process to process."""
+    if isinstance(scheduler_config.get("_use_default_values"), list):
+        scheduler_config["_use_default_values"] = sorted(scheduler_config["_use_default_values"])
+    return scheduler_config

@@ -29,12 +29,17 @@ def pytest_sessionfinish(session):
     rows = []
     for case, impls in sorted(RESULTS.items()):
         base = impls.get("diffusers", {}).get("seconds")
+        base_cpu = impls.get("diffusers", {}).get("cpu_seconds")
         for impl, values in sorted(impls.items()):
             ratio = values["seconds"] / base if base else None
-            rows.append({"case": case, "impl": impl, **values, "ratio_to_diffusers": ratio})
+            row = {"case": case, "impl": impl, **values, "ratio_to_diffusers": ratio}
+            if base_cpu and "cpu_seconds" in values:
+                row["cpu_ratio_to_diffusers"] = values["cpu_seconds"] / base_cpu
+            rows.append(row)
     REPORT.parent.mkdir(exist_ok=True)
     REPORT.write_text(json.dumps(rows, indent=1) + "\n")
-    print("\n\nbenchmark                          impl        seconds   x diffusers")
+    print("\n\nbenchmark                          impl        seconds   x diffusers   x diffusers (CPU time)")
     for row in rows:
         ratio = f"{row['ratio_to_diffusers']:.2f}" if row["ratio_to_diffusers"] is not None else "-"
-        print(f"{row['case']:34s} {row['impl']:10s} {row['seconds']:9.4f}   {ratio}")
+        cpu = f"{row['cpu_ratio_to_diffusers']:.2f}" if "cpu_ratio_to_diffusers" in row else "-"
+        print(f"{row['case']:34s} {row['impl']:10s} {row['seconds']:9.4f}   {ratio:11s}   {cpu}")
