@@ -88,37 +88,54 @@ def byte_progress(enabled: bool, total: int, label: str) -> Callable[[int], None
 class Phases:
     """One bar over the phases of several cases (reference, oracle, candidate, compare, ...), with an ETA.
 
-    `start(text)` finishes the phase before it and names the new one; without a terminal it prints
-    `[case i/n] text` lines instead, which is what CI logs keep. The bar appears with the first phase
-    started in this process: cases run by worker processes print their own lines."""
+    `start(text)` names the phase the current case (`case(number)`) begins, which ends its phase before;
+    `done(number, phases, line)` ends a finished case, however it ran (here, or in a worker process that
+    announced nothing), and writes its line. Without a terminal no bar is drawn: each phase prints a
+    `[case i/n] text` line instead (unless `lines` is off), which is what CI logs keep."""
 
-    def __init__(self, total: int, cases: int, enabled: bool):
-        self.drawing = enabled
+    def __init__(self, total: int, cases: int, enabled: bool, lines: bool = True):
+        self.drawing, self._lines = enabled, lines
         self._total, self._cases, self._case, self._bar = total, cases, 0, None
+        self._started: dict[int, int] = {}  # phases each case has begun
+        self._counted: dict[int, int] = {}  # phases of each case the bar has counted as done
 
     def case(self, number: int) -> None:
         self._case = number
 
     def start(self, text: str) -> None:
         if not self.drawing:
-            print(f"[{self._case}/{self._cases}] {text}", file=sys.stderr, flush=True)
+            if self._lines:
+                print(f"[{self._case}/{self._cases}] {text}", file=sys.stderr, flush=True)
             return
-        if self._bar is None:
-            self._bar = _bar(self._total, "parity", unit="phase",
-                             bar_format="{desc} {n_fmt}/{total_fmt} phases [{elapsed}<{remaining}]")
-        else:
-            self._bar.update(1)
-        self._bar.set_description_str(f"[{self._case}/{self._cases}] {text}")
+        if self._started.get(self._case, 0) > self._counted.get(self._case, 0):
+            self._advance(self._case, 1)
+        self._started[self._case] = self._started.get(self._case, 0) + 1
+        self._draw().set_description_str(f"[{self._case}/{self._cases}] {text}")
 
-    def write(self, line: str) -> None:
-        """A line to stdout that does not break the bar."""
-        if self._bar is None:
-            print(line, flush=True)
+    def done(self, number: int, phases: int, line: str) -> None:
+        """Case `number` has finished: all its `phases` are done; `line` (its result) goes to stdout."""
+        if self.drawing:
+            self._advance(number, phases - self._counted.get(number, 0))
+            self._draw().write(line, file=sys.stdout)
         else:
-            self._bar.write(line, file=sys.stdout)
+            print(line, flush=True)
+
+    def begin(self) -> None:
+        """Show the bar now (its clock starts), before any phase or case reports."""
+        if self.drawing:
+            self._draw()
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.update(1)
             self._bar.close()
             self._bar = None
+
+    def _advance(self, number: int, phases: int) -> None:
+        self._counted[number] = self._counted.get(number, 0) + phases
+        self._draw().update(phases)
+
+    def _draw(self):
+        if self._bar is None:
+            self._bar = _bar(self._total, "parity", unit="phase",
+                             bar_format="{desc} {n_fmt}/{total_fmt} phases [{elapsed}<{remaining}]")
+        return self._bar

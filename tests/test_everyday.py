@@ -14,6 +14,7 @@ from sd_parity.cli import main
 from sd_parity.fixtures import FIXTURES
 from sd_parity.judging.compare import compare_runs
 from sd_parity.judging.verdict import make_verdict
+from sd_parity.progress import Phases
 from sd_parity.reports.summary import build_summary, format_table, number_text
 from sd_parity.runs.config import RunConfig, native_size
 from test_compare import unet_run, write_run  # pytest puts tests/ on sys.path
@@ -133,3 +134,24 @@ def test_run_file_groups_list_in_execution_order(tmp_path):
     with h5py.File(tmp_path / "r.h5") as f:
         assert list(f.keys())[:2] == ["unet", "pipeline"]
         assert list(f["unet"].keys()) == ["step_001", "step_000"] and list(f["unet/step_000"].keys()) == names
+
+
+def test_phases_bar_counts_cases_run_here_and_in_workers(capsys):
+    # a case run in this process announces its phases; one run by a worker only reports it is done
+    phases = Phases(total=7, cases=2, enabled=True)
+    phases.case(1)
+    for text in ("reference fp32", "numpy free", "compare"):
+        phases.start(text)
+    assert phases._bar.n == 2  # the phase still running is not done
+    phases.done(1, 3, "ok   case-1")
+    phases.done(2, 4, "FAIL case-2")  # from a worker: all its phases at once
+    assert phases._bar.n == phases._bar.total == 7
+    phases.close()
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == ["ok   case-1", "FAIL case-2"] and "[1/2] compare" in captured.err
+    lines = Phases(total=7, cases=2, enabled=False)  # no terminal: one line per phase, for CI logs
+    lines.case(2)
+    lines.start("oracle fp64")
+    lines.done(2, 4, "ok   case-2")
+    assert Phases(0, 2, enabled=False, lines=False).start("quiet") is None
+    assert capsys.readouterr() == ("ok   case-2\n", "[2/2] oracle fp64\n")

@@ -106,7 +106,12 @@ def run_locally(cases: list[Case], output_dir: Path, tolerances: Tolerances | No
     pool = ProcessPoolExecutor(plan.jobs, mp_context=get_context("spawn"), initializer=enter_worker,
                                initargs=(env, plan.threads))
     try:
-        futures = {pool.submit(run_numbered, p + 1, len(cases), cases[p], output_dir / cases[p].name, tolerances): p
+        # workers print their phases as lines, unless this process draws a bar over all cases
+        quiet = Phases(0, len(cases), enabled=False, lines=False) if phases and phases.drawing else None
+        if quiet:
+            phases.begin()
+        futures = {pool.submit(run_numbered, p + 1, len(cases), cases[p], output_dir / cases[p].name, tolerances,
+                               quiet): p
                    for p in dispatch_order(cases)}
         for future in as_completed(futures):
             position = futures[future]

@@ -156,12 +156,16 @@ def execute(cases: list[Case], output_dir: Path, config: Path | None, title: str
     except ToleranceConfigError as exc:
         raise BadInput(str(exc)) from exc
     output_dir.mkdir(parents=True, exist_ok=True)
-    # a bar over every case's phases when the cases run in this process, else each case's lines
-    phases = Phases(sum(phase_count(case) for case in cases), len(cases), enabled=on_terminal(sys.stderr))
+    # on a terminal, one bar over every case's phases (Ray's workers print their own lines)
+    phases = Phases(sum(phase_count(case) for case in cases), len(cases),
+                    enabled=on_terminal(sys.stderr) and options.executor == "local")
     color = use_color(sys.stdout)
+
+    def finished(position: int, result: CaseResult) -> None:
+        phases.done(position + 1, phase_count(result.case), _case_line(result, color))
+
     try:
-        results = run_cases(cases, output_dir, tolerances, options,
-                            lambda position, result: phases.write(_case_line(result, color)), phases)
+        results = run_cases(cases, output_dir, tolerances, options, finished, phases)
     finally:
         phases.close()
     failed = [r for r in results if not r.passed]
