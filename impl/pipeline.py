@@ -17,6 +17,11 @@ UNet (diffusers' variable names).
 
 Left out: SDXL inpainting, the refiner's aesthetic-score conditioning (requires_aesthetics_score),
 denoising_start/denoising_end, separate prompts for the second text encoder (prompt_2).
+
+`StableDiffusion.start(request)` returns the `PipelineRun` that `__call__` executes; its stage methods
+(`prompt_context`, `encoded_latents`, `noised`, `model_input`, `guided_prediction`, `sampler_step`,
+`decode_input`) can also be called one at a time on given tensors, which is how a parity harness runs
+this pipeline's glue in isolation.
 """
 from __future__ import annotations
 
@@ -159,21 +164,32 @@ class StableDiffusion:
                  "target_size": target_size}
         return [float(v) for name in self.conditioning.added.time_ids for v in pairs[name]]
 
+    def cfg_batch(self, negative, positive):
+        """The UNet's conditioning for a guided step: [negative; prompt], one batch for both halves."""
+        return self.ops.cat([negative, positive], 0)
+
+    def decode_input(self, latents):
+        """The VAE decoder's input: the final latents divided by the VAE's scaling factor."""
+        return latents / self.models.vae.scaling_factor
+
     @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.models.vae.config.block_out_channels) - 1)
 
     def __call__(self, request: Request, observer: Observer | None = None) -> np.ndarray:
         """Run the pipeline the request asks for; returns float32 (B, H, W, 3) pixels in [0, 1]."""
-        observer = observer or Observer()
-        run = _Run(self, request, observer)
-        return run.execute()
+        return self.start(request, observer).execute()
+
+    def start(self, request: Request, observer: Observer | None = None) -> "PipelineRun":
+        """The run `request` asks for, not yet executed: `execute()` runs it whole, or its stages run
+        one at a time (each stage's inputs given, e.g. captured from another implementation)."""
+        return PipelineRun(self, request, observer or Observer())
 
 
-class _Run:
-    """One pipeline run: the state diffusers keeps in its __call__, one method per stage. Arithmetic with
-    Python scalars (samplers, guidance) is cast back to the storage dtype: NumPy promotes bfloat16
-    arrays to float32 there (ml_dtypes has no weak scalars); elsewhere the casts change nothing."""
+class PipelineRun:
+    """One pipeline run: the state diffusers keeps in its __call__, one method per stage. A stage
+    keeps its outputs in the storage dtype (as the reference keeps its tensors in the run's dtype),
+    also where NumPy would widen a half-precision array times a Python float to float32."""
 
     def __init__(self, sd: StableDiffusion, request: Request, observer: Observer):
         self.sd, self.request, self.observer = sd, request, observer
@@ -202,7 +218,7 @@ class _Run:
         x_t = self._initial_noise()
         self.observer.tensor("x_T", x_t)
         context, added = self._encode_prompts()
-        start = 0 if self.kind == "txt2img" else self.sampler.img2img_start(request.strength)
+        start = self.start_index
         latents, extra = self._initial_latents(x_t, start)
         total = len(self.sampler.timesteps) - start
         for loop in range(total):
@@ -221,29 +237,53 @@ class _Run:
             raise ModelInputError(f"x_T has shape {tuple(request.x_T.shape)}, expected {shape}")
         return self.ops.asarray(request.x_T)
 
+    @property
+    def start_index(self) -> int:
+        """The sampler index of the first denoising step (img2img and inpainting skip the first ones)."""
+        return 0 if self.kind == "txt2img" else self.sampler.img2img_start(self.request.strength)
+
     def _encode_prompts(self):
-        """(context, added_cond_kwargs or None): [negative; prompt] when guided, each repeated per image as
-        diffusers does. With force_zeros_for_empty_prompt and no negative prompt the negative half is zeros."""
-        ops, request = self.ops, self.request
-        context, pooled = self._embed(request.prompts, "")
+        """(context, added_cond_kwargs or None) for the request's prompts, token ids observed per embedder."""
+        request = self.request
+        ids = self._token_ids(request.prompts, "")
+        negative_ids = None
+        if self.guided and not (request.negative_prompt is None and self.sd.force_zeros_for_empty_prompt):
+            negative_ids = self._token_ids(request.negative_prompts, "negative_")
+        return self.prompt_context(ids, negative_ids)
+
+    def _token_ids(self, prompts: list[str], role: str) -> dict[str, Any]:
+        """Each embedder's token ids for `prompts`, keyed by their run-file name (token_ids, token_ids_2)."""
+        ids = {}
+        for embedder in self.sd.conditioning.embedders:
+            ids[embedder.token_ids] = self.sd.tokenizers[embedder.tokenizer](prompts)
+            self.observer.tensor(role + embedder.token_ids, ids[embedder.token_ids])
+        return ids
+
+    def prompt_context(self, ids: dict[str, Any], negative_ids: dict[str, Any] | None = None):
+        """Stage: (the UNet's context, its added conditions or None) from each embedder's token ids (keyed
+        by run-file name): [negative; prompt] when guided, each repeated per image as diffusers does. Guided
+        without negative ids (force_zeros_for_empty_prompt, no negative prompt), the negative half is zeros."""
+        ops = self.ops
+        context, pooled = self._embed(ids)
         if self.guided:
-            if request.negative_prompt is None and self.sd.force_zeros_for_empty_prompt:
+            if negative_ids is None:
+                if not self.sd.force_zeros_for_empty_prompt:
+                    raise ModelInputError("a guided run needs the negative prompt's token ids")
                 negative, negative_pooled = (None if x is None else ops.asarray(np.zeros(x.shape, np.float32))
                                              for x in (context, pooled))
             else:
-                negative, negative_pooled = self._embed(request.negative_prompts, "negative_")
-            context = ops.cat([negative, context], 0)
-            pooled = None if pooled is None else ops.cat([negative_pooled, pooled], 0)
+                negative, negative_pooled = self._embed(negative_ids)
+            context = self.sd.cfg_batch(negative, context)
+            pooled = None if pooled is None else self.sd.cfg_batch(negative_pooled, pooled)
         return context, self._added_conditions(pooled)
 
-    def _embed(self, prompts: list[str], role: str):
-        """The family's embedders on `prompts`: (concatenated contexts, pooled embedding or None), per image."""
+    def _embed(self, ids: dict[str, Any]):
+        """The family's embedders on their token ids: (concatenated contexts, pooled embedding or None), per image."""
         contexts, pooled = [], None
         for embedder in self.sd.conditioning.embedders:
-            ids = self.sd.tokenizers[embedder.tokenizer](prompts)
-            self.observer.tensor(role + embedder.token_ids, ids)
             with self._invocation(embedder.component) as taps:
-                hidden, pool = self.sd.models.text_encoders[embedder.component].embed(ids, embedder, taps=taps)
+                hidden, pool = self.sd.models.text_encoders[embedder.component].embed(
+                    np.asarray(ids[embedder.token_ids]), embedder, taps=taps)
             contexts.append(hidden)
             pooled = pool if pool is not None else pooled
         context = contexts[0] if len(contexts) == 1 else self.ops.cat(contexts, -1)
@@ -281,14 +321,14 @@ class _Run:
 
     def _initial_latents(self, x_t, start: int):
         """Latents entering the loop, and what the loop needs besides (mask, image latents, noise)."""
-        ops, request, sampler = self.ops, self.request, self.sampler
+        ops, request = self.ops, self.request
         if self.kind == "txt2img":
-            return ops.cast(sampler.initial_latents(x_t)), {}
+            return self.initial_latents(x_t), {}
         height, width = request.height, request.width
         image = ops.asarray(image_to_array(request.init_image, height, width))
         if self.kind == "img2img":
             latents = self._encode_image(image)
-            return self._noised(latents, x_t, start), {}
+            return self.noised(latents, x_t, start), {}
         mask_pixels = mask_to_array(request.mask, height, width)
         full_strength = request.strength == 1.0
         extra: dict[str, Any] = {"noise": x_t}
@@ -297,9 +337,9 @@ class _Run:
             # layout decides which convolution kernels (and roundings) the torch backend gets later
             extra["image_latents"] = ops.contiguous(self._encode_image(image))
         if full_strength:
-            latents = ops.cast(sampler.initial_latents(x_t))
+            latents = self.initial_latents(x_t)
         else:
-            latents = self._noised(extra["image_latents"], x_t, start)
+            latents = self.noised(extra["image_latents"], x_t, start)
         # diffusers' masked image keeps the pixels where the mask is below one half
         masked_image_latents = self._encode_image(ops.mul(image, ops.asarray((mask_pixels < 0.5).astype(np.float32))))
         # nearest-neighbour downsampling by an integer factor picks every `scale`-th pixel
@@ -313,10 +353,12 @@ class _Run:
         extra.update(mask=mask, masked_image_latents=masked_image_latents)
         return latents, extra
 
+    def initial_latents(self, x_t):
+        """x_T scaled to the sampler's initial noise level (txt2img, full-strength inpainting)."""
+        return self.ops.cast(self.sampler.initial_latents(x_t))
+
     def _encode_image(self, image):
-        """VAE posterior sample times the scaling factor, with the posterior's noise drawn in order. An
-        encoder kept at float32 (SDXL's force_upcast) takes the image upcast, and its sample comes back
-        to the storage dtype before the scaling, as diffusers does."""
+        """VAE posterior sample times the scaling factor, with the posterior's noise drawn in order."""
         encoder = self.vae.encoder
         with self._invocation("vae_encoder") as taps:
             mean, logvar = self.vae.encode(image, taps)
@@ -324,12 +366,21 @@ class _Run:
         self.posterior_draws += 1
         noise = encoder.ops.asarray(self.request.noise("posterior", index, tuple(mean.shape)))
         self.observer.tensor("posterior_noise" if index == 0 else f"posterior_noise#{index}", noise)
-        sample = self.ops.asarray(encoder.sample(mean, logvar, noise))
-        latents = self.vae.scaling_factor * sample
-        copies = self.batch // latents.shape[0]
-        return self.ops.cat([latents] * copies, 0) if copies > 1 else latents
+        return self.encoded_latents(mean, logvar, noise)
 
-    def _noised(self, latents, noise, index: int, step: int | None = None):
+    def encoded_latents(self, mean, logvar, noise):
+        """Stage: image latents from the VAE encoder's posterior (mean, logvar): a sample with the given
+        standard normal `noise`, times the VAE's scaling factor, repeated per image. An encoder kept at
+        float32 (SDXL's force_upcast) samples at float32, and its sample comes back to the storage dtype
+        before the scaling, as diffusers does."""
+        ops, encoder = self.ops, self.vae.encoder
+        sample = encoder.sample(*(encoder.ops.asarray(x) for x in (mean, logvar, noise)))
+        latents = ops.cast(self.vae.scaling_factor * ops.asarray(sample))
+        copies = self.batch // latents.shape[0]
+        return ops.cat([latents] * copies, 0) if copies > 1 else latents
+
+    def noised(self, latents, noise, index: int, step: int | None = None):
+        """Stage: `latents` diffused with `noise` to the level sampler index `index` starts from."""
         result = self.ops.cast(self.sampler.add_noise(latents, noise, index))
         self.observer.tensor("add_noise_original", latents, step=step)
         self.observer.tensor("add_noise_output", result, step=step)
@@ -337,35 +388,56 @@ class _Run:
 
     def _denoise(self, loop: int, index: int, latents, context, added, extra: dict):
         """One denoising step: diffusers' loop body, tensor for tensor."""
-        ops, sampler, observe = self.ops, self.sampler, self.observer.tensor
-        model_input = ops.cat([latents, latents], 0) if self.guided else latents
-        model_input = ops.cast(sampler.scale_model_input(model_input, index))
-        if self.in_channels == 9:
-            model_input = ops.cat([model_input, extra["mask"], extra["masked_image_latents"]], 1)
-        timestep = np.asarray([sampler.timesteps[index]])
+        observe = self.observer.tensor
+        model_input, timestep = self.model_input(index, latents, extra)
         observe("latent_model_input", model_input, step=loop)
         observe("timestep", timestep, step=loop)
         with self._invocation("unet") as taps:
             prediction = self.unet(model_input, timestep, context, added, taps=taps)
         if self.guided:
-            uncond, text = ops.chunk(prediction, 2, 0)
+            uncond, text = self.ops.chunk(prediction, 2, 0)
             observe("noise_pred_uncond", uncond, step=loop)
             observe("noise_pred_text", text, step=loop)
-            prediction = self.sd.guide(uncond, text, self.request.guidance)
-            if self.request.guidance_rescale > 0:
-                prediction = self.sd.rescale_guidance(prediction, text, self.request.guidance_rescale)
-            prediction = ops.cast(prediction)
+            prediction = self.guided_prediction(uncond, text)
         observe("noise_pred", prediction, step=loop)
         noise = None
-        if sampler.needs_noise(index):
-            noise = ops.asarray(self.request.noise("step", loop, tuple(latents.shape)))
+        if self.sampler.needs_noise(index):
+            noise = self.ops.asarray(self.request.noise("step", loop, tuple(latents.shape)))
             observe("noise", noise, step=loop)
-        latents = ops.cast(sampler.step(prediction, index, latents, noise=noise))
+        latents = self.sampler_step(index, prediction, latents, noise)
         observe("step_output", latents, step=loop)
         if self.kind == "inpaint" and self.in_channels == 4:
             latents = self._blend(loop, index, latents, extra)
         observe("latents", latents, step=loop)
         return latents
+
+    def model_input(self, index: int, latents, extra: dict):
+        """Stage: (the UNet's input, its timestep) for sampler index `index`: the latents doubled for
+        guidance, scaled for the sampler, with an inpainting UNet's mask and image latents appended."""
+        ops = self.ops
+        model_input = ops.cat([latents, latents], 0) if self.guided else latents
+        model_input = ops.cast(self.sampler.scale_model_input(model_input, index))
+        if self.in_channels == 9:
+            model_input = ops.cat([model_input, ops.asarray(extra["mask"]), ops.asarray(extra["masked_image_latents"])], 1)
+        return model_input, np.asarray([self.sampler.timesteps[index]])
+
+    def guided_prediction(self, uncond, text):
+        """Stage: classifier-free guidance of the two halves of the UNet's prediction, rescaled when the
+        request asks for guidance_rescale."""
+        prediction = self.ops.cast(self.sd.guide(uncond, text, self.request.guidance))
+        if self.request.guidance_rescale > 0:
+            prediction = self.ops.cast(self.sd.rescale_guidance(prediction, text, self.request.guidance_rescale))
+        return prediction
+
+    def sampler_step(self, index: int, prediction, latents, noise=None):
+        """Stage: the sampler's step from the latents at index `index` to the next ones."""
+        return self.ops.cast(self.sampler.step(prediction, index, latents, noise=noise))
+
+    def decode_input(self, latents):
+        """Stage: the VAE decoder's input from the final latents, in the decoder's dtype: a decoder kept at
+        float32 (SDXL's force_upcast) takes the latents upcast before the division, as diffusers does."""
+        ops = self.vae.decoder.ops
+        return ops.cast(self.sd.decode_input(ops.asarray(latents)))
 
     def _blend(self, loop: int, index: int, latents, extra: dict):
         """Standard-model inpainting: outside the mask, the init latents noised to the next timestep."""
@@ -373,16 +445,14 @@ class _Run:
         known = extra["image_latents"]
         mask = ops.chunk(extra["mask"], 2, 0)[0] if self.guided else extra["mask"]
         if index + 1 < len(self.sampler.timesteps):
-            known = self._noised(known, extra["noise"], index + 1, step=loop)
+            known = self.noised(known, extra["noise"], index + 1, step=loop)
         return ops.cast((1 - mask) * known + mask * latents)
 
     def _decode(self, latents) -> np.ndarray:
-        """The latents divided by the scaling factor, decoded, as pixels in [0, 1]. A decoder kept at
-        float32 (SDXL's force_upcast) takes the latents upcast before the division, as diffusers does."""
-        decoder = self.vae.decoder
+        """The final latents decoded, as pixels in [0, 1]."""
         with self._invocation("vae_decoder") as taps:
-            decoded = self.vae.decode(decoder.ops.asarray(latents) / self.vae.scaling_factor, taps)
-        ops = decoder.ops
+            decoded = self.vae.decode(self.decode_input(latents), taps)
+        ops = self.vae.decoder.ops
         return to_pixels(ops.to_numpy(ops.clamp(ops.scale_shift(decoded, 0.5, 0.5), 0.0, 1.0)))
 
     @contextmanager

@@ -1,9 +1,10 @@
 """Runs the real diffusers StableDiffusionPipeline with capture hooks and writes a run file."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
 
@@ -20,11 +21,11 @@ from sd_parity.threads import pin_torch
 
 from sd_parity.candidates.hooks import hook_module
 from sd_parity.candidates.sinks import RecorderSink
+from .oracle import NETWORKS, TORCH_DTYPES, ResidentNetworks, exact_time_embedding
 
 # Captured tensors waiting for the disk; bounds the memory that overlapping I/O with compute costs
 # (about twice SD 1.5's largest activation, the 84 MB GEGLU projection at 64x64 latents, batch 2).
 WRITE_QUEUE_BYTES = 192 << 20
-TORCH_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def scheduler_for(name: str, base_config, karras: bool = False):
@@ -44,8 +45,7 @@ PIPELINE_CLASSES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiff
                     "inpaint": "StableDiffusionInpaintPipeline"}
 
 
-def load_pipeline(model_dir: Path, dtype: str, device: str = "cpu", kind: str = "txt2img"):
-    import diffusers
+def _quiet_loading() -> None:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -54,10 +54,30 @@ def load_pipeline(model_dir: Path, dtype: str, device: str = "cpu", kind: str = 
     diffusers_logging.disable_progress_bar()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    pipe = getattr(diffusers, PIPELINE_CLASSES[kind]).from_pretrained(
+
+
+def _from_pretrained(model_dir: Path, dtype: str, kind: str, **components):
+    import diffusers
+
+    _quiet_loading()
+    return getattr(diffusers, PIPELINE_CLASSES[kind]).from_pretrained(
         str(model_dir), dtype=TORCH_DTYPES[dtype], safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, local_files_only=True)
-    return pipe.to(device)
+        requires_safety_checker=False, local_files_only=True, **components)
+
+
+def load_pipeline(model_dir: Path, dtype: str, device: str = "cpu", kind: str = "txt2img",
+                  networks: ResidentNetworks | None = None):
+    """The diffusers pipeline for a model folder; with `networks`, built around its released networks
+    (weights loaded one network at a time while the pipeline runs, see reference.oracle)."""
+    components = {name: networks.released(name) for name in NETWORKS} if networks is not None else {}
+    return _from_pretrained(model_dir, dtype, kind, **components).to(device)
+
+
+def load_network(model_dir: Path, network: str, dtype: str, device: str = "cpu"):
+    """One network (text_encoder, unet or vae) loaded by diffusers' pipeline loader, the others skipped."""
+    pipe = _from_pretrained(model_dir, dtype, "txt2img", tokenizer=None,
+                            **{name: None for name in NETWORKS if name != network})
+    return getattr(pipe, network).to(device)
 
 
 @contextmanager
@@ -75,6 +95,16 @@ def _patched_randn(module_name: str, replacement) -> Iterator[None]:
         module.randn_tensor = original
 
 
+def _draw_in_float32(original, *args, dtype=None, **kwargs):
+    """One draw from the run's generator, made in float32 and cast to the run's dtype.
+
+    torch's CPU normal sampler consumes its generator differently per dtype, so drawing in the run's
+    dtype would give an fp64 oracle (or an fp16 run) other noise than the fp32 run of the same seed;
+    float32 is what diffusers draws for the usual fp32 pipeline, so that run is unchanged."""
+    noise = original(*args, dtype=torch.float32, **kwargs)
+    return noise if dtype is None else noise.to(dtype)
+
+
 @contextmanager
 def _noise_sources(recorder: Recorder, pipe, x_t: torch.Tensor) -> Iterator[None]:
     """Every random draw of the run, made reproducible for any implementation.
@@ -89,14 +119,14 @@ def _noise_sources(recorder: Recorder, pipe, x_t: torch.Tensor) -> Iterator[None
         return x_t.clone()
 
     def record_step_noise(original, *args, **kwargs):
-        noise = original(*args, **kwargs)
+        noise = _draw_in_float32(original, *args, **kwargs)
         recorder.pipeline("noise", noise, step=recorder.step)
         return noise
 
     posterior_draws = [0]
 
     def record_posterior_noise(original, *args, **kwargs):
-        noise = original(*args, **kwargs)
+        noise = _draw_in_float32(original, *args, **kwargs)
         recorder.pipeline(with_call_index("posterior_noise", posterior_draws[0]), noise)
         posterior_draws[0] += 1
         return noise
@@ -136,8 +166,9 @@ def _pipeline_taps(recorder: Recorder, pipe, guided: bool) -> Iterator[None]:
 
     originals = {"step": scheduler.step, "add_noise": scheduler.add_noise, "decode": vae.decode, "encode": vae.encode}
 
-    # wraps: the pipeline passes its seeded generator only to a step() whose signature shows `generator`;
-    # without it a stochastic sampler draws from torch's global RNG, which differs from process to process
+    # The wrappers keep the wrapped methods' signatures (functools.wraps sets __wrapped__, which
+    # inspect.signature follows): diffusers' prepare_extra_step_kwargs inspects scheduler.step for
+    # `eta` and `generator`, and would silently drop both for a bare (*args, **kwargs) wrapper.
     @functools.wraps(originals["step"])
     def step(model_output, timestep, sample, *args, **kwargs):
         recorder.pipeline("noise_pred", model_output, step=recorder.step)
@@ -146,6 +177,7 @@ def _pipeline_taps(recorder: Recorder, pipe, guided: bool) -> Iterator[None]:
         recorder.pipeline("step_output", prev, step=recorder.step)
         return result
 
+    @functools.wraps(originals["add_noise"])
     def add_noise(original_samples, noise, timesteps):
         result = originals["add_noise"](original_samples, noise, timesteps)
         step_index = None if recorder.step < 0 else recorder.step
@@ -154,6 +186,7 @@ def _pipeline_taps(recorder: Recorder, pipe, guided: bool) -> Iterator[None]:
         return result
 
     def coder(component: str, method: str, argument: str):
+        @functools.wraps(originals[method])
         def call(x, *args, **kwargs):
             with recorder.invocation(component):
                 recorder.module_inputs(component, "", {argument: x})
@@ -210,19 +243,28 @@ def _call_arguments(config: RunConfig, x_t: torch.Tensor) -> dict:
     return arguments
 
 
-def run_reference(config: RunConfig, output: Path, progress: bool = True) -> Path:
-    """Run the diffusers pipeline for `config`, capturing into the run file `output`."""
+def run_reference(config: RunConfig, output: Path, progress: bool = True, oracle: bool = False) -> Path:
+    """Run the diffusers pipeline for `config`, capturing into the run file `output`, with one network's
+    weights in memory at a time. `oracle`: the fp64 oracle of `config` (every tensor in float64, the
+    time embedding included, which diffusers computes in float32 otherwise)."""
+    if oracle:
+        config = dataclasses.replace(config, dtype="fp64")
     model_dir = config.model_dir()
     prepare_device(config.device)
     pin_torch()
-    pipe = load_pipeline(model_dir, config.dtype, config.device, config.pipeline)
+    networks = ResidentNetworks(model_dir, config.dtype,
+                                lambda name, dtype: load_network(model_dir, name, dtype, config.device))
+    pipe = load_pipeline(model_dir, config.dtype, config.device, config.pipeline, networks)
     pipe.scheduler = scheduler_for(config.scheduler, pipe.scheduler.config, config.karras)
     pipe.set_progress_bar_config(disable=not progress, desc=f"reference {config.dtype}", leave=False)
     x_t = config.initial_noise(latent_channels=pipe.vae.config.latent_channels, scale=pipe.vae_scale_factor)
     x_t_tensor = torch.from_numpy(x_t).to(config.device, TORCH_DTYPES[config.dtype])
     spec = CaptureSpec.parse(config.capture_spec(unet_parameter_count(model_dir)))
-    metadata = run_metadata(config, impl="reference", model_dir=model_dir, x_t=x_t,
+    # the hash names the x_T this run started from: the fixture noise rounded to the run's dtype
+    metadata = run_metadata(config, impl="reference", model_dir=model_dir, x_t=x_t_tensor.float().cpu().numpy(),
                             scheduler_config=dict(pipe.scheduler.config))
+    if oracle:
+        metadata["oracle"] = "fp64 run of the reference (time embedding in float64 too)"
     guided = config.guidance > 1.0
     with RunWriter(output, metadata, compression=config.compression, background_bytes=WRITE_QUEUE_BYTES) as writer:
         recorder = Recorder(writer, spec, total_steps=config.steps)
@@ -237,6 +279,8 @@ def run_reference(config: RunConfig, output: Path, progress: bool = True) -> Pat
                                             invocations=False))
             stack.enter_context(_pipeline_taps(recorder, pipe, guided))
             stack.enter_context(_noise_sources(recorder, pipe, x_t_tensor))
+            stack.enter_context(networks.attached())
+            stack.enter_context(exact_time_embedding() if oracle else nullcontext())
             with torch.inference_mode():
                 result = pipe(**_call_arguments(config, x_t_tensor),
                               generator=torch.Generator(device="cpu").manual_seed(config.seed),

@@ -75,13 +75,13 @@ def _run(path, array, device, dtype=np.float32):
 def test_a_cross_device_pair_is_judged_with_widened_default_tolerances(tmp_path):
     rng = np.random.default_rng(0)
     ref = rng.standard_normal(4096).astype(np.float32)
-    # every element 1e-5 relative off: beyond fp32's one-device rtol (1.3e-6), inside the cross-device one
-    cand = ref * np.float32(1 + 1e-5) + np.float32(2e-5)
+    # every element 2e-4 relative off: beyond fp32's one-device normwise rtol (1e-4), inside the cross-device one
+    cand = ref * np.float32(1 + 2e-4)
     same = compare_runs(_run(tmp_path / "r.h5", ref, "cpu"), _run(tmp_path / "c.h5", cand, "cpu"))
     assert same.results[0].status == "fail"
     cross = compare_runs(_run(tmp_path / "rc.h5", ref, "cuda:0"), _run(tmp_path / "cc.h5", cand, "cpu"))
     assert cross.results[0].status == "pass"
-    assert cross.results[0].decision.settings["rtol"] == pytest.approx(1.3e-6 * CROSS_DEVICE_SCALE["float32"])
+    assert cross.results[0].decision.settings["rtol"] == pytest.approx(1e-4 * CROSS_DEVICE_SCALE["float32"])
     assert any("cross-device pair: reference on cuda, candidate on cpu" in w for w in cross.warnings)
     assert "[cross-device: cuda reference, cpu candidate]" in make_verdict(cross).text
     # a real bug is still one: 1e-3 relative everywhere fails the widened tolerance too

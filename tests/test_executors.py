@@ -73,7 +73,7 @@ def test_parity_run_jobs_2_runs_two_cases_at_once_with_their_reports_and_one_ind
     progress = [int(m) for m in re.findall(r"^\[(\d)/2\] ", err, flags=re.M)]
     first_done = max(i for i, number in enumerate(progress) if number == 1)
     assert 2 in progress[:first_done], "the second case started only after the first had finished"
-    finished = re.findall(r"^ok +(\S+) +parity: ", out, flags=re.M)
+    finished = re.findall(r"^ok +(\S+) +(?:parity|identical): ", out, flags=re.M)
     assert sorted(finished) == sorted(NAMES)
     index = json.loads((folder / "parity.json").read_text())
     assert [case["name"] for case in index["cases"]] == list(NAMES)  # the order of the cases, not of finishing

@@ -72,7 +72,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
     for name in ("report.html", "summary.json", "details.json.gz", "junit.xml", "repro.sh"):
         assert (case / name).is_file(), name
     runs = {p.name for p in (case / "runs").iterdir()}
-    assert runs == {"reference.h5", "oracle.h5", "candidate.h5", "isolated.h5"}
+    assert runs == {"reference.h5", "oracle.h5", "block_oracle.h5", "candidate.h5", "isolated.h5"}
     summary = load_summary(case / "summary.json")
     assert summary["runs"]["candidate"]["path"] == str(case / "runs" / "candidate.h5")
     assert (case / "summary.json").stat().st_size < 1_000_000

@@ -85,15 +85,64 @@ def test_capture_records_modules_inputs_and_pipeline_tensors(reference_run):
         assert np.array_equal(reader.read("pipeline/main/x_T"), reader.read("pipeline/step_000/latent_model_input")[:1])
 
 
-def test_two_captures_give_identical_tensors(tmp_path):
+@pytest.mark.parametrize("scheduler", ["ddpm", "euler_ancestral"])
+def test_two_captures_of_one_seed_are_identical_byte_for_byte(tmp_path, scheduler):
+    """Stochastic samplers draw from the run's seeded generator, and the run file holds nothing that
+    changes between runs (no HDF5 timestamps, metadata keys in a fixed order): same seed, same bytes."""
     paths = [tmp_path / f"run{i}.h5" for i in range(2)]
     for path in paths:
-        assert main(["capture", "--model", "tiny-sd1", "--steps", "2", "--scheduler", "pndm",
-                     "--capture", "unet;steps=-1", "--output", str(path)]) == 0
+        assert main(["capture", "--model", "tiny-sd1", "--steps", "2", "--scheduler", scheduler,
+                     "--capture", "pipeline;unet;steps=-1", "--output", str(path)]) == 0
     with RunReader(paths[0]) as first, RunReader(paths[1]) as second:
         assert [e.key for e in first.entries()] == [e.key for e in second.entries()]
         for entry in first.entries():
             assert np.array_equal(first.read(entry), second.read(entry)), entry.key
+        assert "pipeline/step_000/noise" in first
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_eta_draws_recorded_noise_that_changes_the_latents(reference_run):
+    with RunReader(reference_run(steps=3, eta=0.0)) as still, RunReader(reference_run(steps=3, eta=1.0)) as noisy:
+        assert "pipeline/step_001/noise" not in still
+        assert noisy.metadata["eta"] == 1.0
+        noise = noisy.read("pipeline/step_001/noise")
+        assert noise.shape == noisy.entry("pipeline/step_001/latents").shape and 0.8 < noise.std() < 1.2
+        moved = np.abs(still.read("pipeline/step_002/latents") - noisy.read("pipeline/step_002/latents")).max()
+        assert moved > 0.1, moved
+
+
+@pytest.mark.parametrize("scheduler, eta", [("ddim", 1.0), ("euler_ancestral", 0.0), ("ddpm", 0.0)])
+def test_the_fp64_oracle_draws_the_same_noise_as_the_run(reference_run, scheduler, eta):
+    fields = dict(steps=3, scheduler=scheduler, eta=eta, capture="pipeline")
+    with RunReader(reference_run(**fields)) as run, RunReader(reference_run(dtype="fp64", **fields)) as oracle:
+        for step in ("step_000", "step_001"):
+            noise = run.read(f"pipeline/{step}/noise")
+            assert noise.dtype == np.float32
+            assert np.array_equal(noise.astype(np.float64), oracle.read(f"pipeline/{step}/noise")), step
+        # same noise: the fp32 run stays within fp32 rounding of its oracle through the stochastic steps
+        latents, exact = run.read("pipeline/step_002/latents"), oracle.read("pipeline/step_002/latents")
+        assert np.linalg.norm(latents - exact) / np.linalg.norm(exact) < 1e-4
+
+
+@pytest.mark.parametrize("scheduler, eta", [("ddim", 1.0), ("euler_ancestral", 0.0)])
+def test_the_capture_does_not_change_what_diffusers_computes(reference_run, scheduler, eta):
+    """Hooks and wrappers only watch: the captured image is bit for bit the one the plain diffusers
+    pipeline makes from the same latents and a CPU generator seeded as its docs recommend."""
+    import torch
+
+    from sd_parity.reference.runner import load_pipeline, scheduler_for
+    from sd_parity.runs.config import RunConfig
+
+    config = RunConfig(model="tiny-sd1", steps=3, scheduler=scheduler, eta=eta, capture="pipeline")
+    pipe = load_pipeline(config.model_dir(), "fp32")
+    pipe.scheduler = scheduler_for(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        plain = pipe(prompt=config.prompt, num_inference_steps=3, guidance_scale=config.guidance, eta=eta,
+                     latents=torch.from_numpy(config.initial_noise()), height=config.height, width=config.width,
+                     generator=torch.Generator("cpu").manual_seed(config.seed), output_type="np").images
+    with RunReader(reference_run(steps=3, scheduler=scheduler, eta=eta, capture="pipeline")) as run:
+        assert np.array_equal(run.read("pipeline/main/image"), plain)
 
 
 @pytest.mark.parametrize("dtype, stored", [("fp16", "float16"), ("bf16", "bfloat16"), ("fp64", "float64")])
@@ -210,3 +259,27 @@ def test_inpaint_capture_on_a_nine_channel_unet(reference_run):
 def test_bad_pipeline_input_exits_2(tmp_path, capsys, args, message):
     assert main(["capture", "--model", "tiny-sd1", "--output", str(tmp_path / "r.h5"), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_oracles_from_the_command_line(tmp_path):
+    """`parity capture --oracle` is the run in fp64 (the time embedding too, which diffusers computes in
+    float32 otherwise); `--block-oracle REF.h5` re-runs each block of REF.h5 in fp64 on its own inputs."""
+    ref, oracle, blocks = (tmp_path / f"{name}.h5" for name in ("ref", "oracle", "blocks"))
+    common = ["--model", "tiny-sd1", "--steps", "2"]
+    assert main(["capture", *common, "--output", str(ref)]) == 0
+    assert main(["capture", *common, "--oracle", "--output", str(oracle)]) == 0
+    assert main(["capture", *common, "--block-oracle", str(ref), "--output", str(blocks)]) == 0
+    with RunReader(ref) as r, RunReader(oracle) as o, RunReader(blocks) as b:
+        assert o.metadata["dtype"] == "fp64" and o.entry("unet/step_000/time_proj").dtype == "float64"
+        exact, fp32 = o.read("unet/step_000/time_proj"), r.read("unet/step_000/time_proj").astype(np.float64)
+        assert 0 < np.linalg.norm(fp32 - exact) / np.linalg.norm(exact) < 1e-5
+        assert b.metadata["mode"] == "block_oracle" and all("@" not in e.name for e in b.entries())
+        inside = [e.key for e in r.entries() if e.component == "unet" and e.name.startswith("mid_block")
+                  and "@" not in e.name]
+        assert inside and all(key in b for key in inside)
+        assert "unet/step_000/conv_in" not in b  # outside every block: the whole-run oracle's
+        # the block oracle ran the block on the reference's inputs: it is far closer to the reference
+        key = "unet/step_001/mid_block"
+        near = np.linalg.norm(r.read(key) - b.read(key)) / np.linalg.norm(b.read(key))
+        far = np.linalg.norm(r.read(key) - o.read(key)) / np.linalg.norm(o.read(key))
+        assert near < far / 3, (near, far)

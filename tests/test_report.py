@@ -23,6 +23,7 @@ from sd_parity.reports.html.pictures import amplified_difference, png_data_uri
 from sd_parity.reports.html.render import REPORT_SCRIPTS, inline_asset, render_report, script_json
 from sd_parity.runs.hdf5 import RunWriter
 from sd_parity.reports.html.overview import next_steps
+from sd_parity.reports.junit import junit_text
 from sd_parity.reports.summary import DETAILS_FILE, SCHEMA_VERSION, build_summary, load_summary, render_outputs
 from sd_parity.judging.verdict import make_verdict
 
@@ -369,7 +370,8 @@ def test_a_full_size_capture_stays_within_budget(tmp_path):
 def test_index_links_each_case_and_leads_with_the_suite_verdict(tmp_path):
     cases = []
     for name, status in (("txt2img-ddim-numpy-fp32", "divergence"), ('bad"><img src=x onerror=alert(1)>', "parity")):
-        cases.append({"name": name, "status": status, "verdict": f"{status}: text", "first_divergence": None,
+        cases.append({"name": name, "status": status, "passed": status == "parity", "verdict": f"{status}: text",
+                      "first_divergence": None,
                       "culprits": [{"block": "unet_block_1_down"}] if status == "divergence" else [],
                       "candidate": "numpy", "dtype": "fp32", "scheduler": "ddim", "pipeline": "txt2img", "mode": "both",
                       "calibrated": True, "seconds": 1.5, "summary": str(tmp_path / "cases" / "x" / "summary.json"),
@@ -464,6 +466,11 @@ def test_summaries_follow_the_published_schema(fake_case, tmp_path):
     assert_follows_schema(tmp_path / "free-only")
 
 
+def junit_cases_of(summary: dict) -> dict[str, ET.Element]:
+    suite = ET.fromstring(junit_text(summary).encode()).find("testsuite")
+    return {case.get("name"): case for case in suite.findall("testcase")}
+
+
 def junit_cases(folder: Path) -> dict[str, ET.Element]:
     suite = ET.parse(folder / "junit.xml").getroot().find("testsuite")
     return {case.get("name"): case for case in suite.findall("testcase")}
@@ -496,7 +503,31 @@ def test_next_steps_follow_the_verdict(tmp_path):
     paths = write_runs(tmp_path, {"reference": capture["reference"], "free": capture["reference"]})
     same = compare_runs(paths["reference"], paths["free"])
     steps = next_steps(build_summary(same, make_verdict(same)))
-    assert [s["title"] for s in steps] == ["Calibrate the thresholds"]
+    assert [s["title"] for s in steps] == ["Keep it checked"] and "bit for bit" in steps[0]["text"]
+    close = {key: (value * np.float32(1 + 1e-7) if value.dtype == np.float32 else value)
+             for key, value in capture["reference"].items()}
+    paths = write_runs(tmp_path, {"reference": capture["reference"], "free": close})
+    near = compare_runs(paths["reference"], paths["free"])
+    assert [s["title"] for s in next_steps(build_summary(near, make_verdict(near)))] == ["Calibrate the thresholds"]
+    # the free run at parity, but the faulted block fails when fed the reference's inputs
+    paths = write_runs(tmp_path, {"reference": capture["reference"], "free": capture["reference"],
+                                  "isolated": capture["isolated"]})
+    same, iso = compare_runs(paths["reference"], paths["free"]), compare_runs(paths["reference"], paths["isolated"])
+    summary = build_summary(same, make_verdict(same, iso), iso)
+    assert summary["verdict"]["status"] == "isolation_only" and summary["verdict"]["exit_code"] == 1
+    titles = [s["title"] for s in next_steps(summary)]
+    assert titles[:2] == ["Look at block unet_block_1_down (unet.down_blocks.1)", "Fix what fails in isolation"]
+    assert junit_cases_of(summary)["verdict"].find("failure").get("type") == "isolation_only"
+    # an isolated run that fed block 1 its own inputs did not isolate it: no culprit, a step that says why
+    leaky = dict(capture["isolated"])
+    for key in [k for k in leaky if k[2] == "down_blocks.1@hidden_states"]:
+        leaky[key] = leaky[key] + np.float32(1e-3)
+    paths = write_runs(tmp_path, {**capture, "isolated": leaky})
+    free, iso = compare_runs(paths["reference"], paths["free"]), compare_runs(paths["reference"], paths["isolated"])
+    summary = build_summary(free, make_verdict(free, iso), iso)
+    assert summary["verdict"]["not_isolated"] == ["unet_block_1_down"] and summary["culprits"] == []
+    assert "Feed each block the inputs it is given" in [s["title"] for s in next_steps(summary)]
+    assert junit_cases_of(summary)["unet_block_1_down"].find("skipped").get("message").startswith("not isolated")
     paths = write_runs(tmp_path, capture)
     free = compare_runs(paths["reference"], paths["free"])
     titles = [s["title"] for s in next_steps(build_summary(free, make_verdict(free)))]

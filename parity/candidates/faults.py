@@ -52,27 +52,34 @@ class Fault:
         return any(component == c and (name == m or path == m or path.startswith(m + ".")) for c, m in self.where)
 
 
-def find_module(root, path: str):
-    """The object under component `root` whose scope path is `path` (breadth-first over attributes)."""
+def modules(root) -> Iterator:
+    """Every object under component `root` that has a scope (`.s`), breadth-first over attributes."""
     queue, seen = [root], set()
     while queue:
         obj = queue.pop(0)
         if id(obj) in seen:
             continue
         seen.add(id(obj))
-        scope = getattr(obj, "s", None)
-        if scope is not None and getattr(scope, "path", None) == path:
-            return obj
+        if getattr(obj, "s", None) is not None:
+            yield obj
         children = list(vars(obj).values()) if hasattr(obj, "__dict__") else []
         children += [getattr(obj, slot) for slot in getattr(type(obj), "__slots__", ()) if hasattr(obj, slot)]
         for child in children:
             items = child if isinstance(child, (list, tuple)) else [child]
             queue.extend(item for item in items if hasattr(item, "s") or isinstance(item, (list, tuple)))
+
+
+def find_module(root, path: str):
+    """The object under component `root` whose scope path is `path`."""
+    for obj in modules(root):
+        if getattr(obj.s, "path", None) == path:
+            return obj
     raise LookupError(f"no module {path!r} in {type(root).__name__}")
 
 
 @contextmanager
-def _swap_ops(obj, **replacements) -> Iterator[None]:
+def swap_ops(obj, **replacements) -> Iterator[None]:
+    """Give `obj` an op set with the named ops replaced (`make(original_ops)` builds each replacement)."""
     original = obj.ops
     obj.ops = FaultyOps(original, **{name: make(original) for name, make in replacements.items()})
     try:
@@ -83,13 +90,13 @@ def _swap_ops(obj, **replacements) -> Iterator[None]:
 
 def _on_module(component: str, path: str, **replacements):
     def apply(sd):
-        return _swap_ops(find_module(sd.models.component(component), path), **replacements)
+        return swap_ops(find_module(sd.models.component(component), path), **replacements)
     return apply
 
 
 def _on_component(component: str, **replacements):
     def apply(sd):
-        return _swap_ops(sd.models.component(component), **replacements)
+        return swap_ops(sd.models.component(component), **replacements)
     return apply
 
 
@@ -140,6 +147,15 @@ UNET_SELF_ATTENTION = "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
 UNET_CROSS_ATTENTION = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
 UNET_UPSAMPLER = "up_blocks.1.upsamplers.0"  # up_blocks.0 upsamples 1x1 maps at 64 px: any filter is nearest there
 UNET_UP_BLOCK = "up_blocks.1"
+UNET_LAYER_NORM = "down_blocks.2.attentions.0.transformer_blocks.0.norm1"
+UNET_FF_OUT = "mid_block.attentions.0.transformer_blocks.0.ff.net.2"
+
+
+def _scaled_bias(component: str, path: str, factor: float):
+    def apply(sd):
+        module = find_module(sd.models.component(component), path)
+        return _patched(module, "b", module.b * factor)
+    return apply
 
 FAULTS: dict[str, Fault] = {f.name: f for f in [
     Fault("groupnorm_eps", "GroupNorm eps 1e-2 instead of the config's 1e-5", (("unet", UNET_NORM),),
@@ -166,6 +182,18 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
           lambda sd: _patched(sd.models.vae.config, "scaling_factor", 0.2)),
     Fault("guidance_swap", "classifier-free guidance with its halves swapped", (("pipeline", "noise_pred"),),
           lambda sd: _patched(sd, "guide", lambda uncond, text, scale: text + scale * (uncond - text))),
+    Fault("layernorm_eps", "LayerNorm eps 1e-6 instead of the config's 1e-5 in one transformer block",
+          (("unet", UNET_LAYER_NORM),),
+          _on_module("unet", UNET_LAYER_NORM, layer_norm=lambda ops: lambda x, w, b, eps: ops.layer_norm(x, w, b, 1e-6))),
+    Fault("linear_bias_1e-4", "one Linear's bias off by 1e-4 relative (a weight converted with a small error)",
+          (("unet", UNET_FF_OUT),), _scaled_bias("unet", UNET_FF_OUT, 1 + 1e-4)),
+    Fault("cfg_negative_twice", "the negative prompt's embedding used for both guidance halves",
+          (("unet", "@encoder_hidden_states"),),
+          lambda sd: _patched(sd, "cfg_batch", lambda negative, positive: sd.ops.cat([negative, negative], 0))),
+    Fault("vae_scaling_twice", "latents divided by the VAE's scaling factor twice before decoding",
+          (("vae_decoder", "@z"),),
+          lambda sd: _patched(sd, "decode_input", lambda latents: latents / sd.models.vae.scaling_factor
+                              / sd.models.vae.scaling_factor)),
 ]}
 
 

@@ -8,8 +8,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from sd_parity.errors import require_extra
-from sd_parity.impl.pipeline import Observer, Request, StableDiffusion
 from sd_parity.devices import prepare as prepare_device
+from sd_parity.impl.pipeline import Observer, PipelineRun, Request, StableDiffusion
 from sd_parity.runs.cache import source_fingerprint
 from sd_parity.runs.config import RunConfig
 
@@ -30,7 +30,7 @@ class ImplCandidate(Candidate):
         self.facts = {"fault": fault} if fault else {}
         self.sd: StableDiffusion | None = None
         self.config: RunConfig | None = None
-        self._sampler = None
+        self._run: PipelineRun | None = None
 
     def prepare(self, config: RunConfig, model_dir) -> None:
         self.config = config
@@ -68,34 +68,43 @@ class ImplCandidate(Candidate):
         model.run_block(block, inputs, taps)
 
     def run_stage(self, stage: str, inputs: dict[str, Any]) -> dict[str, Any]:
-        sd, config = self.sd, self.config
-        ops = sd.ops
-        step = inputs.get("step", 0)
-        if stage != "decode_input" and (step == 0 or self._sampler is None):
-            self._sampler = sd.sampler(config.scheduler, config.steps, eta=config.eta, karras=config.karras)
-        sampler = self._sampler
-        start = 0 if config.pipeline == "txt2img" else sampler.img2img_start(config.strength)
-        index = start + step
-        if stage in ("model_input", "sampler_step"):
-            latents = ops.asarray(inputs["latents"])
-            if inputs.get("from_x_T"):
-                latents = sampler.initial_latents(latents)
-        if stage == "model_input":
-            model_input = ops.cat([latents, latents], 0) if inputs["guided"] else latents
-            model_input = sampler.scale_model_input(model_input, index)
-            if sd.models.unet.in_channels == 9:
-                model_input = ops.cat([model_input, ops.asarray(inputs["mask"]),
-                                       ops.asarray(inputs["masked_image_latents"])], 1)
-            return {"timestep": np.asarray([sampler.timesteps[index]]), "latent_model_input": model_input}
-        if stage == "guidance":
-            uncond, text = (ops.asarray(inputs[k]) for k in ("noise_pred_uncond", "noise_pred_text"))
-            return {"noise_pred": sd.guide(uncond, text, inputs["guidance_scale"])}
-        if stage == "sampler_step":
-            noise = ops.asarray(inputs["noise"]) if inputs.get("noise") is not None else None
-            return {"step_output": sampler.step(ops.asarray(inputs["noise_pred"]), index, latents, noise=noise)}
+        """Each stage is impl's own pipeline code (a PipelineRun's stage method) on the given tensors."""
+        run = self._stage_run(stage, inputs)
+        ops = self.sd.ops
+        if stage == "prompt_encoding":
+            ids = {name: value for name, value in inputs.items() if name.startswith("token_ids")}
+            negative = {name[len("negative_"):]: value for name, value in inputs.items()
+                        if name.startswith("negative_token_ids") and value is not None}
+            context, _ = run.prompt_context(ids, negative or None)
+            return {"encoder_hidden_states": context}
+        if stage == "init_latents":
+            latents = run.encoded_latents(inputs["mean"], inputs["logvar"], ops.asarray(inputs["posterior_noise"]))
+            return {"add_noise_original": latents,
+                    "add_noise_output": run.noised(latents, ops.asarray(inputs["x_T"]), run.start_index)}
         if stage == "decode_input":
-            return {"z": ops.asarray(inputs["latents"]) / sd.models.vae.scaling_factor}
-        raise NotImplementedError(stage)
+            return {"z": run.decode_input(ops.asarray(inputs["latents"]))}
+        if stage == "guidance":
+            return {"noise_pred": run.guided_prediction(ops.asarray(inputs["noise_pred_uncond"]),
+                                                        ops.asarray(inputs["noise_pred_text"]))}
+        if stage not in ("model_input", "sampler_step"):
+            raise NotImplementedError(stage)
+        index = run.start_index + inputs["step"]
+        latents = ops.asarray(inputs["latents"])
+        if inputs.get("from_x_T"):
+            latents = run.initial_latents(latents)
+        if stage == "model_input":
+            model_input, timestep = run.model_input(index, latents, inputs)
+            return {"latent_model_input": model_input, "timestep": timestep}
+        noise = ops.asarray(inputs["noise"]) if inputs.get("noise") is not None else None
+        return {"step_output": run.sampler_step(index, ops.asarray(inputs["noise_pred"]), latents, noise)}
+
+    def _stage_run(self, stage: str, inputs: dict[str, Any]) -> PipelineRun:
+        """The pipeline run whose stages an isolated run calls: a new one (fresh sampler history) when
+        the stages start over, at prompt encoding or at step 0."""
+        if self._run is None or stage == "prompt_encoding" or (stage == "model_input" and inputs["step"] == 0):
+            config = self.config
+            self._run = self.sd.start(request_for(config, None, noise=None))
+        return self._run
 
     def _component(self, component: str):
         vae = self.sd.models.vae
@@ -130,7 +139,7 @@ class _RecordingObserver(Observer):
         self.run.progress(step, total)
 
 
-def request_for(config: RunConfig, x_t: np.ndarray, noise) -> Request:
+def request_for(config: RunConfig, x_t: np.ndarray | None, noise) -> Request:
     image, mask = config.load_images()
     return Request(prompt=config.prompts(), negative_prompt=config.negative_prompts(), steps=config.steps,
                    sampler=config.scheduler, guidance=config.guidance, eta=config.eta, karras=config.karras,

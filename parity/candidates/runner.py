@@ -81,7 +81,9 @@ def run_isolated(candidate: Any, config: RunConfig, reference: Path, output: Pat
                                    mode="isolated"), **candidate_facts(candidate)}
         with RunWriter(output, metadata, compression=config.compression,
                        background_bytes=WRITE_QUEUE_BYTES) as writer:
-            recorder = Recorder(writer, CaptureSpec.parse("all"), total_steps=config.steps)
+            # what the reference keeps is what can be compared (block inputs included, for the isolation check)
+            spec = CaptureSpec.parse(config.capture_spec(unet_parameter_count(model_dir)))
+            recorder = Recorder(writer, spec, total_steps=config.steps)
             if supports(candidate, "run_block"):
                 _isolate_blocks(candidate, ref, recorder)
             if supports(candidate, "run_stage"):
@@ -127,7 +129,7 @@ def _isolate_blocks(candidate: Any, ref: RunReader, recorder: Recorder) -> None:
             entries = by_invocation[(component, invocation)]
             with recorder.invocation(component, invocation):
                 for block in blocks_with_inputs(component, entries):
-                    inputs = _inputs_of(ref, entries, block)
+                    inputs = inputs_of(ref, entries, block)
                     taps = ComponentTaps(recorder, component, outside_blocks=block == "")
                     try:
                         with activated(TapsSink(taps)):
@@ -156,7 +158,7 @@ def block_inputs(entries: list[Entry], block: str) -> list[Entry]:
     return [e for e in entries if e.name.startswith(prefix) and "#" not in e.name[len(prefix):]]
 
 
-def _inputs_of(ref: RunReader, entries: list[Entry], block: str) -> dict[str, np.ndarray]:
+def inputs_of(ref: RunReader, entries: list[Entry], block: str) -> dict[str, np.ndarray]:
     """The block's inputs, keyed by `argument` (flattened names kept)."""
     return {e.name[len(block) + 1:]: ref.read(e, restore_layout=True) for e in block_inputs(entries, block)}
 

@@ -20,16 +20,18 @@ from sd_parity.candidates.protocol import supports
 from sd_parity.candidates.registry import label as candidate_label, resolve
 from sd_parity.candidates.runner import run_free, run_isolated
 from sd_parity.fixtures import FIXTURES
-from sd_parity.judging.compare import compare_runs
+from sd_parity.judging.compare import Comparison, compare_runs
 from sd_parity.judging.name_map import NameMap
 from sd_parity.judging.scope import Scope
 from sd_parity.judging.tolerances import Tolerances
-from sd_parity.judging.verdict import make_verdict
+from sd_parity.judging.verdict import Verdict, make_verdict
 from sd_parity.outputs import release_temporary, temp_path, write_atomic
 from sd_parity.progress import count_progress
 from sd_parity.reports.summary import build_summary, render_outputs
 from sd_parity.runs.cache import cached_run
 from sd_parity.runs.config import RunConfig
+
+from .memory import release_memory
 
 MODES = ("free", "isolated", "both")
 RUNS_DIR = "runs"  # the case's run files, by role: reference.h5, oracle.h5, candidate.h5, isolated.h5
@@ -88,18 +90,45 @@ def with_candidate_tensors(config: RunConfig, candidate: Any) -> RunConfig:
     return config if config.capture is not None or tensors is None else dataclasses.replace(config, capture=tensors)
 
 
-def run_case(case: Case, out_dir: Path, tolerances: Tolerances | None = None,
-             log: Callable[[str], None] = lambda line: None, progress: bool = False) -> CaseResult:
-    """Run `case` and write its folder `out_dir`; `log` hears each phase as it starts (phase_count of
-    them); `progress` draws bars within phases (denoising steps, tensors compared)."""
-    started = time.perf_counter()
+def oracle_runs(config: RunConfig, reference: Path, progress: bool = False) -> tuple[Path, Path]:
+    """The cached fp64 oracles of `config`'s reference run: the whole run in fp64 (computed one network
+    at a time; one run serves every dtype of a config) and the block-local oracle of `reference` (each
+    block in fp64 on the inputs the reference captured; it calibrates isolated runs)."""
+    from sd_parity.reference.oracle import run_block_oracle
+    from sd_parity.reference.runner import run_reference
+
+    whole = cached_run(dataclasses.replace(config, dtype="fp64"), "oracle",
+                       lambda cfg, path: run_reference(cfg, path, progress=progress, oracle=True))
+    blocks = cached_run(config, "block-oracle", lambda cfg, path: run_block_oracle(cfg, reference, path))
+    return whole, blocks
+
+
+@dataclass
+class Judged:
+    """A case's comparisons, before any report is written."""
+
+    comparison: Comparison
+    isolated: Comparison | None
+    verdict: Verdict
+    runs: dict[str, Path]
+
+
+def judge_case(case: Case, tolerances: Tolerances | None = None,
+               log: Callable[[str], None] = lambda line: None, progress: bool = False,
+               runs_dir: Path | None = None) -> Judged:
+    """Produce (or find cached) the case's runs and compare them: free against the fp64 oracle,
+    isolated against the block-local oracle first. `log` hears each phase as it starts (phase_count of
+    them but the last); `progress` draws bars within phases (denoising steps, tensors compared); the
+    run files are kept in `runs_dir` when given (keep_runs)."""
     candidate = resolve(case.candidate, fault=case.fault)
     config = with_candidate_tensors(case.config, candidate)
     log(f"{case.name}: reference {config.dtype}")
     runs = {"reference": reference_run(config, progress)}
+    release_memory()
     if case.calibrated and config.dtype != "fp64":
-        log(f"{case.name}: oracle fp64")
-        runs["oracle"] = reference_run(dataclasses.replace(config, dtype="fp64"), progress)
+        log(f"{case.name}: oracles fp64")
+        runs["oracle"], runs["block_oracle"] = oracle_runs(config, runs["reference"], progress)
+        release_memory()
     fingerprint = candidate.fingerprint() if hasattr(candidate, "fingerprint") else None
     label = candidate_label(case.candidate)
     if case.mode in ("free", "both"):
@@ -113,28 +142,46 @@ def run_case(case: Case, out_dir: Path, tolerances: Tolerances | None = None,
                 candidate, cfg, runs["reference"], path), mode="isolated", fingerprint=fingerprint)
         else:
             log(f"{case.name}: {label} isolated: not supported (no run_block or run_stage), skipped")
+    del candidate  # and its models: the comparisons read run files only
+    release_memory()
     log(f"{case.name}: compare")
-    runs = keep_runs(runs, out_dir / RUNS_DIR)
-    main = runs.get("candidate", runs.get("isolated"))
+    if runs_dir is not None:
+        runs = keep_runs(runs, runs_dir)
     naming = dict(name_map=NameMap.load_all(case.maps) if case.maps else None,
                   scope=Scope(case.only, case.require))
-    comparison = compare_runs(runs["reference"], main, oracle_path=runs.get("oracle"), tolerances=tolerances,
-                              progress=count_progress(progress, "compare"), **naming)
+    isolated_oracles = [runs[k] for k in ("block_oracle", "oracle") if k in runs] or None
+    if "candidate" in runs:
+        comparison = compare_runs(runs["reference"], runs["candidate"], oracle_path=runs.get("oracle"),
+                                  tolerances=tolerances, progress=count_progress(progress, "compare"), **naming)
+    else:
+        comparison = compare_runs(runs["reference"], runs["isolated"], oracle_path=isolated_oracles,
+                                  tolerances=tolerances, progress=count_progress(progress, "compare"), **naming)
     isolated = None
     if "isolated" in runs and "candidate" in runs:
-        isolated = compare_runs(runs["reference"], runs["isolated"], oracle_path=runs.get("oracle"),
-                                tolerances=tolerances, progress=count_progress(progress, "compare isolated"), **naming)
+        isolated = compare_runs(runs["reference"], runs["isolated"], oracle_path=isolated_oracles,
+                                tolerances=tolerances, progress=count_progress(progress, "compare isolated"),
+                                **naming)
+    return Judged(comparison, isolated, make_verdict(comparison, isolated), runs)
+
+
+def run_case(case: Case, out_dir: Path, tolerances: Tolerances | None = None,
+             log: Callable[[str], None] = lambda line: None, progress: bool = False) -> CaseResult:
+    """Run `case` and write its folder `out_dir` (reports, its run files in runs/, repro.sh); `log` hears
+    each phase as it starts (phase_count of them)."""
+    started = time.perf_counter()
+    judged = judge_case(case, tolerances, log, progress, runs_dir=out_dir / RUNS_DIR)
     log(f"{case.name}: report")
-    summary = build_summary(comparison, make_verdict(comparison, isolated), isolated)
+    summary = build_summary(judged.comparison, judged.verdict, judged.isolated)
     config_path = getattr(tolerances, "source", None)
     summary["case"] = {"name": case.name, "candidate": case.candidate, "mode": case.mode,
-                       "calibrated": "oracle" in runs, "repro": repro_command(case, out_dir / RERUN_DIR, config_path),
+                       "calibrated": "oracle" in judged.runs,
+                       "repro": repro_command(case, out_dir / RERUN_DIR, config_path),
                        "script": str((out_dir / REPRO_FILE).resolve())}
     from sd_parity.reports.html.drilldown import add_drilldowns  # tensor data the HTML report drills into
     add_drilldowns(summary)
     render_outputs(summary, out_dir)
     write_repro_script(case, out_dir, config_path)
-    return CaseResult(case, summary, out_dir, time.perf_counter() - started, runs)
+    return CaseResult(case, summary, out_dir, time.perf_counter() - started, judged.runs)
 
 
 def keep_runs(runs: dict[str, Path], folder: Path) -> dict[str, Path]:

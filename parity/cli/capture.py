@@ -89,6 +89,13 @@ def register(subparsers) -> None:
     parser.add_argument("--noise-from", type=Path, default=None, metavar="REF.h5",
                         help="candidate runs: replay this reference run's x_T and recorded noise (default: the "
                              "seeded x_T, the same one the reference uses)")
+    oracle = parser.add_mutually_exclusive_group()
+    oracle.add_argument("--oracle", action="store_true",
+                        help="reference only: the fp64 oracle of this run (for compare --oracle), one network in "
+                             "memory at a time")
+    oracle.add_argument("--block-oracle", type=Path, default=None, metavar="REF.h5",
+                        help="reference only: each block of the reference run REF.h5 re-run in fp64 on its captured "
+                             "inputs (for compare --block-oracle), one block in memory at a time")
     parser.add_argument("--output", required=True, type=Path, metavar="RUN.h5", help="the run file to write")
     parser.set_defaults(handler=run)
 
@@ -99,10 +106,16 @@ def run(args) -> int:
         raise BadInput(f"--output {args.output} is a folder; give a file path such as {args.output / 'run.h5'}")
     check_output_file(args.output, "--output")  # before any work
     started = time.perf_counter()
-    if args.candidate == "reference":
+    if (args.oracle or args.block_oracle) and args.candidate != "reference":
+        raise BadInput("--oracle and --block-oracle are runs of the reference; drop --candidate")
+    if args.block_oracle is not None:
+        from sd_parity.reference.oracle import run_block_oracle
+
+        path = run_block_oracle(config, args.block_oracle, args.output)
+    elif args.candidate == "reference":
         from sd_parity.reference.runner import run_reference
 
-        path = run_reference(config, args.output, progress=sys.stderr.isatty())
+        path = run_reference(config, args.output, progress=sys.stderr.isatty(), oracle=args.oracle)
     else:
         from sd_parity.candidates.registry import resolve
         from sd_parity.candidates.runner import run_free

@@ -46,10 +46,13 @@ def register(subparsers) -> None:
                         help="the candidate run (free mode): an HDF5 run file or a run folder of .npy/.safetensors")
     add_naming_arguments(parser)
     parser.add_argument("--oracle", type=Path, default=None, metavar="ORACLE.h5",
-                        help="an fp64 run of the reference: thresholds calibrated on the reference's own error "
-                             "(default: dtype tolerances)")
+                        help="an fp64 run of the reference (parity capture --oracle): thresholds calibrated on the "
+                             "reference's own error (default: dtype tolerances)")
     parser.add_argument("--isolated", type=Path, default=None, metavar="ISO_CAND.h5",
                         help="the candidate run in isolated mode, to name culprit blocks (default: none)")
+    parser.add_argument("--block-oracle", type=Path, default=None, metavar="BLOCKS.h5",
+                        help="the block-local fp64 oracle of REF (parity capture --block-oracle REF): calibrates "
+                             "the isolated comparison, ahead of --oracle (default: none)")
     parser.add_argument("--config", type=Path, default=None, metavar="parity.toml",
                         help="tolerance settings and overrides (a parity.toml, or a pyproject.toml with "
                              "[tool.parity]); default: ./parity.toml, else ./pyproject.toml's [tool.parity]")
@@ -99,7 +102,7 @@ def naming_options(args) -> tuple[NameMap | None, Scope]:
 
 def run(args) -> int:
     for label, path in (("REF", args.reference), ("CAND", args.candidate), ("--oracle", args.oracle),
-                        ("--isolated", args.isolated)):
+                        ("--isolated", args.isolated), ("--block-oracle", args.block_oracle)):
         if path is not None and not path.exists():
             raise BadInput(f"{label} {path} does not exist")
     if args.output_dir is None:
@@ -124,7 +127,8 @@ def run(args) -> int:
                                   tolerances=tolerances, progress=count_progress(drawing, "compare"), scope=scope)
         isolated = None
         if args.isolated is not None:
-            isolated = compare_runs(args.reference, args.isolated, oracle_path=args.oracle, name_map=name_map,
+            oracles = [path for path in (args.block_oracle, args.oracle) if path is not None] or None
+            isolated = compare_runs(args.reference, args.isolated, oracle_path=oracles, name_map=name_map,
                                     tolerances=tolerances, progress=count_progress(drawing, "compare isolated"),
                                     scope=scope)
             if isolated_mode is None:

@@ -13,7 +13,7 @@ from sd_parity.candidates.registry import builtin_names
 from sd_parity.cases.case import MODES, REPRO_FILE, RUNS_DIR, Case, CaseResult, phase_count
 from sd_parity.cases.executors import EXECUTORS, ExecutorOptions, run_cases
 from sd_parity.progress import Phases, on_terminal, table_options, use_color
-from sd_parity.reports.statuses import terminal_style
+from sd_parity.reports.statuses import TERMINAL_STYLES, verdict_tone
 from sd_parity.runs.config import DTYPES, SCHEDULERS
 from sd_parity.reports.summary import format_table
 from sd_parity.judging.tolerances import ToleranceConfigError, Tolerances
@@ -183,7 +183,6 @@ def execute(cases: list[Case], output_dir: Path, config: Path | None, title: str
 
 def _case_line(result: CaseResult, color: bool) -> str:
     """One line per finished case: ok/FAIL, its name, its verdict and how long it took."""
-    status = result.summary["verdict"]["status"]
     mark = "ok  " if result.passed else "FAIL"
     if color:
         from rich.console import Console
@@ -191,7 +190,7 @@ def _case_line(result: CaseResult, color: bool) -> str:
 
         console = Console(force_terminal=True, highlight=False, width=100_000)
         with console.capture() as captured:
-            console.print(Text(mark, style=terminal_style(status)), end="")
+            console.print(Text(mark, style=TERMINAL_STYLES[verdict_tone(result.summary["verdict"])]), end="")
         mark = captured.get()
     text = printable(f"{result.case.name:40s} {result.summary['verdict']['text']}  ({result.seconds:.1f} s)")
     return f"{mark} {text}"

@@ -22,15 +22,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sd_parity.errors import BadInput
+from .derived import judge_derived
 from .diagnosis import Diagnoser, Diagnosis, summarize
 from .cross_device import describe as describe_devices, device_pair, widened
 from .metrics import ExactMetrics, FloatMetrics, exact_metrics, is_float, oracle_error, tensor_metrics
 from .name_map import CandidateView, NameMap, Resolution
+from .oracles import Oracles, oracle_paths
 from .scope import Scope, ScopeCoverage
 from sd_parity.runs.naming import block_of, module_path
 from sd_parity.runs.hdf5 import Entry, RunReader
 from sd_parity.runs.open import open_run
-from .tolerances import Decision, Tolerances, judge
+from .tolerances import Decision, Tolerances, dtype_decision, identical, judge
 
 STATUSES = ("pass", "fail", "missing", "extra", "shape_mismatch", "skipped")
 DIVERGENT = ("fail", "shape_mismatch")
@@ -88,6 +90,11 @@ class TensorResult:
     def divergent(self) -> bool:
         return self.status in DIVERGENT
 
+    @property
+    def identical(self) -> bool:
+        """Compared and bit for bit the reference's values, in the reference's dtype."""
+        return (self.metrics is not None and self.ref_dtype == self.cand_dtype and identical(self.metrics))
+
 
 @dataclass
 class Coverage:
@@ -127,6 +134,7 @@ class Comparison:
     seconds: float
     bytes_read: int
     diagnosis: dict[str, Any] | None = None  # diagnosis.summarize(): the mistakes that explain divergences
+    oracle_paths: list[Path] = field(default_factory=list)  # most specific first (see judging.oracles)
 
     @property
     def mode(self) -> str | None:
@@ -143,14 +151,20 @@ class Comparison:
     def first_divergence(self) -> TensorResult | None:
         return next((r for r in self.results if r.divergent), None)
 
+    def identical(self) -> bool:
+        """Every reference tensor compared, and each bit-identical to the candidate's."""
+        compared = [r for r in self.results if r.status != "extra"]
+        return bool(compared) and all(r.identical for r in compared)
+
 
 def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
-                 oracle_path: str | os.PathLike | None = None,
+                 oracle_path: str | os.PathLike | list | tuple | None = None,
                  name_map: NameMap | str | os.PathLike | None = None,
                  tolerances: Tolerances | str | os.PathLike | None = None,
                  progress: Callable[[int, int, str], None] | None = None,
                  scope: Scope | None = None) -> Comparison:
-    """Compare a candidate run with the reference run (and, given an fp64 oracle run, calibrate).
+    """Compare a candidate run with the reference run (and, given an fp64 oracle run, calibrate;
+    several oracle runs are looked up in order, see judging.oracles).
 
     `scope` limits what the candidate is expected to provide (scope.py). Raises RunFileError for
     unreadable run files, NameMapError / ToleranceConfigError for bad maps or configs: all bad input.
@@ -163,7 +177,8 @@ def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
     elif not isinstance(tolerances, Tolerances):
         tolerances = Tolerances.load(tolerances)
     with open_run(ref_path) as ref, open_run(cand_path) as cand:
-        oracle = open_run(oracle_path) if oracle_path is not None else None
+        paths = oracle_paths(oracle_path)
+        oracle = Oracles(paths) if paths else None
         try:
             return _compare(ref, cand, oracle, name_map, tolerances, progress, started, scope or Scope())
         finally:
@@ -171,7 +186,7 @@ def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
                 oracle.close()
 
 
-def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map: NameMap | None,
+def _compare(ref: RunReader, cand: RunReader, oracle: Oracles | None, name_map: NameMap | None,
              tolerances: Tolerances, progress, started: float, scope: Scope) -> Comparison:
     all_ref_entries = ref.entries()
     cand_entries = cand.entries()
@@ -190,6 +205,7 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
     used: set[str] = set()
     bytes_read = 0
     total = len(ref_entries)
+    sources = _Sources(ref, view, mapped.sources, isolated=cand.metadata.get("mode") == "isolated")
     for position, entry in enumerate(ref_entries):
         if progress is not None:
             progress(position, total, entry.key)
@@ -198,7 +214,7 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
             continue
         if match is not None:
             used.add(match.key)
-        result, nbytes = _compare_one(ref, view, oracle, entry, match, tolerances, len(results))
+        result, nbytes = _compare_one(ref, view, oracle, entry, match, tolerances, len(results), sources)
         bytes_read += nbytes
         if match is not None:
             result.notes.extend(match.notes)
@@ -223,9 +239,12 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
 
     _fill_coverage(coverage, results, ref_entries, cand_entries, mapped)
     _refuse_empty_comparison(coverage, ref.path, cand.path)
-    warnings = _metadata_warnings(ref.metadata, cand.metadata, oracle) + _nonfinite_warnings(results)
+    warnings = _metadata_warnings(ref.metadata, cand.metadata) + _nonfinite_warnings(results)
+    if oracle is not None:
+        warnings += oracle.warnings(ref, SETTING_KEYS)
     if devices is not None:
         warnings.append(describe_devices(devices, calibrated=oracle is not None))
+    warnings = [f"{_label(cand.metadata)}: {w}" for w in warnings]
     if name_map is not None and mapped.unmatched:
         warnings.append(f"{len(mapped.unmatched)} candidate tensor(s) matched no rule of the name map "
                         f"({name_map.unmatched_policy}): first {mapped.unmatched[0]}")
@@ -235,11 +254,33 @@ def _compare(ref: RunReader, cand: RunReader, oracle: RunReader | None, name_map
         oracle_metadata=oracle.metadata if oracle is not None else None,
         results=results, coverage=coverage, tolerances=tolerances, name_map=name_map, warnings=warnings,
         seconds=time.perf_counter() - started, bytes_read=bytes_read,
-        diagnosis=summarize(results, diagnoser.examined, diagnoser.limit))
+        diagnosis=summarize(results, diagnoser.examined, diagnoser.limit),
+        oracle_paths=oracle.paths if oracle is not None else [])
 
 
-def _compare_one(ref: RunReader, cand: RunReader, oracle: RunReader | None, entry: Entry,
-                 match: Entry | None, tolerances: Tolerances, index: int) -> tuple[TensorResult, int]:
+def _label(cand_metadata: dict) -> str:
+    """Which comparison a warning comes from: the free run's or the isolated run's."""
+    return f"{cand_metadata.get('mode') or 'candidate'} run"
+
+
+class _Sources:
+    """Source tensors of derived tensors, by reference key: the candidate's own (through the name map);
+    for an isolated run, whose stages were fed the reference's tensors, the reference's."""
+
+    def __init__(self, ref: RunReader, cand: CandidateView, by_ref_key: dict[str, Entry], isolated: bool):
+        self.ref, self.cand, self.by_ref_key, self.isolated = ref, cand, by_ref_key, isolated
+
+    def __call__(self, key: str):
+        match = self.by_ref_key.get(key)
+        if match is not None:
+            return self.cand.read(match)
+        if self.isolated and key in self.ref:
+            return self.ref.read(key)
+        return None
+
+
+def _compare_one(ref: RunReader, cand: CandidateView, oracle: Oracles | None, entry: Entry,
+                 match: Entry | None, tolerances: Tolerances, index: int, sources: _Sources) -> tuple[TensorResult, int]:
     result = TensorResult(index=index, key=entry.key, component=entry.component, invocation=entry.invocation,
                           name=entry.name, kind=entry.kind, status="missing", order=entry.order,
                           ref_dtype=entry.dtype, ref_shape=list(entry.shape))
@@ -267,35 +308,47 @@ def _compare_one(ref: RunReader, cand: RunReader, oracle: RunReader | None, entr
         result.notes.append(f"shapes differ only in size-1 dimensions ({list(match.shape)} vs "
                             f"{list(entry.shape)}); compared element by element")
     if entry.dtype != match.dtype:
-        result.notes.append(f"dtype differs: reference {entry.dtype}, candidate {match.dtype}; compared after "
-                            f"casting, judged with {judge_dtype} tolerances")
+        allowed = " (allowed by an override)" if rule.any_dtype else ""
+        result.notes.append(f"dtype differs: reference {entry.dtype}, candidate {match.dtype}{allowed}; compared "
+                            f"after casting, judged with {judge_dtype} tolerances")
     ref_array = ref.read(entry)
     cand_array = cand.read(match).reshape(ref_array.shape)
     nbytes = entry.nbytes + match.nbytes
     metrics = tensor_metrics(ref_array, cand_array, rtol=rule.rtol, atol=rule.atol)
     ref_err = cand_err = None
     if oracle is not None and isinstance(metrics, FloatMetrics):
-        if entry.key in oracle and tuple(oracle.entry(entry.key).shape) == tuple(entry.shape):
-            oracle_entry = oracle.entry(entry.key)
-            oracle_array = oracle.read(oracle_entry)
+        found = oracle.read(entry.key, tuple(entry.shape))
+        if found is not None:
+            oracle_array, oracle_entry = found
             nbytes += oracle_entry.nbytes
             ref_err = oracle_error(ref_array, oracle_array)
-            del ref_array
             cand_err = oracle_error(cand_array, oracle_array)
             del oracle_array
             if oracle_entry.dtype != "float64":
                 result.notes.append(f"oracle tensor is {oracle_entry.dtype}, not float64")
         else:
-            reason = "not in the oracle run" if entry.key not in oracle else "has another shape in the oracle run"
+            reason = "not in the oracle run" if not oracle.holds(entry.key) else "has another shape in the oracle run"
             result.notes.append(f"{reason}: judged with the {judge_dtype} default tolerance instead")
-    elif oracle is not None and entry.dtype == "uint8" and entry.key in oracle:
+    elif oracle is not None and entry.dtype == "uint8":
         # an 8-bit image: calibrate on how far the reference's own image is from the fp64 run's
-        oracle_array = oracle.read(oracle.entry(entry.key)).reshape(ref_array.shape)
-        ref_err, cand_err = exact_metrics(oracle_array, ref_array), exact_metrics(oracle_array, cand_array)
+        found = oracle.read(entry.key, tuple(entry.shape))
+        if found is not None:
+            oracle_array = found[0].reshape(ref_array.shape)
+            ref_err, cand_err = exact_metrics(oracle_array, ref_array), exact_metrics(oracle_array, cand_array)
+    del ref_array
+    decision = judge_derived(entry.component, entry.invocation, entry.name, cand_array, sources, rule,
+                             ref.metadata.get("guidance"))
     del cand_array
+    if decision is not None:
+        result.notes.append("judged by its derivation from its own sources (see judging.derived)")
+    else:
+        decision = judge(metrics, rule, ref_vs_oracle=ref_err, cand_vs_oracle=cand_err)
+    decision = dtype_decision(decision, rule, entry.dtype, match.dtype)
     result.metrics = metrics
-    result.decision = judge(metrics, rule, ref_vs_oracle=ref_err, cand_vs_oracle=cand_err)
-    result.status = "pass" if result.decision.passed else "fail"
+    result.decision = decision
+    result.status = "pass" if decision.passed else "fail"
+    if decision.passed and result.identical:
+        decision.reason = "identical"
     return result, nbytes
 
 
@@ -365,7 +418,7 @@ def _invocations(keys) -> list[str]:
     return list(seen)
 
 
-def _metadata_warnings(ref_meta: dict, cand_meta: dict, oracle: RunReader | None) -> list[str]:
+def _metadata_warnings(ref_meta: dict, cand_meta: dict) -> list[str]:
     warnings = []
     for key in SETTING_KEYS:
         if key in ref_meta and key in cand_meta and ref_meta[key] != cand_meta[key]:
@@ -373,12 +426,4 @@ def _metadata_warnings(ref_meta: dict, cand_meta: dict, oracle: RunReader | None
                             "the comparison may not be meaningful")
     if ref_meta.get("mode") == "isolated":
         warnings.append("the reference run is marked isolated; the reference should be a free run")
-    if oracle is not None:
-        meta = oracle.metadata
-        if meta.get("dtype") not in (None, "fp64", "float64"):
-            warnings.append(f"the oracle run's dtype is {meta.get('dtype')!r}, not fp64: calibrated thresholds "
-                            "assume an fp64 oracle")
-        for key in SETTING_KEYS:
-            if key in ref_meta and key in meta and ref_meta[key] != meta[key]:
-                warnings.append(f"oracle and reference differ in {key}: {meta[key]!r} vs {ref_meta[key]!r}")
     return warnings

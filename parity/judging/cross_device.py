@@ -18,13 +18,14 @@ from dataclasses import replace
 
 from .tolerances import Tolerances
 
-# How much wider default-mode rtol/atol are for a cross-device pair, per judged dtype. fp32: measured on
-# the nearest thing a CPU-only machine has to another device, our NumPy backend (other kernels, other
-# summation order, same fp32) against the torch reference, tiny-sd1, 4 DDIM steps: 474 of 3099 tensors
-# fail at x1, 30 at x10, none at x20 (docs/tolerances.md). Half precision: rounding to 2^-11 / 2^-8
-# after fp32 accumulation hides most reordering (x3, not measured on a GPU yet). fp64: reordering stays
-# near 1e-15, far inside its rtol of 1e-7.
-CROSS_DEVICE_SCALE = {"float32": 20.0, "float16": 3.0, "bfloat16": 3.0, "float64": 1.0}
+# How much wider default-mode rtol/atol are for a cross-device pair, per judged dtype. fp32: the normwise
+# default (rtol 1e-4) was set to hold valid reorderings deep in a network; the nearest thing a CPU-only
+# machine has to another device, our NumPy backend (other kernels, other summation order, same fp32)
+# against the torch reference, tiny-sd1, 2 DDIM steps, reaches 0.17 of it (docs/tolerances.md), so x3
+# leaves room for GPU kernels that reorder more while a 1e-3 relative error still fails. Half precision:
+# rounding to 2^-11 / 2^-8 after fp32 accumulation hides most reordering (x3). Neither is measured on a
+# GPU yet. fp64: reordering stays near 1e-15, far inside its rtol.
+CROSS_DEVICE_SCALE = {"float32": 3.0, "float16": 3.0, "bfloat16": 3.0, "float64": 1.0}
 
 
 def device_of(metadata: dict) -> str:

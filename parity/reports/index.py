@@ -18,6 +18,7 @@ def index_dict(results: list[CaseResult], title: str) -> dict:
         "cases": [{
             "name": r.case.name,
             "status": r.summary["verdict"]["status"],
+            "passed": r.passed,  # exit 0: parity, or a divergence the config tolerates
             "verdict": r.summary["verdict"]["text"],
             "first_divergence": r.summary.get("first_divergence"),
             "culprits": r.summary.get("culprits", []),

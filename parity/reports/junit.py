@@ -7,7 +7,8 @@ should read that as one failure, with details, not as sixty. So a block fails on
     only in the free run passes, with a note that its error is inherited;
   * without one, the block holding the first divergence fails, and blocks that diverge after it are
     skipped: their own error cannot be told apart from what they inherit;
-  * a missing tensor or a shape mismatch is the candidate's own in any case, so its block fails.
+  * a missing tensor or a shape mismatch is the candidate's own in any case, so its block fails;
+  * a block the isolated run did not feed the reference's inputs (verdict.not_isolated) is skipped.
 """
 from __future__ import annotations
 
@@ -96,6 +97,9 @@ def _judge(case: BlockCase, summary: dict[str, Any]) -> tuple[str, str, str]:
     structural = case.bad(case.rows, STRUCTURAL, inputs=not own_run_is_isolated)
     if own_run_is_isolated:  # an isolated run re-runs blocks and some stages: pipeline tensors may be absent
         structural = [r for r in structural if not (r["status"] == "missing" and r["component"] == "pipeline")]
+    if isolated_given and case.id in summary["verdict"].get("not_isolated", ()) and not structural:
+        return "skipped", ("not isolated: in the isolated run this block's recorded inputs are not the reference's, "
+                           "so its own error cannot be told from what it was fed"), ""
     local = _local(case, summary) if isolated_given else []
     free_bad = case.bad(case.rows, ("fail",))
     if local or structural or (own_run_is_isolated and free_bad):

@@ -29,7 +29,7 @@ from sd_parity.judging.diagnosis import clause as diagnosis_clause
 from sd_parity.judging.scope import scope_clause
 from sd_parity.outputs import output_error, write_set
 from sd_parity.judging.verdict import Culprit, Verdict, describe_location, verdict_dict
-from .statuses import terminal_style
+from .statuses import TERMINAL_STYLES, terminal_style, verdict_tone
 
 SCHEMA_VERSION = 2
 SUMMARY_FILE = "summary.json"
@@ -333,9 +333,14 @@ def threshold_line(row: dict, with_reason: bool = True) -> str:
     if t is None:
         return "-"
     s = t["settings"]
-    if t["mode"] == "allclose_quantile":
-        text = (f"{s['dtype']} rtol {number_text(s['rtol'])} atol {number_text(s['atol'])} at quantile {s['quantile']} "
-                f"(allowed {number_text(s['allowed_violations'])} violations), outlier limit {number_text(s['outlier_limit'])}")
+    if t["mode"] == "normwise":
+        text = (f"{s['dtype']} ||c-r|| <= rtol {number_text(s['rtol'])} ||r|| + atol {number_text(s['atol'])} sqrt(n) "
+                f"(rel_l2 {number_text(s['rel_l2'])}), outlier limit {number_text(s['outlier_limit'])}")
+    elif t["mode"] == "derived":
+        text = f"derived: {s['derived_from']}"
+    elif t["mode"] == "image_levels":
+        text = (f"8-bit image within {number_text(s['atol'])} level(s) of "
+                f"{'the oracle' if s.get('calibrated') else 'the reference'}, on a {s['quantile']} share of pixels")
     elif t["mode"] == "calibrated":
         text = (f"calibrated {s['statistic']} <= {number_text(s['k'])} x ref {number_text(s['ref_error'])} + floor "
                 f"{number_text(s['floor'])} = {number_text(s['limit'])} (candidate {number_text(s['cand_error'])})")
@@ -388,7 +393,8 @@ def format_table(summary: dict[str, Any], top: int = 10, width: int | None = Non
     if runs["isolated"]:
         say(f"  isolated-mode candidate {printable(runs['isolated']['name'])}")
     verdict = summary["verdict"]
-    say("verdict: ", (verdict["status"].upper(), terminal_style(verdict["status"])), f": {printable(verdict['text'])}")
+    say("verdict: ", (verdict["status"].upper(), TERMINAL_STYLES[verdict_tone(verdict)]),
+        f": {printable(verdict['text'])}")
     for line in _facts_lines(summary):
         say(printable(line))
     shown, title = _table_rows(summary["tensors"], top)

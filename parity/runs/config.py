@@ -279,6 +279,11 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def x_t_sha256(x_t) -> str:
+    """sha256 of x_T's values as float32 C-order bytes, whatever dtype holds them (run-format.md)."""
+    return hashlib.sha256(np.ascontiguousarray(x_t, dtype=np.float32).tobytes()).hexdigest()
+
+
 def run_metadata(config: RunConfig, *, impl: str, model_dir: Path, x_t: np.ndarray,
                  scheduler_config: dict, mode: str = "free") -> dict:
     return {
@@ -288,7 +293,7 @@ def run_metadata(config: RunConfig, *, impl: str, model_dir: Path, x_t: np.ndarr
         "model_path": str(model_dir.resolve()),
         "model_hash": folder_hash(model_dir),
         "scheduler_config": _stable(json.loads(json.dumps(scheduler_config, default=str))),
-        "x_T_sha256": hashlib.sha256(np.ascontiguousarray(x_t).tobytes()).hexdigest(),
+        "x_T_sha256": x_t_sha256(x_t),
         "threads": current_threads(),  # with the device, decides the kernels and so the reduction order
         "versions": library_versions(),
     }

@@ -48,8 +48,7 @@ def tolerance_rel_l2(row: dict[str, Any]) -> float | None:
 
     Pass/fail is decided by the threshold's criteria (see `ratio`); this is the rel-L2 an error that
     just meets the tolerance would have:
-    * allclose: an error of atol + rtol·|r| on every element, whose norm is at most
-      rtol·‖r‖ + atol·√n, so rtol + atol·√n / ‖r‖;
+    * normwise: ‖c − r‖ ≤ rtol·‖r‖ + atol·√n, so rtol + atol·√n / ‖r‖;
     * calibrated: ‖c − o‖ may reach `limit`·‖o‖ and the reference itself is `ref_error`·‖o‖ from the
       oracle, so ‖c − r‖ / ‖r‖ may reach limit + ref_error (triangle inequality, ‖o‖ ≈ ‖r‖); for the
       RMS statistic (all-zero oracle) the same sum is an RMS, scaled by √n / ‖r‖.
@@ -66,7 +65,7 @@ def tolerance_rel_l2(row: dict[str, Any]) -> float | None:
         if settings["statistic"] == "rel_l2":
             return bound
         return bound * root_n / ref_l2 if ref_l2 else None
-    if threshold["mode"] == "allclose_quantile":
+    if threshold["mode"] == "normwise":
         return settings["rtol"] + settings["atol"] * root_n / ref_l2 if ref_l2 else None
     return None
 

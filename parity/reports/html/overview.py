@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from sd_parity.reports.statuses import headline, tone
+from sd_parity.reports.statuses import headline, verdict_label, verdict_tone
 from sd_parity.reports.summary import jsonable, metric_line, threshold_line
 # (label, metadata field) shown from the run files' metadata
 FACTS = (("model", "model"), ("prompt", "prompt"), ("negative prompt", "negative_prompt"), ("seed", "seed"),
@@ -26,8 +26,8 @@ def overview(summary: dict[str, Any]) -> dict[str, Any]:
     return {
         "title": case.get("name") or f"{runs['reference']['name']} vs {runs['candidate']['name']}",
         "status": summary["verdict"]["status"],
-        "tone": tone(summary["verdict"]["status"]),
-        "headline": headline(summary["verdict"]["status"]),
+        "tone": verdict_tone(summary["verdict"]),
+        "headline": headline(verdict_label(summary["verdict"])),
         "verdict": summary["verdict"]["text"],
         "facts": _facts(ref, cand, case, summary),
         "versions": _versions(ref, cand),
@@ -184,6 +184,20 @@ def next_steps(summary: dict[str, Any]) -> list[dict[str, str]]:
             add("Isolate the first divergence",
                 f"Run the candidate block by block (parity run --mode both, or parity compare --isolated) to tell "
                 f"whether {first['block'] or first['component']} is wrong itself or inherits its error.")
+    if verdict["status"] == "isolation_only":
+        blamed = [c["block"] for c in culprits] + [r["key"] for r in summary["isolated_failures_outside_blocks"][:3]]
+        add("Fix what fails in isolation" if verdict["exit_code"] else "Decide whether to fix what fails in isolation",
+            f"The free run stays within its tolerance, but fed the reference's own inputs {', '.join(blamed)} "
+            "exceed their thresholds: a real error that the free run's accumulated tolerance hides. "
+            + ("Fix it, or accept it with isolation_only = \"pass\" in parity.toml's [tolerances] "
+               "(docs/tolerances.md)." if verdict["exit_code"] else
+               "The config accepts it (isolation_only = \"pass\"), so the exit code is 0."))
+    if verdict.get("not_isolated"):
+        blocks = verdict["not_isolated"]
+        add("Feed each block the inputs it is given",
+            f"In the isolated run, {', '.join(blocks[:5])}{' …' if len(blocks) > 5 else ''} recorded inputs that are "
+            "not the reference's, so those blocks were not isolated and no culprit is named there. The "
+            "candidate's run_block must run the block on the inputs it receives (docs/ports.md).")
     if first is not None:
         add("Look at the first divergence", f"{first.get('location') or first['key']}: "
             f"{metric_line(jsonable(first))}.", f"#dd-free-{first['index']}")
@@ -202,13 +216,14 @@ def next_steps(summary: dict[str, Any]) -> list[dict[str, str]]:
             + (f" (+{len(summary['warnings']) - 1} more warnings)" if len(summary["warnings"]) > 1 else ""),
             "#coverage")
     if verdict["exit_code"] == 0:
-        if not summary["mode"]["calibrated"]:
+        if not summary["mode"]["calibrated"] and not verdict.get("identical"):
             add("Calibrate the thresholds", "These thresholds are the dtype's default tolerances. With an fp64 run "
                 "of the reference (parity run calibrates unless --no-calibrate; parity compare --oracle), each "
                 "tensor's threshold follows the reference's own rounding error, which is tighter where it can be.")
         if not steps:
-            add("Keep it checked", "Every tensor is within its threshold. Put the check in CI: the exit code is 0 "
-                "at parity and 1 on a divergence, and junit.xml reads as one test per block.")
+            matched = "is bit for bit the reference's" if verdict.get("identical") else "is within its threshold"
+            add("Keep it checked", f"Every tensor {matched}. Put the check in CI: the exit code is 0 at parity "
+                "and 1 on a divergence, and junit.xml reads as one test per block.")
     return steps
 
 

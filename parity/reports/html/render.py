@@ -129,7 +129,7 @@ def render_report(summary: dict[str, Any]) -> str:
 
 def render_index(index: dict[str, Any], folder: Path) -> str:
     cases = [{**case, "href": _href(case["report"], folder)} for case in index["cases"]]
-    passed = sum(1 for case in cases if case["status"] == "parity")
+    passed = sum(1 for case in cases if case["passed"])
     return _ENV.get_template("index.html.j2").render(index=index, cases=cases, passed=passed, **scripts(()))
 
 
