@@ -73,6 +73,13 @@ def test_compare_writes_beside_the_candidate_by_default(tmp_path, capsys):
     assert f"report: {(folder / 'report.html').as_uri()}" in out
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["command"] == f"parity compare {ref} {cand} --output-dir {folder}"
+    # every option used is in the reproduce command, spelled as typed (here the reference as its own oracles)
+    iso = write_run(tmp_path / "runs" / "port-isolated.h5", unet_run(offset={(1, 2): 1.0}), mode="isolated")
+    code, _, err = run(capsys, "compare", ref, cand, "--oracle", ref, "--block-oracle", ref, "--isolated", iso)
+    assert code == 1, err
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["command"] == (f"parity compare {ref} {cand} --oracle {ref} --block-oracle {ref} --isolated {iso} "
+                                  f"--output-dir {folder}")
 
 
 def test_height_and_width_default_to_the_models_native_size(tmp_path):

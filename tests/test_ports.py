@@ -87,7 +87,7 @@ def test_a_port_registered_by_entry_point_gets_the_full_treatment(tmp_path, entr
     result = run_case(Case(RunConfig(model="tiny-sd1", steps=2), entry_point), tmp_path / "case")
     assert result.passed, result.summary["verdict"]["text"]
     assert result.case.name == "txt2img-ddim-torch-port-fp32"
-    assert set(result.runs) == {"reference", "oracle", "candidate", "isolated"}
+    assert set(result.runs) == {"reference", "oracle", "block_oracle", "candidate", "isolated"}
     with RunReader(result.runs["reference"]) as reader:
         assert reader.metadata["capture"] == "blocks"  # the reference captured what the port reports
 

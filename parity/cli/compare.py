@@ -158,8 +158,8 @@ def compare_command(args) -> str:
         return shlex.quote(str(Path(value).resolve()))
 
     parts = ["parity compare", path(args.reference), path(args.candidate)]
-    parts += [f"--{option} {path(getattr(args, option))}" for option in ("oracle", "isolated", "config")
-              if getattr(args, option) is not None]
+    parts += [f"--{option.replace('_', '-')} {path(getattr(args, option))}"
+              for option in ("oracle", "block_oracle", "isolated", "config") if getattr(args, option) is not None]
     parts += [f"--map {path(spec) if Path(spec).exists() else shlex.quote(spec)}" for spec in args.map]
     if args.model_dir is not None:
         parts.append(f"--model-dir {path(args.model_dir)}")
