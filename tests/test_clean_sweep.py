@@ -11,6 +11,7 @@ own, emptied whenever the seed or sampler changes (they would fill tens of GB ot
 """
 import itertools
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from sd_parity.cases.case import Case, judge_case
 from sd_parity.judging.tolerances import Tolerances, judge
 from sd_parity.runs.config import RunConfig
 
-SEEDS = range(20)
+# SD_PARITY_SWEEP_SEEDS=N runs the first N seeds only (a quicker look; docs say how many were measured)
+SEEDS = range(int(os.environ.get("SD_PARITY_SWEEP_SEEDS", "20")))
 DTYPES = ("fp32", "fp16", "bf16")
 BACKENDS = ("numpy", "torch")
 SCHEDULERS = ("ddim", "pndm", "euler_ancestral")
