@@ -67,7 +67,7 @@ TEXT_ENCODER = Component(
 TEXT_ENCODER_2 = Component(
     "text_encoder_2", "text_encoder_2", "clip_text_with_projection",
     ("transformers", "CLIPTextModelWithProjection"), "model.safetensors",
-    "clip2", r"^text_model\.encoder\.layers\.(?P<index>\d+)$", top_prefix="text_model.")
+    "text_encoder_2", r"^text_model\.encoder\.layers\.(?P<index>\d+)$", top_prefix="text_model.")
 UNET = Component(
     "unet", "unet", "unet", ("diffusers", "UNet2DConditionModel"), "diffusion_pytorch_model.safetensors",
     "unet", r"^(?:(?P<direction>down|up)_blocks\.(?P<index>\d+)|(?P<mid>mid_block))$")

@@ -1,9 +1,10 @@
 """The fp64 oracles that calibrate thresholds, at a memory cost that fits beside the rest of a run.
 
-* `ResidentNetworks`: the pipeline's networks (text encoder, UNet, VAE) held one at a time. Each is
-  loaded with its weights, which are dropped as soon as the pipeline moves on to another network and
-  loaded again if it comes back (the VAE of img2img encodes first and decodes last). An fp64 run of
-  SD 1.5 then peaks at its UNet's 6.9 GB instead of the whole pipeline's 8.6 GB, plus activations.
+* `ResidentNetworks`: the pipeline's networks (the family's component folders: text encoder(s), UNet,
+  VAE) held one at a time. Each is loaded with its weights, which are dropped as soon as the pipeline
+  moves on to another network and loaded again if it comes back (the VAE of img2img encodes first and
+  decodes last). An fp64 run of SD 1.5 then peaks at its UNet's 6.9 GB instead of the whole
+  pipeline's 8.6 GB, plus activations.
 * `exact_time_embedding`: diffusers computes the sinusoidal time embedding in float32 whatever the
   model's dtype, so an fp64 run would carry float32's error there (up to ~5e-5 at t = 999, where sin
   and cos see angles near 1000); the oracle computes it in float64 like everything else.
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from sd_parity.impl.families import COMPONENTS, detect_family
 from sd_parity.runs.config import RunConfig, run_metadata
 
 TORCH_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -32,11 +34,11 @@ from sd_parity.runs.hdf5 import RunReader, RunWriter
 from sd_parity.runs.recorder import Recorder
 from sd_parity.runs.selection import MODULE_COMPONENTS, CaptureSpec
 
-NETWORKS = ("text_encoder", "unet", "vae")
-# The modules whose first call needs each network's weights (the VAE's halves are called separately).
-ENTRY_MODULES = {"text_encoder": ("",), "unet": ("",), "vae": ("encoder", "quant_conv", "post_quant_conv", "decoder")}
-# Run-file components and the pipeline network (and its weight folder) that holds them.
-COMPONENT_NETWORK = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+
+def entry_modules(family, network: str) -> tuple[str, ...]:
+    """The modules of a network (a component folder) whose first call needs its weights: the root, or the
+    subtrees of the components that share it (the VAE's halves are called separately)."""
+    return tuple(path for c in family.components if c.folder == network for path in (c.subtrees or ("",)))
 
 
 def release(module: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
@@ -109,6 +111,8 @@ class ResidentNetworks:
 
     def __init__(self, model_dir: Path, dtype: str, load: Callable[[str, str], torch.nn.Module]):
         self.model_dir, self.dtype, self._load = model_dir, dtype, load
+        self.family = detect_family(model_dir)
+        self.names = self.family.folders  # the networks, by component folder (text_encoder, ..., vae)
         self.resident: str | None = None
         self._modules: dict[str, torch.nn.Module] = {}
 
@@ -135,8 +139,12 @@ class ResidentNetworks:
         # the kernels' roundings depend on the views' alignment, so a copy would change the reference's
         # results). Only a wider dtype than the files' (the fp64 oracle) is read tensor by tensor, to
         # convert one tensor at a time rather than hold the whole file beside the converted network.
+        # The pipeline may have moved the network to another dtype (SDXL's VAE to float32, force_upcast):
+        # it then gets the run's weights converted, as diffusers converts the loaded network.
+        current = next(module.parameters()).dtype
         if self.dtype != "fp64" or not NetworkWeights(self.model_dir / name).load(module):
-            _adopt(module, self._load(name, self.dtype))
+            loaded = self._load(name, self.dtype)
+            _adopt(module, loaded if current == TORCH_DTYPES[self.dtype] else loaded.to(current))
         self.resident = name
 
     @contextmanager
@@ -144,7 +152,7 @@ class ResidentNetworks:
         handles = []
         try:
             for name, module in self._modules.items():
-                for path in ENTRY_MODULES[name]:
+                for path in entry_modules(self.family, name):
                     handles.append(module.get_submodule(path).register_forward_pre_hook(
                         lambda *_, name=name: self.ensure(name), prepend=True))
             yield
@@ -217,13 +225,12 @@ def run_block_oracle(config: RunConfig, reference: Path, output: Path) -> Path:
                 torch.inference_mode(), exact_time_embedding():
             recorder = _OutputsOnly(writer, spec, total_steps=config.steps)
             for component in (c for c in MODULE_COMPONENTS if c in ref.components()):
-                network = COMPONENT_NETWORK[component]
+                network = COMPONENTS[component].folder
                 module = load_network(model_dir, network, "fp32")
                 release(module, torch.float64)
                 weights = _BlockWeights(module, model_dir, network)
-                include = ("post_quant_conv", "decoder") if component == "vae_decoder" else \
-                    ("encoder", "quant_conv") if component == "vae_encoder" else ()
-                with hook_module(module, component, RecorderSink(recorder), include=include, invocations=False):
+                with hook_module(module, component, RecorderSink(recorder), include=COMPONENTS[component].subtrees,
+                                 invocations=False):
                     by_block: dict[str, list[str]] = defaultdict(list)
                     for invocation in ref.invocations(component):
                         for block in blocks_with_inputs(component, entries[(component, invocation)]):

@@ -1,9 +1,13 @@
-"""Runs the real diffusers StableDiffusionPipeline with capture hooks and writes a run file."""
+"""Runs the real diffusers pipeline of the model's family (StableDiffusion*, StableDiffusionXL*) with
+capture hooks and writes a run file. What is hooked comes from the family registry
+(sd_parity.impl.families): each component's module and subtrees, each text embedder's token ids."""
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import sys
+import warnings
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator
@@ -17,11 +21,13 @@ from sd_parity.runs.recorder import Recorder
 from sd_parity.runs.config import RunConfig, run_metadata, unet_parameter_count
 from sd_parity.runs.hdf5 import RunWriter
 from sd_parity.devices import prepare as prepare_device
+from sd_parity.errors import BadInput
+from sd_parity.impl.families import Family, detect_family
 from sd_parity.threads import pin_torch
 
 from sd_parity.candidates.hooks import hook_module
 from sd_parity.candidates.sinks import RecorderSink
-from .oracle import NETWORKS, TORCH_DTYPES, ResidentNetworks, exact_time_embedding
+from .oracle import TORCH_DTYPES, ResidentNetworks, exact_time_embedding
 
 # Captured tensors waiting for the disk; bounds the memory that overlapping I/O with compute costs
 # (about twice SD 1.5's largest activation, the 84 MB GEGLU projection at 64x64 latents, batch 2).
@@ -41,8 +47,20 @@ def scheduler_for(name: str, base_config, karras: bool = False):
     return getattr(diffusers, class_name).from_config(base_config, **overrides)
 
 
-PIPELINE_CLASSES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
-                    "inpaint": "StableDiffusionInpaintPipeline"}
+# Optional parts switched off where the family's pipeline has them: no safety checker, no watermark
+# (it would change the image after the captured decoder output).
+_PIPELINE_OPTIONS = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False,
+                     "add_watermarker": False}
+
+
+def pipeline_class(model_dir: Path, kind: str = "txt2img"):
+    """The diffusers pipeline class for `kind` of the folder's family."""
+    import diffusers
+
+    family = detect_family(model_dir)
+    if kind not in family.pipelines:
+        raise BadInput(f"{family.title} has no {kind} pipeline; it has {', '.join(family.pipelines)}")
+    return getattr(diffusers, family.pipelines[kind])
 
 
 def _quiet_loading() -> None:
@@ -57,27 +75,28 @@ def _quiet_loading() -> None:
 
 
 def _from_pretrained(model_dir: Path, dtype: str, kind: str, **components):
-    import diffusers
-
     _quiet_loading()
-    return getattr(diffusers, PIPELINE_CLASSES[kind]).from_pretrained(
-        str(model_dir), dtype=TORCH_DTYPES[dtype], safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, local_files_only=True, **components)
+    cls = pipeline_class(model_dir, kind)
+    accepted = inspect.signature(cls.__init__).parameters
+    options = {name: value for name, value in _PIPELINE_OPTIONS.items() if name in accepted}
+    return cls.from_pretrained(str(model_dir), dtype=TORCH_DTYPES[dtype], local_files_only=True,
+                               **options, **components)
 
 
 def load_pipeline(model_dir: Path, dtype: str, device: str = "cpu", kind: str = "txt2img",
                   networks: ResidentNetworks | None = None):
     """The diffusers pipeline for a model folder; with `networks`, built around its released networks
     (weights loaded one network at a time while the pipeline runs, see reference.oracle)."""
-    components = {name: networks.released(name) for name in NETWORKS} if networks is not None else {}
+    components = {name: networks.released(name) for name in networks.names} if networks is not None else {}
     return _from_pretrained(model_dir, dtype, kind, **components).to(device)
 
 
 def load_network(model_dir: Path, network: str, dtype: str, device: str = "cpu"):
-    """One network (text_encoder, unet or vae) loaded by diffusers' pipeline loader, the others skipped."""
-    pipe = _from_pretrained(model_dir, dtype, "txt2img", tokenizer=None,
-                            **{name: None for name in NETWORKS if name != network})
-    return getattr(pipe, network).to(device)
+    """One network (a component folder: text_encoder, text_encoder_2, unet or vae) loaded by diffusers'
+    pipeline loader, the family's other networks and its tokenizers skipped."""
+    family = detect_family(model_dir)
+    skipped = {name: None for name in (*family.folders, *family.tokenizers) if name != network}
+    return getattr(_from_pretrained(model_dir, dtype, "txt2img", **skipped), network).to(device)
 
 
 @contextmanager
@@ -139,21 +158,28 @@ def _noise_sources(recorder: Recorder, pipe, x_t: torch.Tensor) -> Iterator[None
 
 
 @contextmanager
-def _pipeline_taps(recorder: Recorder, pipe, guided: bool) -> Iterator[None]:
-    """Pipeline-level tensors: token ids, per-step model input, noise predictions, latents; VAE calls."""
+def _pipeline_taps(recorder: Recorder, pipe, family: Family, guided: bool) -> Iterator[None]:
+    """Pipeline-level tensors: each text embedder's token ids, the UNet's added conditions, per-step
+    model input, noise predictions, latents; VAE calls."""
     scheduler, vae = pipe.scheduler, pipe.vae
-    text_calls = [0]
 
-    def on_text_encoder(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        role = "token_ids" if text_calls[0] == 0 else "negative_token_ids"
-        text_calls[0] += 1
-        recorder.pipeline(role, ids)
+    def on_text_encoder(embedder):
+        calls = [0]  # the prompt's call, then the negative prompt's
+
+        def record(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            recorder.pipeline(("negative_" if calls[0] else "") + embedder.token_ids, ids)
+            calls[0] += 1
+        return record
 
     def on_unet_input(module, args, kwargs):
         recorder.step += 1
         sample = kwargs.get("sample", args[0] if args else None)
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        added = kwargs.get("added_cond_kwargs")
+        if added and recorder.step == 0:  # the same every step (SDXL's pooled embeds and add_time_ids)
+            for name in ("text_embeds", "time_ids"):
+                recorder.pipeline(f"add_{name}", added[name])
         recorder.pipeline("latent_model_input", sample, step=recorder.step)
         recorder.pipeline("timestep", torch.as_tensor(timestep).reshape(-1)[:1], step=recorder.step)
 
@@ -196,7 +222,8 @@ def _pipeline_taps(recorder: Recorder, pipe, guided: bool) -> Iterator[None]:
         return call
 
     handles = [
-        pipe.text_encoder.register_forward_pre_hook(on_text_encoder, with_kwargs=True),
+        *(getattr(pipe, family.component(embedder.component).folder).register_forward_pre_hook(
+            on_text_encoder(embedder), with_kwargs=True) for embedder in family.conditioning.embedders),
         pipe.unet.register_forward_pre_hook(on_unet_input, with_kwargs=True),
         pipe.unet.register_forward_hook(on_unet_output),
     ]
@@ -250,11 +277,15 @@ def run_reference(config: RunConfig, output: Path, progress: bool = True, oracle
     if oracle:
         config = dataclasses.replace(config, dtype="fp64")
     model_dir = config.model_dir()
+    family = detect_family(model_dir)
     prepare_device(config.device)
     pin_torch()
     networks = ResidentNetworks(model_dir, config.dtype,
                                 lambda name, dtype: load_network(model_dir, name, dtype, config.device))
     pipe = load_pipeline(model_dir, config.dtype, config.device, config.pipeline, networks)
+    if oracle and getattr(pipe.vae.config, "force_upcast", False):
+        # float64 throughout: SDXL's pipeline would encode (img2img) at float32 in an fp64 run
+        pipe.vae.register_to_config(force_upcast=False)
     pipe.scheduler = scheduler_for(config.scheduler, pipe.scheduler.config, config.karras)
     pipe.set_progress_bar_config(disable=not progress, desc=f"reference {config.dtype}", leave=False)
     x_t = config.initial_noise(latent_channels=pipe.vae.config.latent_channels, scale=pipe.vae_scale_factor)
@@ -271,16 +302,19 @@ def run_reference(config: RunConfig, output: Path, progress: bool = True, oracle
         recorder.pipeline("x_T", x_t_tensor)
         sink = RecorderSink(recorder)
         with ExitStack() as stack:
-            stack.enter_context(hook_module(pipe.text_encoder, "text_encoder", sink))
-            stack.enter_context(hook_module(pipe.unet, "unet", sink))
-            stack.enter_context(hook_module(pipe.vae, "vae_decoder", sink, include=("post_quant_conv", "decoder"),
-                                            invocations=False))
-            stack.enter_context(hook_module(pipe.vae, "vae_encoder", sink, include=("encoder", "quant_conv"),
-                                            invocations=False))
-            stack.enter_context(_pipeline_taps(recorder, pipe, guided))
+            for component in family.components:
+                # a component sharing its module with another (the VAE halves) is its subtrees; its calls
+                # are the pipeline's encode/decode calls (_pipeline_taps), not the module's
+                stack.enter_context(hook_module(getattr(pipe, component.folder), component.name, sink,
+                                                include=component.subtrees,
+                                                invocations=not component.subtrees))
+            stack.enter_context(_pipeline_taps(recorder, pipe, family, guided))
             stack.enter_context(_noise_sources(recorder, pipe, x_t_tensor))
             stack.enter_context(networks.attached())
             stack.enter_context(exact_time_embedding() if oracle else nullcontext())
+            stack.enter_context(warnings.catch_warnings())
+            # SDXL's pipeline calls its own deprecated upcast_vae() (force_upcast at fp16): not the user's concern
+            warnings.filterwarnings("ignore", message=".*upcast_vae.*deprecated", category=FutureWarning)
             with torch.inference_mode():
                 result = pipe(**_call_arguments(config, x_t_tensor),
                               generator=torch.Generator(device="cpu").manual_seed(config.seed),

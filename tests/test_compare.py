@@ -12,7 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from sd_parity.judging import compare as compare_module
+from sd_parity.judging import compare as compare_module, pool
 from sd_parity.cli import main as cli_main
 from sd_parity.judging.compare import compare_runs
 from sd_parity.judging.metrics import tensor_metrics
@@ -710,7 +710,8 @@ def test_cli_exit_codes(tmp_path, capsys):
 # streaming
 
 
-def test_compare_reads_one_tensor_per_file_at_a_time(tmp_path, monkeypatch):
+def test_compare_reads_one_tensor_per_file_at_a_time_within_a_tiny_budget(tmp_path, monkeypatch):
+    monkeypatch.setattr(pool, "DEFAULT_BUDGET", 0)  # every pair is over budget: each is measured alone
     rng = np.random.default_rng(0)
     tensors = {("unet", "step_000", f"down_blocks.{i}"): rng.standard_normal(20_000).astype(np.float32)
                for i in range(6)}
@@ -735,10 +736,12 @@ def test_compare_reads_one_tensor_per_file_at_a_time(tmp_path, monkeypatch):
     assert most_alive <= 1  # when a tensor is read, at most the other file's current tensor is held
 
 
-def test_peak_memory_is_about_two_tensors(tmp_path, monkeypatch):
+@pytest.mark.parametrize("pairs_in_budget", [0, 2])
+def test_peak_memory_is_the_read_ahead_budget_or_two_tensors(tmp_path, monkeypatch, pairs_in_budget):
     monkeypatch.setattr(compare_module, "tensor_metrics",
                         lambda *a, **k: tensor_metrics(*a, **{**k, "threads": 1}))
     n = 2_000_000  # 8 MB per tensor
+    monkeypatch.setattr(pool, "DEFAULT_BUDGET", pairs_in_budget * 2 * n * 4)
     rng = np.random.default_rng(0)
     tensors = {("unet", "step_000", f"down_blocks.{i}"): rng.standard_normal(n).astype(np.float32)
                for i in range(4)}
@@ -753,7 +756,9 @@ def test_peak_memory_is_about_two_tensors(tmp_path, monkeypatch):
         tracemalloc.stop()
     assert comparison.coverage.counts["pass"] + comparison.coverage.counts["fail"] == 4
     tensor_bytes = n * 4
-    assert peak < 2 * tensor_bytes + 6 * 2 ** 20, peak  # two tensors + a few MiB of scratch, not 8 tensors
+    in_flight = max(2, 2 * pairs_in_budget) * tensor_bytes  # the budget, or one pair when it holds none
+    workers = pool.default_workers()
+    assert peak < in_flight + workers * 6 * 2 ** 20, peak  # + a few MiB of scratch per worker, not 8 tensors
     assert math.isfinite(comparison.results[0].metrics.rel_l2)
 
 

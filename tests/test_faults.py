@@ -13,9 +13,16 @@ import pytest
 
 from sd_parity.candidates.faults import FAULTS
 from sd_parity.cases.case import Case, judge_case
+from sd_parity.fixtures import fixture_family
 from sd_parity.runs.config import RunConfig
 
 BASE = dict(model="tiny-sd1", steps=3, prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry")
+# a family fault (SD 2.x, SDXL) runs on the tiny fixture of the first family it names, at 2 steps
+TINY = {fixture_family(name).name: name for name in ("tiny-sd1", "tiny-sd2", "tiny-sdxl")}
+
+
+def _fields(fault) -> dict:
+    return {"model": TINY[fault.families[0]], "steps": 2} if fault.families else {}
 
 
 def _judged(backend, fault=None, **fields):
@@ -27,7 +34,7 @@ def _judged(backend, fault=None, **fields):
 @pytest.mark.parametrize("name", sorted(FAULTS))
 def test_fault_is_detected_and_localized(name, backend):
     fault = FAULTS[name]
-    judged = _judged(backend, fault=name)
+    judged = _judged(backend, fault=name, **_fields(fault))
     verdict = judged.verdict
     assert verdict.status == "divergence", f"{name} went undetected: {verdict.text}"
     first = verdict.first_divergence

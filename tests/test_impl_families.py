@@ -7,7 +7,7 @@ decoder float32 latents at fp16: force_upcast). Each component end to end and ea
 fed those inputs and judged as SD 1.x's are (tests/unit_parity.py): torch bit-identical at every dtype,
 NumPy within relative L2 1e-5 / 1e-12 / 1e-2 / 6e-2 at fp32 / fp64 / fp16 / bf16.
 
-Ids name the fixture, unit, backend and dtype: `pytest -k "tiny-sdxl and clip2_block_1"`, `-k unet_block_mid`.
+Ids name the fixture, unit, backend and dtype: `pytest -k "tiny-sdxl and text_encoder_2_block_1"`, `-k unet_block_mid`.
 """
 from __future__ import annotations
 

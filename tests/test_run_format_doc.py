@@ -27,6 +27,7 @@ PIPELINE_RUNS = {
                         capture="pipeline"),
     "inpaint-9ch": dict(model="tiny-sd1-inpaint", pipeline="inpaint", init_image="fixtures/images/init_64.png",
                         mask_image="fixtures/images/mask_64.png", strength=1.0, steps=2),
+    "sdxl": dict(model="tiny-sdxl", steps=1, negative_prompt="blurry", capture="pipeline"),  # token_ids_2, add_*
 }
 
 

@@ -195,9 +195,9 @@ def test_files_without_an_index_are_read_by_scanning(tmp_path):
 
 @pytest.mark.parametrize("shape, itemsize, expected", [
     ((2, 4, 8, 8), 4, (2, 4, 8, 8)),                 # small: one chunk
-    ((2, 4096, 2560), 4, (1, 1638, 2560)),           # 84 MB: rows of one sample
+    ((2, 4096, 2560), 4, (1, 1366, 2560)),           # 84 MB: a third of one sample's rows (1638 fit)
     ((8, 64, 256, 256), 4, (1, 64, 256, 256)),       # exactly 16 MiB per sample
-    ((3, 3000, 3000), 2, (1, 2796, 3000)),
+    ((3, 3000, 3000), 2, (1, 1500, 3000)),           # 2 equal parts, not 2796 + 204 rows
 ])
 def test_chunks_stay_under_16_mib(shape, itemsize, expected):
     from sd_parity.runs.hdf5 import CHUNK_BYTES, chunk_shape
@@ -205,3 +205,34 @@ def test_chunks_stay_under_16_mib(shape, itemsize, expected):
     chunk = chunk_shape(shape, itemsize)
     assert chunk == expected
     assert np.prod(chunk) * itemsize <= CHUNK_BYTES
+
+
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_large_tensors_read_from_their_file_bytes_equal_hdf5s_read(tmp_path, monkeypatch, compression):
+    """Unfiltered tensors of 1 MiB and more are copied straight from the file (chunks cut on one axis or
+    several, the last one partly padding); compressed ones, and a contiguous dataset, read the same."""
+    from sd_parity.runs import hdf5
+
+    rng = np.random.default_rng(0)
+    monkeypatch.setattr(hdf5, "CHUNK_BYTES", 1 << 20)  # several chunks per tensor, at test sizes
+    tensors = {"a": rng.standard_normal((2, 1001, 300)).astype(np.float32),  # rows in parts of 501 and 500
+               "b": rng.standard_normal((3, 2, 600, 300)).astype(np.float32),  # cut on two axes
+               "c": rng.standard_normal((5, 100_003)).astype(ml_dtypes.bfloat16),
+               "d": rng.standard_normal(300_000).astype(np.float64)}
+    path = tmp_path / "run.h5"
+    with RunWriter(path, {}, compression=compression) as writer:
+        for name, array in tensors.items():
+            writer.write("unet", "step_000", name, array)
+    with h5py.File(path, "a") as file:  # a contiguous dataset, as other writers make them
+        file.create_dataset("unet/step_000/e", data=tensors["a"] * 2, chunks=None)
+        for attr, value in (("order", np.int64(4)), ("dtype", "float32"), ("kind", "output")):
+            file["unet/step_000/e"].attrs[attr] = value
+        del file["index"]
+    tensors["e"] = tensors["a"] * 2
+    with RunReader(path) as reader, h5py.File(path) as file:
+        for name, array in tensors.items():
+            entry = reader.entry(f"unet/step_000/{name}")
+            extents = hdf5._extents(h5py.h5d.open(file.id, entry.key.encode()), entry)
+            assert (extents is None) == (compression is not None and name != "e")
+            assert reader.read(entry).tobytes() == array.tobytes()
+            assert reader.read(entry).dtype == array.dtype

@@ -9,7 +9,7 @@ the first divergence (free mode) and the culprit (isolated mode) name the faulte
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import numpy as np
@@ -36,6 +36,7 @@ class Fault:
     description: str
     where: tuple[tuple[str, str], ...]  # (component, module path or tensor name) the harness must name
     apply: Callable  # (sd) -> context manager
+    families: tuple[str, ...] | None = None  # the model families it applies to (None: all); the first is tested
 
     @property
     def block(self):
@@ -195,6 +196,54 @@ FAULTS: dict[str, Fault] = {f.name: f for f in [
           lambda sd: _patched(sd, "decode_input", lambda latents: latents / sd.models.vae.scaling_factor
                               / sd.models.vae.scaling_factor)),
 ]}
+
+
+# --- Family faults: porting bugs of SD 2.x's and SDXL's conditioning and prediction type ----------------------
+
+def _other_prediction(sd):
+    """The sampler told the model predicts v when it predicts epsilon (and epsilon when it predicts v)."""
+    current = sd.scheduler_config.get("prediction_type", "epsilon")
+    swapped = "epsilon" if current == "v_prediction" else "v_prediction"
+    return _patched(sd, "scheduler_config", {**sd.scheduler_config, "prediction_type": swapped})
+
+
+def _conditioning(change: Callable):
+    """The pipeline's conditioning (the family's Conditioner, sd_parity.impl.families) changed by `change`."""
+    def apply(sd):
+        return _patched(sd, "conditioning", change(sd.conditioning))
+    return apply
+
+
+def _last_layer(conditioning):
+    return replace(conditioning, embedders=tuple(replace(e, hidden_layer=-1, final_norm=True)
+                                                 for e in conditioning.embedders))
+
+
+def _pooled_from_first(conditioning):
+    first = conditioning.embedders[0].component
+    return replace(conditioning, embedders=tuple(replace(e, pooled=e.component == first)
+                                                 for e in conditioning.embedders))
+
+
+def _time_ids_reordered(conditioning):
+    """Crop before original size: (top, left, h, w, h, w) instead of (h, w, top, left, h, w). (Swapping
+    original and target size would change nothing in a run where they are equal, the default.)"""
+    order = ("crops_coords_top_left", "original_size", "target_size")
+    return replace(conditioning, added=replace(conditioning.added, time_ids=order))
+
+
+FAULTS.update({f.name: f for f in [
+    Fault("epsilon_as_v", "the noise prediction read as v (v as epsilon, on a v-prediction model)",
+          (("pipeline", "step_output"),), _other_prediction, families=("sdxl", "sd2", "sd1")),
+    Fault("no_penultimate_layer", "the text encoders' last layer, final-normed, instead of the penultimate "
+          "hidden states", (("unet", "@encoder_hidden_states"),), _conditioning(_last_layer), families=("sdxl",)),
+    Fault("add_time_ids_order", "add_time_ids with the crop coordinates before the original size",
+          (("pipeline", "add_time_ids"), ("unet", "@added_cond_kwargs[time_ids]")),
+          _conditioning(_time_ids_reordered), families=("sdxl",)),
+    Fault("pooled_wrong_encoder", "the pooled text embedding taken from the first text encoder, not the second",
+          (("pipeline", "add_text_embeds"), ("unet", "@added_cond_kwargs[text_embeds]")),
+          _conditioning(_pooled_from_first), families=("sdxl",)),
+]})
 
 
 def fault(name: str) -> Fault:

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from sd_parity.errors import require_extra
+from sd_parity.errors import BadInput, require_extra
 from sd_parity.devices import prepare as prepare_device
 from sd_parity.impl.pipeline import Observer, PipelineRun, Request, StableDiffusion
 from sd_parity.runs.cache import source_fingerprint
@@ -43,9 +43,13 @@ class ImplCandidate(Candidate):
         if self.fault is not None:
             from .faults import fault
 
+            injected = fault(self.fault)
+            if injected.families is not None and self.sd.family.name not in injected.families:
+                raise BadInput(f"fault {self.fault!r} is a bug of {', '.join(injected.families)} models; "
+                               f"this model is {self.sd.family.title}")
             # the model is this run's alone, so the fault is never undone; holding the context keeps
             # it from being closed (and undone) when garbage-collected
-            self._applied_fault = fault(self.fault).apply(self.sd)
+            self._applied_fault = injected.apply(self.sd)
             self._applied_fault.__enter__()
 
     def fingerprint(self) -> str:
@@ -75,8 +79,8 @@ class ImplCandidate(Candidate):
             ids = {name: value for name, value in inputs.items() if name.startswith("token_ids")}
             negative = {name[len("negative_"):]: value for name, value in inputs.items()
                         if name.startswith("negative_token_ids") and value is not None}
-            context, _ = run.prompt_context(ids, negative or None)
-            return {"encoder_hidden_states": context}
+            context, added = run.prompt_context(ids, negative or None)
+            return {"encoder_hidden_states": context, **{f"add_{k}": v for k, v in (added or {}).items()}}
         if stage == "init_latents":
             latents = run.encoded_latents(inputs["mean"], inputs["logvar"], ops.asarray(inputs["posterior_noise"]))
             return {"add_noise_original": latents,

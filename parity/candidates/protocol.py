@@ -36,13 +36,14 @@ class Replay(Protocol):
 
     `x_T` is the initial noise (batch, C, H/8, W/8); `noise(kind, index, shape)` serves stochastic draws
     in order: kind "step" (the sampler's draw at denoising step `index`) or "posterior" (the VAE
-    encoder's `index`-th posterior sample). `token_ids(negative=False)` are the reference's token ids."""
+    encoder's `index`-th posterior sample). `token_ids(negative=False, encoder=1)` are the reference's
+    token ids (encoder=2: SDXL's second tokenizer's)."""
 
     x_T: np.ndarray
 
     def noise(self, kind: str, index: int, shape: tuple[int, ...]) -> np.ndarray: ...
 
-    def token_ids(self, negative: bool = False) -> np.ndarray | None: ...
+    def token_ids(self, negative: bool = False, encoder: int = 1) -> np.ndarray | None: ...
 
 
 class Taps(Protocol):

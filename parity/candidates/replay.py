@@ -40,8 +40,10 @@ class ReferenceReplay:
         self.metadata = dict(self._reader.metadata)
         self.x_T = self._reader.read("pipeline/main/x_T").astype(np.float32)
 
-    def token_ids(self, negative: bool = False) -> np.ndarray | None:
-        key = f"pipeline/main/{'negative_token_ids' if negative else 'token_ids'}"
+    def token_ids(self, negative: bool = False, encoder: int = 1) -> np.ndarray | None:
+        """The token ids of text encoder `encoder` (SDXL's second: 2), of the negative prompt if asked."""
+        name = ("negative_" if negative else "") + "token_ids" + (f"_{encoder}" if encoder > 1 else "")
+        key = f"pipeline/main/{name}"
         return self._reader.read(key) if key in self._reader else None
 
     def noise(self, kind: str, index: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -71,7 +73,7 @@ class SeededReplay:
         self.x_T = config.initial_noise(latent_channels=latent_channels, scale=scale)
         self.noise = seeded_noise(config.seed)
 
-    def token_ids(self, negative: bool = False) -> None:
+    def token_ids(self, negative: bool = False, encoder: int = 1) -> None:
         return None
 
     def close(self) -> None:

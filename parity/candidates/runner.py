@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -46,8 +46,11 @@ def latent_geometry(model_dir: Path) -> tuple[int, int]:
 
 
 def run_free(candidate: Any, config: RunConfig, output: Path, reference: Path | None = None,
-             progress: bool = False) -> Path:
-    """The candidate's whole pipeline for `config`, replaying `reference`'s inputs (or seeded ones)."""
+             progress: bool = False, make_writer: Callable[[Path, dict], Any] | None = None) -> Path:
+    """The candidate's whole pipeline for `config`, replaying `reference`'s inputs (or seeded ones).
+
+    `make_writer(output, metadata)` makes what the tensors stream into (default: a RunWriter; a live
+    comparison passes a LiveCompare, sd_parity.judging.live)."""
     model_dir = prepare(candidate, config)
     channels, scale = latent_geometry(model_dir)
     replay = ReferenceReplay(reference) if reference is not None else SeededReplay(config, channels, scale)
@@ -55,8 +58,9 @@ def run_free(candidate: Any, config: RunConfig, output: Path, reference: Path | 
         spec = CaptureSpec.parse(config.capture_spec(unet_parameter_count(model_dir)))
         metadata = {**run_metadata(config, impl=candidate_name(candidate), model_dir=model_dir, x_t=replay.x_T,
                                    scheduler_config=scheduler_config(model_dir)), **candidate_facts(candidate)}
-        with RunWriter(output, metadata, compression=config.compression,
-                       background_bytes=WRITE_QUEUE_BYTES) as writer:
+        make = make_writer or (lambda path, meta: RunWriter(path, meta, compression=config.compression,
+                                                       background_bytes=WRITE_QUEUE_BYTES))
+        with make(output, metadata) as writer:
             recorder = Recorder(writer, spec, total_steps=config.steps)
             label = f"{candidate_name(candidate)} {config.dtype}"
             run = RunContext(config, recorder, replay, model_dir, progress=step_progress(progress, config.steps, label))

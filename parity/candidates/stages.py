@@ -7,8 +7,11 @@ guidance halves, guidance halves swapped, a wrong model-input scaling, a sampler
 VAE scaling applied twice) is named at its stage instead of showing up as accumulated error.
 
     stage            inputs (from the reference)                        outputs (recorded as)
-    prompt_encoding  token_ids, [negative_token_ids]                    encoder_hidden_states (the UNet's
-                                                                        conditioning: unet/step_*/@encoder_hidden_states)
+    prompt_encoding  token_ids, [negative_token_ids], and each further  encoder_hidden_states (the UNet's
+                     text encoder's (token_ids_2, negative_...)         conditioning: unet/step_*/@encoder_hidden_states),
+                                                                        [add_text_embeds, add_time_ids] (SDXL's
+                                                                        added conditions, also as the UNet's
+                                                                        @added_cond_kwargs[text_embeds|time_ids])
     init_latents     mean, logvar, posterior_noise, x_T (img2img)       add_noise_original, add_noise_output
     model_input      step, latents, from_x_T, guided,                   latent_model_input, timestep
                      [mask, masked_image_latents]
@@ -27,6 +30,7 @@ alone; the stage's tensors are then missing from the isolated run.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sd_parity.runs.config import RunConfig
@@ -88,18 +92,22 @@ def isolate_pipeline_stages(candidate: Any, ref: RunReader, recorder: Recorder, 
 
 
 def _prompt_encoding(driver: _StageDriver) -> None:
-    """Token ids to the UNet's conditioning, recorded as the input of every captured UNet step."""
-    ids = driver.read("pipeline/main/token_ids")
-    if ids is None:
+    """Token ids to the UNet's conditioning, recorded as the input of every captured UNet step; SDXL's
+    added conditions (pooled text embeds, add_time_ids) also under their pipeline names."""
+    ids = {key.rsplit("/", 1)[1]: driver.read(key) for key in sorted(driver.keys)
+           if re.fullmatch(r"pipeline/main/(negative_)?token_ids(_\d+)?", key)}
+    if "token_ids" not in ids:
         return
-    outputs = driver.run("prompt_encoding", {"token_ids": ids,
-                                             "negative_token_ids": driver.read("pipeline/main/negative_token_ids")})
+    outputs = driver.run("prompt_encoding", {"negative_token_ids": None, **ids})
     if not outputs:
         return
+    added = {name: outputs.pop(f"add_{name}") for name in ("text_embeds", "time_ids") if f"add_{name}" in outputs}
+    driver.record({f"add_{name}": value for name, value in added.items()})
+    unet_inputs = {**outputs, **({"added_cond_kwargs": added} if added else {})}
     for invocation in driver.ref.invocations("unet"):
         if f"unet/{invocation}/@encoder_hidden_states" in driver.keys:
             with driver.recorder.invocation("unet", invocation):
-                driver.recorder.module_inputs("unet", "", outputs)
+                driver.recorder.module_inputs("unet", "", unet_inputs)
 
 
 def _init_latents(driver: _StageDriver, config: RunConfig):

@@ -48,7 +48,7 @@ PLACEHOLDERS = {
 }
 # Pipeline tensors a free run replays instead of reproducing: the initial noise, the token ids (so a
 # port may skip its tokenizer at first), and the draws of stochastic samplers and the VAE posterior.
-REPLAYED = re.compile(r"^pipeline/(main/(x_T|token_ids|negative_token_ids|posterior_noise(#\d+)?)|step_\d+/noise)$")
+REPLAYED = re.compile(r"^pipeline/(main/(x_T|(negative_)?token_ids(_\d+)?|posterior_noise(#\d+)?)|step_\d+/noise)$")
 STDERR_LINES = 20
 INTERPRETERS = r"(python|node|ruby|java|bash|sh|env|swift|dotnet|deno|bun)[\d.]*"
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")

@@ -12,6 +12,7 @@ import shlex
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,8 +20,10 @@ from typing import Any, Callable
 from sd_parity.candidates.protocol import supports
 from sd_parity.candidates.registry import label as candidate_label, resolve
 from sd_parity.candidates.runner import run_free, run_isolated
+from sd_parity.errors import BadInput
 from sd_parity.fixtures import FIXTURES
 from sd_parity.judging.compare import Comparison, compare_runs
+from sd_parity.judging.live import run_live
 from sd_parity.judging.name_map import NameMap
 from sd_parity.judging.scope import Scope
 from sd_parity.judging.tolerances import Tolerances
@@ -50,6 +53,7 @@ class Case:
     maps: tuple[str, ...] = ()  # --map specs: the candidate's names onto the reference's
     only: tuple[str, ...] = ()  # --only globs
     require: str = "all"  # --require
+    live: bool = False  # --live: the free run compared as it runs, only what the report needs kept (judging.live)
 
     @property
     def name(self) -> str:
@@ -115,11 +119,16 @@ class Judged:
 
 def judge_case(case: Case, tolerances: Tolerances | None = None,
                log: Callable[[str], None] = lambda line: None, progress: bool = False,
-               runs_dir: Path | None = None) -> Judged:
+               runs_dir: Path | None = None, kept_dir: Path | None = None) -> Judged:
     """Produce (or find cached) the case's runs and compare them: free against the fp64 oracle,
     isolated against the block-local oracle first. `log` hears each phase as it starts (phase_count of
     them but the last); `progress` draws bars within phases (denoising steps, tensors compared); the
-    run files are kept in `runs_dir` when given (keep_runs)."""
+    run files are kept in `runs_dir` when given (keep_runs). A live case's free run is compared as it
+    runs and keeps its few full tensors in `kept_dir` (it is never cached)."""
+    if case.live and (case.maps or kept_dir is None):
+        raise BadInput("--live compares a candidate that uses the reference's names: give no --map" if case.maps
+                       else "a live case needs a folder for the tensors it keeps")
+    tolerances = tolerances or Tolerances()  # a live run measures with the rules it is judged by
     candidate = resolve(case.candidate, fault=case.fault)
     config = with_candidate_tensors(case.config, candidate)
     log(f"{case.name}: reference {config.dtype}")
@@ -131,7 +140,14 @@ def judge_case(case: Case, tolerances: Tolerances | None = None,
         release_memory()
     fingerprint = candidate.fingerprint() if hasattr(candidate, "fingerprint") else None
     label = candidate_label(case.candidate)
-    if case.mode in ("free", "both"):
+    live = None
+    if case.mode in ("free", "both") and case.live:
+        log(f"{case.name}: {label} free, compared live")
+        kept_dir.mkdir(parents=True, exist_ok=True)
+        live = run_live(candidate, config, runs["reference"], kept_dir / f"{label}-free-live.h5",
+                        tolerances=tolerances, oracle=runs.get("oracle"))
+        runs["candidate"] = live.path
+    elif case.mode in ("free", "both"):
         log(f"{case.name}: {label} free")
         runs["candidate"] = cached_run(config, label, lambda cfg, path: run_free(
             candidate, cfg, path, reference=runs["reference"], progress=progress), fingerprint=fingerprint)
@@ -151,8 +167,9 @@ def judge_case(case: Case, tolerances: Tolerances | None = None,
                   scope=Scope(case.only, case.require))
     isolated_oracles = [runs[k] for k in ("block_oracle", "oracle") if k in runs] or None
     if "candidate" in runs:
-        comparison = compare_runs(runs["reference"], runs["candidate"], oracle_path=runs.get("oracle"),
-                                  tolerances=tolerances, progress=count_progress(progress, "compare"), **naming)
+        with live or nullcontext():
+            comparison = compare_runs(runs["reference"], live or runs["candidate"], oracle_path=runs.get("oracle"),
+                                      tolerances=tolerances, progress=count_progress(progress, "compare"), **naming)
     else:
         comparison = compare_runs(runs["reference"], runs["isolated"], oracle_path=isolated_oracles,
                                   tolerances=tolerances, progress=count_progress(progress, "compare"), **naming)
@@ -169,7 +186,7 @@ def run_case(case: Case, out_dir: Path, tolerances: Tolerances | None = None,
     """Run `case` and write its folder `out_dir` (reports, its run files in runs/, repro.sh); `log` hears
     each phase as it starts (phase_count of them)."""
     started = time.perf_counter()
-    judged = judge_case(case, tolerances, log, progress, runs_dir=out_dir / RUNS_DIR)
+    judged = judge_case(case, tolerances, log, progress, runs_dir=out_dir / RUNS_DIR, kept_dir=out_dir)
     log(f"{case.name}: report")
     summary = build_summary(judged.comparison, judged.verdict, judged.isolated)
     config_path = getattr(tolerances, "source", None)
@@ -238,6 +255,8 @@ def repro_command(case: Case, output_dir: Path, config: str | None = None) -> st
         parts.append(f"--config {shlex.quote(_absolute(config))}")
     if case.fault:
         parts.append(f"--inject-fault {case.fault}")
+    if case.live:
+        parts.append("--live")
     parts += [f"--map {shlex.quote(_absolute(spec))}" for spec in case.maps]
     parts += [f"--only {shlex.quote(g)}" for g in case.only]
     if case.require != "all":

@@ -61,6 +61,10 @@ def register(subparsers) -> None:
     parser.add_argument("--capture", default=None, metavar="SPEC",
                         help="what to capture, as parity capture --capture (default: what the candidate reports, "
                              "else all for small models and blocks for full-size ones)")
+    parser.add_argument("--live", action="store_true",
+                        help="compare the free run's tensors as they are produced instead of writing them all: "
+                             "metrics for every tensor, full tensors only for the first divergences, the pipeline "
+                             "and the report (docs/architecture.md)")
     parser.add_argument("--no-calibrate", dest="calibrated", action="store_false",
                         help="judge by dtype tolerances only, without an fp64 oracle run (default: calibrate)")
     parser.add_argument("--config", type=Path, default=None, metavar="parity.toml",
@@ -141,7 +145,7 @@ def run(args) -> int:
     if args.candidate_cmd or args.candidate_cmd_run:
         modes.update(command_candidate(args))
     naming = dict(maps=tuple(args.map), only=tuple(args.only), require=args.require)
-    cases = with_fault([Case(replace(base, scheduler=s, dtype=d), c, mode, args.calibrated, **naming)
+    cases = with_fault([Case(replace(base, scheduler=s, dtype=d), c, mode, args.calibrated, live=args.live, **naming)
                         for s, d, (c, mode) in itertools.product(schedulers, dtypes, modes.items())], args.inject_fault)
     return execute(cases, args.output_dir, args.config, title=f"parity run on {base.model}",
                    options=executor_options(args))

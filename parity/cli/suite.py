@@ -1,10 +1,11 @@
-"""`parity suite`: the CI parity suite on the embedded tiny model (what `make parity` runs)."""
+"""`parity suite`: the CI parity suite on the tiny models of each family (what `make parity` runs)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from sd_parity.cases.case import Case
-from sd_parity.fixtures import IMAGES_DIR
+from sd_parity.candidates.faults import fault
+from sd_parity.fixtures import IMAGES_DIR, fixture_family
 from sd_parity.runs.config import RunConfig
 from .run import add_executor_arguments, add_fault_argument, execute, executor_options, with_fault
 from ._options import add_parser, examples
@@ -20,6 +21,26 @@ def suite_cases(model: str = "tiny-sd1", steps: int = 6) -> list[Case]:
     configs += [RunConfig(**base, scheduler="ddim", dtype=d) for d in ("fp16", "bf16")]
     configs += [RunConfig(**base, scheduler="ddim", pipeline="img2img", init_image=INIT, strength=0.7)]
     return [Case(config, candidate) for config in configs for candidate in ("torch", "numpy")]
+
+
+# SD 2.x and SDXL on their tiny fixtures, each with its own shipped sampler (DDIM v-prediction; Euler),
+# at fp32 and one half precision (SDXL at fp16, where its VAE decodes at float32), on both backends.
+FAMILY_CASES = {"tiny-sd2": ("ddim", "bf16"), "tiny-sdxl": ("euler", "fp16")}
+
+
+def family_cases(steps: int = 4) -> list[Case]:
+    base = dict(steps=steps, prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry", seed=0)
+    return [Case(RunConfig(**base, model=model, scheduler=scheduler, dtype=dtype), candidate)
+            for model, (scheduler, half) in FAMILY_CASES.items() for dtype in ("fp32", half)
+            for candidate in ("torch", "numpy")]
+
+
+def fault_cases(cases: list[Case], fault_name: str | None) -> list[Case]:
+    """The cases a fault can be injected into: those whose model is of a family the fault is a bug of."""
+    if fault_name is None:
+        return cases
+    families = fault(fault_name).families
+    return [case for case in cases if families is None or fixture_family(case.config.model).name in families]
 
 
 def register(subparsers) -> None:
@@ -40,6 +61,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    title = "parity suite (tiny-sd1)" + (f" with fault {args.inject_fault}" if args.inject_fault else "")
-    return execute(with_fault(suite_cases(), args.inject_fault), args.output_dir, args.config, title=title,
-                   options=executor_options(args))
+    fault_name = args.inject_fault
+    title = "parity suite (tiny-sd1, tiny-sd2, tiny-sdxl)" + (f" with fault {fault_name}" if fault_name else "")
+    cases = with_fault(fault_cases(suite_cases() + family_cases(), fault_name), fault_name)
+    return execute(cases, args.output_dir, args.config, title=title, options=executor_options(args))

@@ -21,15 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from sd_parity.errors import BadInput
 from .derived import judge_derived
 from .diagnosis import Diagnoser, Diagnosis, summarize
 from .cross_device import describe as describe_devices, device_pair, widened
 from .metrics import ExactMetrics, FloatMetrics, exact_metrics, is_float, oracle_error, tensor_metrics
 from .name_map import CandidateView, NameMap, Resolution
+from . import pool
 from .oracles import Oracles, oracle_paths
 from .scope import Scope, ScopeCoverage
 from sd_parity.runs.naming import block_of, module_path
+from sd_parity.runs.buffers import Buffers
 from sd_parity.runs.hdf5 import Entry, RunReader
 from sd_parity.runs.open import open_run
 from .tolerances import Decision, Tolerances, dtype_decision, identical, judge
@@ -157,7 +161,7 @@ class Comparison:
         return bool(compared) and all(r.identical for r in compared)
 
 
-def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
+def compare_runs(ref_path: str | os.PathLike, cand_path: "str | os.PathLike | LiveRun", *,
                  oracle_path: str | os.PathLike | list | tuple | None = None,
                  name_map: NameMap | str | os.PathLike | None = None,
                  tolerances: Tolerances | str | os.PathLike | None = None,
@@ -166,9 +170,12 @@ def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
     """Compare a candidate run with the reference run (and, given an fp64 oracle run, calibrate;
     several oracle runs are looked up in order, see judging.oracles).
 
-    `scope` limits what the candidate is expected to provide (scope.py). Raises RunFileError for
+    `cand_path` may also be the LiveRun a live comparison (live.py) returned: its tensors were measured as
+    they were produced. `scope` limits what the candidate is expected to provide (scope.py). Raises RunFileError for
     unreadable run files, NameMapError / ToleranceConfigError for bad maps or configs: all bad input.
     """
+    from .live import LiveRun
+
     started = time.perf_counter()
     if name_map is not None and not isinstance(name_map, NameMap):
         name_map = NameMap.load(name_map)
@@ -176,7 +183,7 @@ def compare_runs(ref_path: str | os.PathLike, cand_path: str | os.PathLike, *,
         tolerances = Tolerances()
     elif not isinstance(tolerances, Tolerances):
         tolerances = Tolerances.load(tolerances)
-    with open_run(ref_path) as ref, open_run(cand_path) as cand:
+    with open_run(ref_path) as ref, (cand_path if isinstance(cand_path, LiveRun) else open_run(cand_path)) as cand:
         paths = oracle_paths(oracle_path)
         oracle = Oracles(paths) if paths else None
         try:
@@ -204,17 +211,32 @@ def _compare(ref: RunReader, cand: RunReader, oracle: Oracles | None, name_map: 
     results: list[TensorResult] = []
     used: set[str] = set()
     bytes_read = 0
-    total = len(ref_entries)
     sources = _Sources(ref, view, mapped.sources, isolated=cand.metadata.get("mode") == "isolated")
-    for position, entry in enumerate(ref_entries):
-        if progress is not None:
-            progress(position, total, entry.key)
+    pairs = []
+    for entry in ref_entries:
         match = mapped.sources.get(entry.key)
         if match is None and coverage.scope.leaves_out(scope, entry, mapped.absent.get(entry.key)):
             continue
+        pairs.append((entry, match))
+
+    total = len(pairs)
+
+    recycled = Buffers(keep=pool.DEFAULT_BUDGET)
+
+    def measure_pair(pair):  # on the pool's threads: reads and metrics only, the index is set in order below
+        with recycled.lease():  # the tensors read here are dropped when it returns
+            return _compare_one(ref, view, oracle, *pair, tolerances, -1, sources)
+
+    def cost(pair) -> int:  # what measuring the pair holds in memory at once (the oracle's is float64)
+        entry, match = pair
+        return (entry.nbytes + match.nbytes) * (2 if oracle is not None else 1) if match is not None else 0
+
+    for position, ((entry, match), (result, nbytes)) in enumerate(pool.ordered_map(measure_pair, pairs, cost)):
+        if progress is not None:
+            progress(position, total, entry.key)
+        result.index = len(results)
         if match is not None:
             used.add(match.key)
-        result, nbytes = _compare_one(ref, view, oracle, entry, match, tolerances, len(results), sources)
         bytes_read += nbytes
         if match is not None:
             result.notes.extend(match.notes)
@@ -311,34 +333,22 @@ def _compare_one(ref: RunReader, cand: CandidateView, oracle: Oracles | None, en
         allowed = " (allowed by an override)" if rule.any_dtype else ""
         result.notes.append(f"dtype differs: reference {entry.dtype}, candidate {match.dtype}{allowed}; compared "
                             f"after casting, judged with {judge_dtype} tolerances")
-    ref_array = ref.read(entry)
-    cand_array = cand.read(match).reshape(ref_array.shape)
-    nbytes = entry.nbytes + match.nbytes
-    metrics = tensor_metrics(ref_array, cand_array, rtol=rule.rtol, atol=rule.atol)
-    ref_err = cand_err = None
-    if oracle is not None and isinstance(metrics, FloatMetrics):
-        found = oracle.read(entry.key, tuple(entry.shape))
-        if found is not None:
-            oracle_array, oracle_entry = found
-            nbytes += oracle_entry.nbytes
-            ref_err = oracle_error(ref_array, oracle_array)
-            cand_err = oracle_error(cand_array, oracle_array)
-            del oracle_array
-            if oracle_entry.dtype != "float64":
-                result.notes.append(f"oracle tensor is {oracle_entry.dtype}, not float64")
-        else:
-            reason = "not in the oracle run" if not oracle.holds(entry.key) else "has another shape in the oracle run"
-            result.notes.append(f"{reason}: judged with the {judge_dtype} default tolerance instead")
-    elif oracle is not None and entry.dtype == "uint8":
-        # an 8-bit image: calibrate on how far the reference's own image is from the fp64 run's
-        found = oracle.read(entry.key, tuple(entry.shape))
-        if found is not None:
-            oracle_array = found[0].reshape(ref_array.shape)
-            ref_err, cand_err = exact_metrics(oracle_array, ref_array), exact_metrics(oracle_array, cand_array)
-    del ref_array
-    decision = judge_derived(entry.component, entry.invocation, entry.name, cand_array, sources, rule,
-                             ref.metadata.get("guidance"))
-    del cand_array
+    decision = None
+    live = getattr(cand.reader, "measured", None)  # a live run (live.py) measured its tensors as they came
+    if live is not None and not cand.reader.holds(match.key):
+        metrics, ref_err, cand_err, notes = live(match.key, rule)
+        nbytes = 0
+    else:
+        ref_array = ref.read(entry)
+        cand_array = cand.read(match).reshape(ref_array.shape)
+        metrics, ref_err, cand_err, notes, oracle_bytes = measure(ref_array, cand_array, oracle, entry, rule,
+                                                                  judge_dtype)
+        nbytes = entry.nbytes + match.nbytes + oracle_bytes
+        del ref_array
+        decision = judge_derived(entry.component, entry.invocation, entry.name, cand_array, sources, rule,
+                                 ref.metadata.get("guidance"))
+        del cand_array
+    result.notes.extend(notes)
     if decision is not None:
         result.notes.append("judged by its derivation from its own sources (see judging.derived)")
     else:
@@ -350,6 +360,36 @@ def _compare_one(ref: RunReader, cand: CandidateView, oracle: Oracles | None, en
     if decision.passed and result.identical:
         decision.reason = "identical"
     return result, nbytes
+
+
+def measure(ref_array: np.ndarray, cand_array: np.ndarray, oracle: Oracles | None, entry: Entry, rule,
+            judge_dtype: str) -> tuple[FloatMetrics | ExactMetrics, Any, Any, list[str], int]:
+    """(metrics, reference vs oracle, candidate vs oracle, notes, oracle bytes read) for one tensor pair:
+    what a comparison from files and a live one (live.py) both compute."""
+    notes: list[str] = []
+    nbytes = 0
+    metrics = tensor_metrics(ref_array, cand_array, rtol=rule.rtol, atol=rule.atol)
+    ref_err = cand_err = None
+    if oracle is not None and isinstance(metrics, FloatMetrics):
+        found = oracle.read(entry.key, tuple(entry.shape))
+        if found is not None:
+            oracle_array, oracle_entry = found
+            nbytes += oracle_entry.nbytes
+            ref_err = oracle_error(ref_array, oracle_array)
+            cand_err = oracle_error(cand_array, oracle_array)
+            del oracle_array
+            if oracle_entry.dtype != "float64":
+                notes.append(f"oracle tensor is {oracle_entry.dtype}, not float64")
+        else:
+            reason = "not in the oracle run" if not oracle.holds(entry.key) else "has another shape in the oracle run"
+            notes.append(f"{reason}: judged with the {judge_dtype} default tolerance instead")
+    elif oracle is not None and entry.dtype == "uint8":
+        # an 8-bit image: calibrate on how far the reference's own image is from the fp64 run's
+        found = oracle.read(entry.key, tuple(entry.shape))
+        if found is not None:
+            oracle_array = found[0].reshape(ref_array.shape)
+            ref_err, cand_err = exact_metrics(oracle_array, ref_array), exact_metrics(oracle_array, cand_array)
+    return metrics, ref_err, cand_err, notes, nbytes
 
 
 def _refuse_empty_comparison(coverage: Coverage, ref_path: Path, cand_path: Path) -> None:

@@ -64,7 +64,7 @@ class Diagnoser:
 
     def diagnose(self, result, entry, match) -> list[Diagnosis]:
         """Diagnoses for one divergent row (entry: the reference's, match: the candidate's mapped entry)."""
-        if self.per_component[entry.component] >= self.limit or match is None:
+        if self.per_component[entry.component] >= self.limit or match is None or not self._held(match.key):
             return []
         self.per_component[entry.component] += 1
         ref = self.ref.read(entry)
@@ -84,7 +84,7 @@ class Diagnoser:
             if row.status != "extra" or self.extras_examined >= self.limit:
                 continue
             siblings = missing.get((row.component, row.invocation, _parent(row.name)))
-            if not siblings or len(siblings) not in _FUSED_PARTS:
+            if not siblings or len(siblings) not in _FUSED_PARTS or not self._held(row.cand_key):
                 continue
             self.extras_examined += 1
             diagnosis = self._fused(row, siblings)
@@ -92,6 +92,11 @@ class Diagnoser:
                 for target in (row, *siblings):
                     target.diagnoses.append(diagnosis)
                     target.notes.append(f"diagnosis: {diagnosis.text}")
+
+    def _held(self, key: str) -> bool:
+        """Whether the candidate's data is at hand: a live run (live.py) keeps only some tensors."""
+        holds = getattr(self.cand.reader, "holds", None)
+        return holds is None or holds(key)
 
     def _fused(self, row, siblings) -> Diagnosis | None:
         cand = self.cand.reader.read(self.cand.reader.entry(row.cand_key))

@@ -40,7 +40,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-CHUNK = 1 << 15
+CHUNK = 1 << 16
 FP16_MAX = 65504.0
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")

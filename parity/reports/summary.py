@@ -24,6 +24,7 @@ import numpy as np
 
 from sd_parity.errors import BadInput
 from sd_parity.escaping import printable
+from sd_parity.impl.families import COMPONENTS
 from sd_parity.judging.compare import Comparison, TensorResult
 from sd_parity.judging.diagnosis import clause as diagnosis_clause
 from sd_parity.judging.scope import scope_clause
@@ -40,8 +41,6 @@ DETAIL_KEYS = ("tensors", "drilldowns")
 # What a summary.json must hold to be rendered (besides what details.json.gz adds).
 REQUIRED = ("verdict", "first_divergence", "culprits", "runs", "mode", "config", "coverage", "warnings", "blocks",
             "isolated", "details")
-_STEMS = {"text_encoder": "clip", "unet": "unet", "vae_decoder": "vae_decoder", "vae_encoder": "vae_encoder",
-          "pipeline": "pipeline"}
 _GROUP_BAD = ("fail", "shape_mismatch", "missing")
 
 
@@ -176,7 +175,8 @@ def group_id(result: TensorResult) -> str:
     block = result.block_id
     if block is not None:
         return block
-    stem = _STEMS.get(result.component, result.component)
+    component = COMPONENTS.get(result.component)
+    stem = component.test_stem if component is not None else result.component
     return "pipeline" if result.component == "pipeline" else f"{stem}_toplevel"
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from sd_parity.devices import check_syntax as check_device_syntax
 from sd_parity.errors import BadInput
+from sd_parity.impl.families import FAMILIES, detect_family
 from sd_parity.impl.samplers import SAMPLERS
 from sd_parity.threads import current_threads
 from .selection import CaptureSpec, default_spec
@@ -24,7 +25,6 @@ from sd_parity.fixtures import FIXTURES, ensure_fixture, fixed_noise, folder_has
 PIPELINES = ("txt2img", "img2img", "inpaint")
 SCHEDULERS = tuple(SAMPLERS)  # impl's samplers, each naming the diffusers scheduler it matches
 DTYPES = ("fp32", "fp64", "fp16", "bf16")
-MODEL_PARTS = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 @dataclass
@@ -118,11 +118,12 @@ class RunConfig:
         if not folder.is_dir():
             raise BadInput(f"--model {self.model} is a file; pass a diffusers model folder "
                            "(single-file checkpoints are converted with `parity convert`)")
-        missing = [part for part in MODEL_PARTS if not (folder / part).exists()]
+        parts = model_parts(folder)
+        missing = [part for part in parts if not (folder / part).exists()]
         if missing:
-            raise BadInput(f"model folder {folder} lacks {', '.join(missing)}; a diffusers SD folder has "
-                           f"{', '.join(MODEL_PARTS)}")
-        for component in ("unet", "vae", "text_encoder"):
+            raise BadInput(f"model folder {folder} lacks {', '.join(missing)}; a diffusers folder of this "
+                           f"model has {', '.join(parts)}")
+        for component in detect_family(folder).folders:
             check_weight_files(folder / component)
         return folder
 
@@ -253,6 +254,22 @@ def _open_image(path: str, option: str):
     except (UnidentifiedImageError, OSError) as exc:
         raise BadInput(f"{option} {path} is not a readable image ({exc})") from None
     return image
+
+
+def model_parts(folder: Path) -> tuple[str, ...]:
+    """What a diffusers folder of the family its model_index.json names holds (the family registry's
+    component and tokenizer folders); SD 1.x and 2.x, told apart by their text encoders, hold the same."""
+    index = folder / "model_index.json"
+    try:
+        pipeline = json.loads(index.read_text()).get("_class_name")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        pipeline = None
+    family = next((f for f in FAMILIES.values() if pipeline in f.pipelines.values()), None)
+    if family is None:
+        if not index.exists():
+            raise BadInput(f"model folder {folder} lacks model_index.json; pass a diffusers model folder")
+        detect_family(folder)  # raises: no known family's pipeline
+    return ("model_index.json", "scheduler", *family.folders, *family.tokenizers)
 
 
 def check_weight_files(component_dir: Path) -> None:

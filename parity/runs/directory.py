@@ -35,7 +35,7 @@ from sd_parity.impl.errors import ModelInputError
 from sd_parity.impl.tensor_files import SafetensorsFile, write_safetensors
 
 from .hdf5 import (COMPONENTS, FORMAT, FORMAT_VERSION, INVOCATION_RE, LOGICAL_DTYPES, WRITE_LIMITS, Entry, RunFileError,
-                   RunReader, kind_of, logical_dtype)
+                   RunReader, Writer, kind_of, logical_dtype)
 from .limits import Limits, json_document, name_problem, nbytes_of, shape_problem
 
 MANIFEST = "run.json"
@@ -390,7 +390,7 @@ class DirectoryRunReader(RunReader):
 
 
 # --- writing -----------------------------------------------------------------------------------------
-class DirectoryRunWriter:
+class DirectoryRunWriter(Writer):
     """Writes a run folder; the same interface as RunWriter, so a Recorder can stream into it.
 
     The folder is written under a temporary name beside `path`; run.json goes last and the folder is
@@ -477,12 +477,3 @@ class DirectoryRunWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def __enter__(self) -> "DirectoryRunWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()

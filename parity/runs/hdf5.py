@@ -44,6 +44,7 @@ from sd_parity.impl.families import COMPONENTS as MODULE_COMPONENTS
 from sd_parity.errors import OutputError, RunFileError
 from sd_parity.interrupts import default_handlers
 from sd_parity.outputs import check_output_file, output_error, release_temporary, sweep_stale_temps, temp_path
+from . import buffers
 from .limits import Limits, expansion_problem, name_problem, nbytes_of, parse_metadata, json_document, shape_problem
 
 FORMAT = "sd-parity-run"
@@ -123,7 +124,27 @@ class Entry:
                 self.layout]
 
 
-class RunWriter:
+class Writer:
+    """What every run writer is as a context manager: closed (made complete) on success, aborted (nothing
+    left behind) on an exception."""
+
+    def close(self):
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class RunWriter(Writer):
     """Streams tensors into a new run file; use as a context manager so failures leave no file behind.
 
     With `background_bytes` > 0, tensors are copied into a FIFO queue of at most that many bytes and
@@ -150,7 +171,7 @@ class RunWriter:
         self._order = 0
         self._bytes = 0
         self.before_close: list[Callable[[], None]] = []
-        self._worker: _BackgroundWrites | None = None
+        self._worker: BackgroundWork | None = None
         _WriteFailures.watch()
         self._watching = True
         try:
@@ -164,7 +185,7 @@ class RunWriter:
             self._discard()
             raise OutputError(f"cannot create {self.path}: {_cause(exc)}; choose another --output") from exc
         if background_bytes > 0:
-            self._worker = _BackgroundWrites(self._store, background_bytes)
+            self._worker = BackgroundWork(self._store, background_bytes)
 
     @property
     def tensors_written(self) -> int:
@@ -183,23 +204,15 @@ class RunWriter:
         """Store one tensor. `layout="channels_last"` notes that the producer held a 4-D tensor with its
         channels innermost in memory: values are stored NCHW all the same, but a re-run that wants the
         producer's exact rounding must restore that layout (convolution kernels choose by it)."""
-        if component not in COMPONENTS:
-            raise RunFileError(f"unknown component {component!r}; expected one of {COMPONENTS}")
-        if not INVOCATION_RE.match(invocation):
-            raise RunFileError(f"bad invocation label {invocation!r}; expected main, call_N or step_NNN")
-        problem = name_problem(name, WRITE_LIMITS)
-        if problem:
-            raise RunFileError(f"bad tensor name {name!r}: {problem}")
+        check_tensor(component, invocation, name, layout)
         array = np.ascontiguousarray(array)
         dtype = logical_dtype(array)
         stored = array.view(_STORED_AS[dtype]) if dtype in _STORED_AS else array
         order = self._order
         self._order += 1
         self._bytes += stored.nbytes
-        if layout not in (None, "channels_last"):
-            raise RunFileError(f"unknown layout {layout!r} for {name}; only channels_last is recorded")
         if self._worker is not None:
-            self._worker.put((component, invocation, name, stored.copy(), dtype, order, layout))
+            self._worker.put((component, invocation, name, stored.copy(), dtype, order, layout), stored.nbytes)
         else:
             self._store(component, invocation, name, stored, dtype, order, layout)
 
@@ -304,14 +317,18 @@ class RunWriter:
             self._watching = False
             _WriteFailures.release()
 
-    def __enter__(self) -> "RunWriter":
-        return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+def check_tensor(component: str, invocation: str, name: str, layout: str | None = None) -> None:
+    """Refuse a tensor no run file may hold under this name (what every writer checks)."""
+    if component not in COMPONENTS:
+        raise RunFileError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+    if not INVOCATION_RE.match(invocation):
+        raise RunFileError(f"bad invocation label {invocation!r}; expected main, call_N or step_NNN")
+    problem = name_problem(name, WRITE_LIMITS)
+    if problem:
+        raise RunFileError(f"bad tensor name {name!r}: {problem}")
+    if layout not in (None, "channels_last"):
+        raise RunFileError(f"unknown layout {layout!r} for {name}; only channels_last is recorded")
 
 
 def _cause(exc: BaseException) -> str:
@@ -375,19 +392,21 @@ WRITE_LIMITS = Limits()  # what a writer may produce: the defaults, so every rea
 
 def chunk_shape(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     """Chunks of at most CHUNK_BYTES, cut along the leading axes (h5py's automatic chunks are ~1 MB and
-    make reading large tensors several times slower)."""
+    make reading large tensors several times slower), into near-equal parts: HDF5 stores the last chunk
+    of an axis whole, so cutting 4096 rows into 1638 + 1638 + 820 would store 10% of padding."""
     chunk = list(shape)
     for axis in range(len(chunk)):
         inner = int(np.prod(chunk[axis + 1:], dtype=np.int64)) * itemsize
         if inner * chunk[axis] <= CHUNK_BYTES:
             break
-        chunk[axis] = max(1, CHUNK_BYTES // max(inner, 1))
+        most = max(1, CHUNK_BYTES // max(inner, 1))
+        chunk[axis] = -(-chunk[axis] // -(-chunk[axis] // most))  # rows per part, in ceil(rows / most) parts
         if inner * chunk[axis] <= CHUNK_BYTES:
             break
     return tuple(max(1, c) for c in chunk)
 
 
-class _BackgroundWrites:
+class BackgroundWork:
     """A worker thread draining a byte-bounded FIFO of pending writes; its first error stops the run."""
 
     THREAD_NAME = "run-file-writer"
@@ -402,15 +421,15 @@ class _BackgroundWrites:
         self._thread = threading.Thread(target=self._drain, name=self.THREAD_NAME, daemon=True)
         self._thread.start()
 
-    def put(self, item: tuple) -> None:
-        size = item[3].nbytes
+    def put(self, item: tuple, size: int) -> None:
+        """Queue `item` (the arguments of `store`), holding `size` bytes, once the queue has room for it."""
         with self._room:
             # A tensor larger than the whole budget waits for an empty queue rather than forever.
             self._room.wait_for(lambda: self._error is not None or self._pending == 0
                                 or self._pending + size <= self._max_bytes)
             self._raise_error()
             self._pending += size
-        self._queue.put(item)
+        self._queue.put((item, size))
 
     def finish(self) -> None:
         self._queue.put(None)
@@ -429,18 +448,45 @@ class _BackgroundWrites:
             raise self._error
 
     def _drain(self) -> None:
-        while (item := self._queue.get()) is not None:
+        while (queued := self._queue.get()) is not None:
+            item, size = queued
             if self._error is None:
                 try:
                     self._store(*item)
                 except BaseException as exc:  # noqa: BLE001 - handed to the capturing thread
                     self._error = exc
             with self._room:
-                self._pending -= item[3].nbytes
+                self._pending -= size
                 self._room.notify_all()
 
 
-class RunReader:
+class Indexed:
+    """A run's tensor index, as readers present it (`_entries` in execution order, `_by_key`)."""
+
+    _entries: list[Entry]
+    _by_key: dict[str, Entry]
+
+    def entries(self) -> list[Entry]:
+        """Every tensor in execution order."""
+        return list(self._entries)
+
+    def entry(self, key: str) -> Entry:
+        return self._by_key[key]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._by_key
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class RunReader(Indexed):
     """Reads a complete, valid run file; tensors are loaded one at a time, on request.
 
     The whole file is checked when it is opened (see `examine`); a file that breaks the format or a
@@ -454,19 +500,14 @@ class RunReader:
             more = f" (and {len(examined.problems) - 5} more: parity validate lists them)" if len(examined.problems) > 5 else ""
             raise RunFileError(f"{self.path} is not a valid run file: {shown}{more}")
         self._file = _open(self.path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as exc:
+            self._file.close()
+            raise RunFileError(f"{self.path} cannot be read ({exc.strerror})") from exc
         self.metadata: dict[str, Any] = copy.deepcopy(examined.metadata)
         self._entries = examined.entries
         self._by_key = {e.key: e for e in self._entries}
-
-    def entries(self) -> list[Entry]:
-        """Every tensor in execution order."""
-        return list(self._entries)
-
-    def entry(self, key: str) -> Entry:
-        return self._by_key[key]
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._by_key
 
     def read(self, key: str | Entry, restore_layout: bool = False) -> np.ndarray:
         """One tensor, NCHW; with `restore_layout`, a channels_last tensor comes back as a channels-last view."""
@@ -478,8 +519,12 @@ class RunReader:
             dataset = h5py.h5d.open(self._file.id, entry.key.encode())
             if dataset.shape != entry.shape:
                 raise RunFileError(f"{self.path}: {entry.key} changed shape since the file was opened")
-            data = np.empty(entry.shape, dtype=storage_dtype(entry.dtype))
-            if data.size:
+            data = buffers.empty(entry.shape, storage_dtype(entry.dtype))
+            extents = _extents(dataset, entry) if data.nbytes >= RAW_READ_BYTES else None
+            if extents is not None:
+                del dataset  # HDF5's lock is not needed for the reading itself
+                self._read_raw(extents, data, entry)
+            elif data.size:
                 dataset.read(h5py.h5s.ALL, h5py.h5s.ALL, data)
         except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise RunFileError(f"{self.path}: cannot read {entry.key} ({exc}); the file is truncated or corrupt, "
@@ -490,6 +535,18 @@ class RunReader:
             data = np.ascontiguousarray(data.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
         return data
 
+    def _read_raw(self, extents: list[tuple[int, int, int]], data: np.ndarray, entry: Entry) -> None:
+        """Copy the tensor's bytes straight from the file (os.preadv releases the GIL, so other threads
+        measure while this one reads; HDF5's own read holds it throughout)."""
+        buffer = memoryview(data.reshape(-1).view(np.uint8))
+        for file_offset, length, array_offset in extents:
+            done = 0
+            while done < length:
+                got = os.preadv(self._fd, [buffer[array_offset + done:array_offset + length]], file_offset + done)
+                if got <= 0:
+                    raise OSError(f"the file ends inside {entry.key}")
+                done += got
+
     def components(self) -> list[str]:
         return sorted({e.component for e in self._entries}, key=COMPONENTS.index)
 
@@ -498,12 +555,50 @@ class RunReader:
 
     def close(self) -> None:
         self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
-    def __enter__(self) -> "RunReader":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+RAW_READ_BYTES = 1 << 20  # smaller tensors are read through HDF5: finding their bytes would cost as much
+
+
+def _extents(dataset, entry: Entry) -> list[tuple[int, int, int]] | None:
+    """Where an unfiltered tensor's bytes lie in the file: (file offset, length, offset in the tensor) runs;
+    None when HDF5 must do the reading (filters, compact storage, another byte order, unwritten chunks).
+
+    A chunk is a contiguous run of the tensor when it has size 1 on the axes before one axis and spans
+    the whole of every axis after it: the shape chunk_shape() gives, and so every chunk this writer makes.
+    A chunk at the end of that axis is stored whole; only its first rows belong to the tensor."""
+    plist = dataset.get_create_plist()
+    if plist.get_nfilters() or dataset.dtype != storage_dtype(entry.dtype) or dataset.dtype.byteorder == ">":
+        return None
+    itemsize = dataset.dtype.itemsize
+    shape = entry.shape
+    layout = plist.get_layout()
+    if layout == h5py.h5d.CONTIGUOUS:
+        offset = dataset.get_offset()
+        return None if offset is None else [(offset, entry.nbytes, 0)]
+    if layout != h5py.h5d.CHUNKED:
+        return None
+    chunk = plist.get_chunk()
+    cut = max((axis for axis in range(len(shape)) if chunk[axis] != shape[axis]), default=0)
+    if any(chunk[axis] != 1 for axis in range(cut)):
+        return None
+    row_bytes = int(np.prod(shape[cut + 1:], dtype=np.int64)) * itemsize
+    strides = [int(np.prod(shape[axis + 1:], dtype=np.int64)) * itemsize for axis in range(len(shape))]
+    extents, covered = [], 0
+    for number in range(dataset.get_num_chunks()):
+        info = dataset.get_chunk_info(number)
+        if info.byte_offset is None or info.filter_mask:
+            return None
+        rows = min(chunk[cut], shape[cut] - info.chunk_offset[cut])
+        length = rows * row_bytes
+        if info.size < length:
+            return None
+        extents.append((info.byte_offset, length, sum(o * s for o, s in zip(info.chunk_offset, strides))))
+        covered += length
+    return extents if covered == entry.nbytes else None
 
 
 def validate(path: str | os.PathLike, limits: Limits | None = None) -> list[str]:
@@ -544,7 +639,7 @@ def _can_fork() -> bool:
     """Fork where it is cheap and safe: on Linux, and not while a run-file writer thread may hold h5py's
     lock (the child would wait on it forever)."""
     return (hasattr(os, "fork") and sys.platform.startswith("linux")
-            and not any(t.name == _BackgroundWrites.THREAD_NAME for t in threading.enumerate()))
+            and not any(t.name == BackgroundWork.THREAD_NAME for t in threading.enumerate()))
 
 
 def _examine_here(path: Path, limits: Limits, file_bytes: int, progress: Callable[[], None] = lambda: None

@@ -4,6 +4,9 @@ Each benchmark records its best time; at the end the session prints, and writes 
 reports/benchmarks.json, every implementation's time as a ratio to diffusers' measured in the same run.
 """
 import json
+import os
+import re
+import subprocess
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,6 +24,26 @@ def pytest_collection_modifyitems(items):
 
 def record(case: str, impl: str, seconds: float, **extra) -> None:
     RESULTS[case][impl] = {"seconds": seconds, **extra}
+
+
+def disk_rates(folder: Path, mib: int = 512) -> dict[str, float]:
+    """The disk's own rates under `folder`, in GB/s, measured with dd: writing `mib` MiB through to the disk
+    (conv=fdatasync) and reading it back past the page cache (iflag=direct)."""
+    scratch = folder / "dd.bin"
+    rates = {}
+    try:
+        for name, args in (("write", ["if=/dev/zero", f"of={scratch}", "conv=fdatasync"]),
+                           ("read", [f"if={scratch}", "of=/dev/null", "iflag=direct"])):
+            done = subprocess.run(["dd", *args, "bs=16M", f"count={mib // 16}"], capture_output=True, text=True)
+            seconds = float(re.search(r"copied, ([0-9.]+) s", done.stderr).group(1))
+            rates[f"disk_{name}_gb_per_s"] = mib * 2**20 / seconds / 1e9
+    finally:
+        scratch.unlink(missing_ok=True)
+    return rates
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
 
 
 def pytest_sessionfinish(session):

@@ -23,6 +23,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--queue-mib", type=int, default=192, help="background write queue; 0 writes inline")
     parser.add_argument("--keep", action="store_true", help="keep the run files (for the compare benchmark)")
+    parser.add_argument("--live", type=Path, default=None, metavar="REF.h5",
+                        help="compare every module output live against this reference run (judging.live) "
+                             "instead of capturing; --capture names the run file of kept tensors")
     args = parser.parse_args()
 
     from diffusers import UNet2DConditionModel
@@ -46,6 +49,9 @@ def main() -> None:
     unet(sample, timestep, context)  # warm-up: first-call allocations and kernel selection
     baseline_rss = peak_rss()
 
+    if args.live:
+        print(json.dumps(_live(unet, (sample, timestep, context), args)))
+        return
     timings, largest, written = [], 0, 0
     for repeat in range(args.repeat):
         writer = RunWriter(args.capture.with_suffix(f".{repeat}.h5"), {}, background_bytes=args.queue_mib << 20) \
@@ -66,6 +72,36 @@ def main() -> None:
                 writer.path.unlink()
     print(json.dumps({"seconds": min(timings), "timings": timings, "peak_rss": peak_rss(), "rss_after_warmup": baseline_rss, "weight_bytes": weight_bytes,
         "largest_activation": largest, "captured_bytes": written}))
+
+
+def _live(unet, inputs, args) -> dict:
+    """Best of --repeat: one call compared live against --live, then its comparison; bytes kept vs produced."""
+    from sd_parity.candidates.hooks import hook_module
+    from sd_parity.candidates.sinks import RecorderSink
+    from sd_parity.judging.compare import compare_runs
+    from sd_parity.judging.live import LiveCompare
+    from sd_parity.runs.recorder import Recorder
+    from sd_parity.runs.selection import CaptureSpec
+
+    from .networks import peak_rss
+
+    best = None
+    for repeat in range(args.repeat):
+        kept = args.capture.with_suffix(f".live{repeat}.h5")
+        started = time.perf_counter()
+        live = LiveCompare(kept, {}, args.live)
+        with hook_module(unet, "unet", RecorderSink(Recorder(live, CaptureSpec.parse("all"), total_steps=1))):
+            unet(*inputs)
+        called = time.perf_counter() - started
+        with live.close() as run:
+            comparison = compare_runs(args.live, run)
+        seconds = time.perf_counter() - started
+        measured = {"seconds": seconds, "call_and_metrics_seconds": called, "bytes_written": live.bytes_written,
+                    "tensor_bytes": live.tensor_bytes, "tensors": len(comparison.results),
+                    "passed": comparison.first_divergence() is None}
+        kept.unlink()
+        best = measured if best is None or seconds < best["seconds"] else best
+    return {**best, "peak_rss": peak_rss()}
 
 
 def _datasets(file):
