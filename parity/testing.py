@@ -9,7 +9,6 @@ The pytest plugin (sd_parity.pytest_plugin) wraps these as fixtures; docs/ports.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import os
 import re
 import tempfile
@@ -18,6 +17,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from sd_parity.runs.naming import glob_to_regex
 from sd_parity.errors import BadInput, SdParityError
 from sd_parity.runs.config import RunConfig
 
@@ -221,11 +221,11 @@ def _against_baseline(summary: dict[str, Any], selected: list, baseline, margin:
 
 
 def _write_baseline(summary: dict[str, Any]) -> None:
-    from sd_parity.reports.summary import SUMMARY_FILE, write_summary_json
+    from sd_parity.reports.summary import write_summary
 
     folder = _BASELINES.get().write
     if folder is not None:
-        write_summary_json(summary, folder() / SUMMARY_FILE)
+        write_summary(summary, folder())
 
 
 def _selected(comparison, only: str | Iterable[str] | None) -> list:
@@ -237,8 +237,9 @@ def _selected(comparison, only: str | Iterable[str] | None) -> list:
     rows = [r for r in comparison.results if r.status != "extra" and not (
         isolated and r.status == "missing" and (r.kind == "input" or r.component == "pipeline"))]
     if patterns is not None:
-        rows = [r for r in rows if any(p in (r.block_id, r.component) or fnmatch.fnmatchcase(r.key, p)
-                                       for p in patterns)]
+        globs = [re.compile(glob_to_regex(p)) for p in patterns]  # the project's one glob dialect
+        rows = [r for r in rows if any(p in (r.block_id, r.component) or g.fullmatch(r.key)
+                                       for p, g in zip(patterns, globs))]
         if not rows:
             raise BadInput(f"assert_parity: only={only!r} selects none of the reference's tensors; give block "
                            "ids (unet_block_1_down), components (unet, pipeline) or globs over keys "

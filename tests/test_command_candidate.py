@@ -1,13 +1,13 @@
 """A port in another language, driven through its command line (`parity run --candidate-cmd`): a stand-in
 program that only exchanges files gets culprit blocks like a Python candidate, and its failures come
 back as clear bad-input errors quoting its stderr."""
-import json
 import shlex
 import sys
 from pathlib import Path
 
 import pytest
 
+from sd_parity.reports.summary import load_summary
 from sd_parity.candidates.faults import FAULTS
 from sd_parity.candidates.registry import resolve
 from sd_parity.candidates.subprocess import CommandCandidate
@@ -23,7 +23,7 @@ BASE = ["--model", "tiny-sd1", "--steps", "3", "--prompt", "a photograph of an a
 
 
 def _summary(out: Path) -> dict:
-    return json.loads(next(out.glob("*/summary.json")).read_text())
+    return load_summary(next(out.glob("*/summary.json")))
 
 
 def test_isolated_mode_through_a_command_names_the_faulted_block(tmp_path, monkeypatch):

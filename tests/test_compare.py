@@ -18,7 +18,8 @@ from sd_parity.judging.compare import compare_runs
 from sd_parity.judging.metrics import tensor_metrics
 from sd_parity.judging.name_map import NameMap, NameMapError
 from sd_parity.runs.hdf5 import RunReader, RunWriter
-from sd_parity.reports.summary import SCHEMA_VERSION, build_summary, format_table, render_outputs
+from sd_parity.reports.summary import (SCHEMA_VERSION, build_summary, format_table, load_summary, render_outputs,
+                                      summary_json_text)
 from sd_parity.judging.tolerances import DEFAULT_K, DTYPE_DEFAULTS, ToleranceConfigError, Tolerances, judge
 from sd_parity.judging.verdict import make_verdict
 
@@ -627,15 +628,19 @@ def test_summary_json_and_junit(tmp_path):
     comparison, iso = compare_runs(ref, free), compare_runs(ref, isolated)
     summary = build_summary(comparison, make_verdict(comparison, iso), iso)
     written = render_outputs(summary, tmp_path / "out")
-    assert [p.name for p in written] == ["summary.json", "junit.xml", "report.html"]
+    assert [p.name for p in written] == ["summary.json", "details.json.gz", "junit.xml", "report.html"]
     data = _strict_json(tmp_path / "out" / "summary.json")
     assert data["schema_version"] == SCHEMA_VERSION
     for key in ("verdict", "first_divergence", "culprits", "runs", "mode", "config", "coverage", "warnings",
-                "blocks", "tensors", "isolated", "timing"):
+                "blocks", "isolated", "timing", "details"):
         assert key in data
+    assert "tensors" not in data and "tensors" not in data["isolated"]  # the rows are in details.json.gz
     assert data["runs"]["reference"]["metadata"]["prompt"] == "a red cube"
     assert data["runs"]["isolated"]["metadata"]["mode"] == "isolated"
-    assert len(data["tensors"]) == 21 and data["tensors"][0]["order"] == 0
+    assert data["details"] == {"file": "details.json.gz", "tensors": 21, "isolated_tensors": 21}
+    loaded = load_summary(tmp_path / "out" / "summary.json")
+    assert len(loaded["tensors"]) == 21 and loaded["tensors"][0]["order"] == 0
+    assert json.loads(summary_json_text(loaded)) == json.loads(summary_json_text(summary))  # nothing lost on disk
     row = data["first_divergence"]
     assert row["block"] == "unet_block_1_down" and row["step"] == 0 and row["status"] == "fail"
     assert row["metrics"]["max_abs"] == pytest.approx(0.5)
@@ -645,19 +650,21 @@ def test_summary_json_and_junit(tmp_path):
     z = compare_runs(zero, zero_c)
     zsum = build_summary(z, make_verdict(z))
     render_outputs(zsum, tmp_path / "zout")
-    zdata = _strict_json(tmp_path / "zout" / "summary.json")
+    zdata = load_summary(tmp_path / "zout" / "summary.json")
     assert zdata["tensors"][0]["metrics"]["rel_l2"] == "Infinity"
 
+    # junit: the verdict, then one testcase per block over all steps; the bug reads as one block failure
     suites = ET.parse(tmp_path / "out" / "junit.xml").getroot()
     main = suites.find("testsuite[@name='parity']")
     cases = main.findall("testcase")
-    assert len(cases) == len(data["blocks"]) == 9  # 3 blocks x 2 steps + pipeline main + 2 latents groups
+    assert [c.get("name") for c in cases] == ["verdict"] + list(dict.fromkeys(b["id"] for b in data["blocks"]))
+    assert cases[0].find("failure").get("message") == data["verdict"]["text"]
     failed = [c for c in cases if c.find("failure") is not None]
-    assert [c.get("name") for c in failed] == ["unet_block_1_down[step_000]"]
-    message = failed[0].find("failure").get("message")
+    assert [c.get("name") for c in failed] == ["verdict", "unet_block_1_down"]
+    message = failed[1].find("failure").get("message")
     assert "unet/step_000/down_blocks.1.resnets.0" in message and "rtol 0.0001" in message
-    assert "max_abs 0.5" in message
-    assert suites.find("testsuite[@name='parity-isolated']") is not None
+    assert "max_abs 0.5" in message and "in isolation" in message
+    assert main.get("failures") == "2" and main.get("tests") == str(len(cases))
 
     table = format_table(summary)
     assert "DIVERGENCE" in table and "unet/step_000/down_blocks.1.resnets.0" in table

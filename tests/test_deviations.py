@@ -13,6 +13,7 @@ import pytest
 from sd_parity.cases.case import Case, run_case
 from sd_parity.cli import main
 from sd_parity.judging.tolerances import ToleranceConfigError, Tolerances
+from sd_parity.reports.summary import load_summary
 from sd_parity.runs.config import RunConfig
 
 BASE = dict(model="tiny-sd1", steps=3, prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry")
@@ -43,7 +44,7 @@ def _compare(tmp_path, runs, *extra, config=CONFIG, isolated=True, out="out"):
     args = ["compare", str(runs["reference"]), str(runs["candidate"]), "--oracle", str(runs["oracle"]),
             "--config", str(tmp_path / "parity.toml"), "--output-dir", str(tmp_path / out), "--quiet"]
     code = main(args + (["--isolated", str(runs["isolated"])] if isolated else []) + list(extra))
-    return code, json.loads((tmp_path / out / "summary.json").read_text())
+    return code, load_summary(tmp_path / out / "summary.json")  # with the tensor rows of details.json.gz
 
 
 def test_without_a_deviation_the_double_diverges_everywhere_downstream(tmp_path, runs):

@@ -10,7 +10,7 @@ from sd_parity.judging.compare import compare_runs
 from sd_parity.judging.diagnosis import explain
 from sd_parity.judging.verdict import make_verdict
 from sd_parity.reports.html.columns import _reason
-from sd_parity.reports.summary import build_summary, format_table
+from sd_parity.reports.summary import build_summary, format_table, load_summary
 from sd_parity.runs.hdf5 import RunWriter
 
 META = {"impl": "test", "prompt": "a red cube", "seed": 0, "steps": 3, "mode": "free", "guidance": 7.5}
@@ -145,7 +145,7 @@ def test_diagnosis_reaches_summary_verdict_table_and_report(tmp_path):
                                          ("unet", "step_000", "attn1.to_qkv"): np.concatenate([q, k, v], -1)})
     out = tmp_path / "out"
     assert cli_main(["compare", str(ref), str(cand), "--output-dir", str(out)]) == 1
-    summary = json.loads((out / "summary.json").read_text())
+    summary = load_summary(out / "summary.json")
     by_kind = {k["kind"]: k for k in summary["diagnosis"]["kinds"]}
     assert by_kind["batch_order"]["fix"] == "[[transform]] glob = 'unet/**' batch = [1, 0]"
     assert by_kind["fused"]["tensors"] == 4  # the fused tensor and its three parts

@@ -3,12 +3,12 @@ with fused q/k/v, channels-last activations and a [cond, uncond] CFG batch (test
 from our numpy impl's run), is at parity under `--map ldm` plus a few lines, its differences named by
 the diagnosis; and `parity align` recovers its block names without any map.
 """
-import json
 
 import numpy as np
 import pytest
 
 from ldm_port import model_configs, write_ldm_port_run
+from sd_parity.reports.summary import load_summary
 from sd_parity.cli import main as cli_main
 from sd_parity.judging.align import align_runs
 from sd_parity.judging.compare import compare_runs
@@ -49,7 +49,7 @@ def test_ldm_map_alone_names_the_port_differences(port, tmp_path, capsys):
     out = tmp_path / "ldm"
     assert cli_main(["compare", str(reference), str(double), "--oracle", str(oracle), "--map", "ldm",
                      "--output-dir", str(out)]) == 1
-    summary = json.loads((out / "summary.json").read_text())
+    summary = load_summary(out / "summary.json")
     found = {(k["component"], k["kind"]): k for k in summary["diagnosis"]["kinds"]}
     assert found[("unet", "layout")]["fix"] == "[[transform]] glob = 'unet/**' layout = \"nhwc\""
     assert "classifier-free-guidance batch is [cond, uncond]" in found[("unet", "batch_order")]["text"]
@@ -70,7 +70,7 @@ def test_ldm_map_and_a_few_lines_reach_parity(port, tmp_path, capsys):
     out = tmp_path / "mapped"
     assert cli_main(["compare", str(reference), str(double), "--oracle", str(oracle), "--map", str(names),
                      "--output-dir", str(out)]) == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = load_summary(out / "summary.json")
     assert summary["verdict"]["status"] == "parity"
     counts = summary["coverage"]["counts"]
     assert counts["fail"] == counts["missing"] == counts["shape_mismatch"] == counts["extra"] == 0

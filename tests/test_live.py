@@ -9,7 +9,7 @@ from sd_parity.candidates.runner import run_free
 from sd_parity.judging.compare import compare_runs
 from sd_parity.judging.live import KEEP_DIVERGENT, LiveCompare, run_live
 from sd_parity.judging.verdict import make_verdict
-from sd_parity.reports.summary import build_summary
+from sd_parity.reports.summary import build_summary, load_summary
 from sd_parity.runs.config import RunConfig
 from sd_parity.runs.hdf5 import RunFileError, RunReader
 
@@ -85,7 +85,7 @@ def test_parity_run_live_gives_the_verdict_of_a_run_from_files(tmp_path, capsys)
                 "free", "--no-calibrate"]
     assert cli_main([*settings, "--output-dir", str(tmp_path / "files")]) == 0
     assert cli_main([*settings, "--live", "--output-dir", str(tmp_path / "live")]) == 0
-    files, live = (json.loads(next((tmp_path / d).rglob("summary.json")).read_text()) for d in ("files", "live"))
+    files, live = (load_summary(next((tmp_path / d).rglob("summary.json"))) for d in ("files", "live"))
     assert live["verdict"] == files["verdict"]
     assert [(t["key"], t["status"], t["metrics"]) for t in live["tensors"]] == \
         [(t["key"], t["status"], t["metrics"]) for t in files["tensors"]]

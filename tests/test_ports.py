@@ -3,7 +3,6 @@ style than impl/, and a NumPy port reporting with tap/wrap) get free mode, isola
 thresholds and the full report from the same `parity run` as impl/, named on the command line, by
 entry point or as pkg.module:factory, with nothing in parity/ written for them."""
 import importlib
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import sd_parity
+from sd_parity.reports.summary import load_summary
 from sd_parity.candidates.registry import label, registered, resolve
 from sd_parity.cases.case import Case, run_case
 from sd_parity.fixtures import FIXTURES
@@ -37,7 +37,7 @@ def _parity_run(tmp_path, candidate: str) -> tuple[int, dict]:
                            "--candidate", candidate, "--output-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode in (0, 1), done.stderr[-3000:]
-    return done.returncode, json.loads(next(tmp_path.glob("*/summary.json")).read_text())
+    return done.returncode, load_summary(next(tmp_path.glob("*/summary.json")))
 
 
 def test_torch_port_is_at_parity_free_and_isolated_from_the_command_line(tmp_path):

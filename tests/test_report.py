@@ -3,9 +3,11 @@
 Most tests build a small fake SD capture with RunWriter (fast, no model); one runs tiny-sd1 with a
 fault injected into impl's GroupNorm to check the report points at the faulted module.
 """
+import gzip
 import json
 import re
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,9 @@ from sd_parity.reports.html.drilldown import HISTOGRAM_BINS, MAP_SIDE, WORST_ELE
 from sd_parity.reports.html.pictures import amplified_difference, png_data_uri
 from sd_parity.reports.html.render import REPORT_SCRIPTS, inline_asset, render_report, script_json
 from sd_parity.runs.hdf5 import RunWriter
-from sd_parity.reports.summary import build_summary, render_outputs
+from sd_parity.reports.html.overview import next_steps
+from sd_parity.reports.junit import junit_text
+from sd_parity.reports.summary import DETAILS_FILE, SCHEMA_VERSION, build_summary, load_summary, render_outputs
 from sd_parity.judging.verdict import make_verdict
 
 FAULTED = "down_blocks.1.resnets.0.norm1"
@@ -122,10 +126,17 @@ def test_the_first_divergence_and_its_culprit_lead_the_page(fake_case):
     assert f'href="#dd-free-{summary["first_divergence"]["index"]}"' in top
     assert re.search(rf'<details class="card drill" id="dd-free-{summary["first_divergence"]["index"]}"[^>]* open>',
                      html)
-    # run facts, coverage and copy-paste commands
+    # run facts, coverage and copy-paste commands: the candidate is not ours, so its test is an assert_parity
     for text in ("fake-sd", "a red cube", "ddim", "fp32", str(folder.parent / "reference.h5"),
-                 "pytest -k &#39;unet_block_1_down and fp32&#39;", "parity compare ", "No coverage gaps"):
+                 f"parity compare {folder.parent / 'reference.h5'} {folder.parent / 'free.h5'} --isolated "
+                 f"{folder.parent / 'isolated.h5'}",
+                 "sd_parity.assert_parity(&#39;", "only=&#39;unet_block_1_down&#39;", "No coverage gaps"):
         assert text in top, text
+    assert "pytest -k" not in top and "DIR" not in top  # no block tests of our impl, no placeholders
+    # next steps follow from the verdict: the culprit block first, then the first divergence
+    steps = top[top.index('id="next-steps"'):top.index('id="repro"')]
+    assert steps.index("Look at block unet_block_1_down") < steps.index("Look at the first divergence")
+    assert f'href="#dd-isolated-{summary["culprits"][0]["worst"]["index"]}"' in steps
     assert 'id="depth-charts"' in html and 'id="heatmaps"' in html and 'id="tensor-table"' in html
 
 
@@ -148,6 +159,8 @@ def test_drilldowns_locate_the_fault_from_the_tensor_data(fake_case):
     assert len([d for d in drill["tensors"] if d["source"] == "free"]) <= 1 + drill["top_n"]
     # images and latents
     assert drill["images"]["max_levels"] == 1 and drill["images"]["differing_pixels"] == 1
+    assert drill["images"]["level_counts"] == [16 * 16 - 1, 1]  # pixels per level of difference
+    assert drill["images"]["difference_true"].startswith("data:image/png;base64,")
     assert drill["images"]["reference"].startswith("data:image/png;base64,")
     assert [latent["step"] for latent in drill["latents"]] == [0, 1, 2]
 
@@ -176,9 +189,22 @@ def test_rerendering_needs_only_the_summary(fake_case, capsys):
     assert again.read_text() == (folder / REPORT_FILE).read_text()
 
 
+def test_summary_json_is_small_and_the_details_file_travels_with_it(fake_case, capsys):
+    summary, folder = fake_case
+    head = json.loads((folder / "summary.json").read_text())
+    assert "tensors" not in head and "drilldowns" not in head and head["details"]["file"] == DETAILS_FILE
+    assert (folder / "summary.json").stat().st_size < (folder / DETAILS_FILE).stat().st_size
+    moved = folder.parent / "moved"
+    moved.mkdir()
+    (folder / "summary.json").rename(moved / "summary.json")
+    assert cli_main(["report", str(moved / "summary.json")]) == 2
+    assert f"{moved / DETAILS_FILE} is missing" in capsys.readouterr().err
+    assert not (moved / REPORT_FILE).exists()
+
+
 @pytest.mark.parametrize("content, message", [
-    (None, "does not exist"), ("{not json", "not readable JSON"), ('{"schema_version": 99}', "schema version 1"),
-    ('{"schema_version": 1, "tensors": []}', "lacks verdict")])
+    (None, "does not exist"), ("{not json", "not readable JSON"), ('{"schema_version": 99}', "schema version 2"),
+    ('{"schema_version": 2, "tensors": []}', "lacks verdict")])
 def test_report_command_rejects_bad_summaries(tmp_path, capsys, content, message):
     path = tmp_path / "summary.json"
     if content is not None:
@@ -344,7 +370,8 @@ def test_a_full_size_capture_stays_within_budget(tmp_path):
 def test_index_links_each_case_and_leads_with_the_suite_verdict(tmp_path):
     cases = []
     for name, status in (("txt2img-ddim-numpy-fp32", "divergence"), ('bad"><img src=x onerror=alert(1)>', "parity")):
-        cases.append({"name": name, "status": status, "verdict": f"{status}: text", "first_divergence": None,
+        cases.append({"name": name, "status": status, "passed": status == "parity", "verdict": f"{status}: text",
+                      "first_divergence": None,
                       "culprits": [{"block": "unet_block_1_down"}] if status == "divergence" else [],
                       "candidate": "numpy", "dtype": "fp32", "scheduler": "ddim", "pipeline": "txt2img", "mode": "both",
                       "calibrated": True, "seconds": 1.5, "summary": str(tmp_path / "cases" / "x" / "summary.json"),
@@ -391,7 +418,9 @@ def faulty_tiny_case(folder: Path, reference_run, monkeypatch, steps: int = 1) -
 
 def test_tiny_sd1_fault_is_named_at_the_top(tmp_path, reference_run, monkeypatch):
     folder = faulty_tiny_case(tmp_path, reference_run, monkeypatch)
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = load_summary(folder / "summary.json")
+    assert (folder / "summary.json").stat().st_size < 1_000_000  # the rows are in details.json.gz
+    assert_follows_schema(folder)
     assert summary["first_divergence"]["key"] == f"unet/step_000/{FAULTED}"
     assert summary["culprits"][0]["block"] == "unet_block_1_down"
     report = folder / REPORT_FILE
@@ -404,3 +433,106 @@ def test_tiny_sd1_fault_is_named_at_the_top(tmp_path, reference_run, monkeypatch
     assert "pytest -k &#39;unet_block_1_down and numpy and fp32&#39;" in top
     drill = summary["drilldowns"]
     assert drill["tensors"][0]["key"] == f"unet/step_000/{FAULTED}" and drill["images"] and drill["latents"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# the published schema, JUnit and next steps
+
+
+SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "docs" / "summary.schema.json").read_text())
+
+
+def assert_follows_schema(folder: Path) -> None:
+    """summary.json and details.json.gz in `folder` validate against docs/summary.schema.json."""
+    jsonschema = pytest.importorskip("jsonschema")
+    assert SCHEMA["properties"]["schema_version"]["const"] == SCHEMA_VERSION
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
+    head = json.loads((folder / "summary.json").read_text())
+    jsonschema.Draft202012Validator(SCHEMA).validate(head)
+    details = json.loads(gzip.decompress((folder / DETAILS_FILE).read_bytes()))
+    jsonschema.Draft202012Validator({"$defs": SCHEMA["$defs"], "$ref": "#/$defs/details"}).validate(details)
+
+
+def test_summaries_follow_the_published_schema(fake_case, tmp_path):
+    assert_follows_schema(fake_case[1])
+    jsonschema = pytest.importorskip("jsonschema")
+    broken = json.loads((fake_case[1] / "summary.json").read_text())
+    broken["verdict"]["exit_code"] = "1"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(SCHEMA).validate(broken)
+    paths = write_runs(tmp_path, fake_capture(steps=1))  # no isolated run, no drill-downs
+    comparison = compare_runs(paths["reference"], paths["free"])
+    render_outputs(build_summary(comparison, make_verdict(comparison)), tmp_path / "free-only")
+    assert_follows_schema(tmp_path / "free-only")
+
+
+def junit_cases_of(summary: dict) -> dict[str, ET.Element]:
+    suite = ET.fromstring(junit_text(summary).encode()).find("testsuite")
+    return {case.get("name"): case for case in suite.findall("testcase")}
+
+
+def junit_cases(folder: Path) -> dict[str, ET.Element]:
+    suite = ET.parse(folder / "junit.xml").getroot().find("testsuite")
+    return {case.get("name"): case for case in suite.findall("testcase")}
+
+
+def test_junit_reads_one_bug_as_one_block_failure(fake_case, tmp_path):
+    summary, folder = fake_case
+    cases = junit_cases(folder)
+    assert list(cases)[0] == "verdict"
+    assert cases["verdict"].find("failure").get("message") == summary["verdict"]["text"]
+    failed = [name for name, case in cases.items() if case.find("failure") is not None]
+    assert failed == ["verdict", "unet_block_1_down"]
+    text = cases["unet_block_1_down"].find("failure").text
+    assert f"unet/step_000/{FAULTED}" in text and "in the free-running run" in text
+    inherited = cases["unet_block_mid"].find("system-out").text
+    assert "none in the isolated run" in inherited and "inherited" in inherited
+    # without an isolated run, the block of the first divergence fails and those after it are not judged
+    paths = write_runs(tmp_path, fake_capture(steps=2))
+    comparison = compare_runs(paths["reference"], paths["free"])
+    render_outputs(build_summary(comparison, make_verdict(comparison)), tmp_path / "free-only")
+    cases = junit_cases(tmp_path / "free-only")
+    assert [n for n, c in cases.items() if c.find("failure") is not None] == ["verdict", "unet_block_1_down"]
+    skipped = {n: c.find("skipped").get("message") for n, c in cases.items() if c.find("skipped") is not None}
+    assert set(skipped) == {"unet_block_mid", "unet_toplevel", "pipeline", "vae_decoder_block_0_up"}
+    assert all("downstream of the first divergence" in m for m in skipped.values())
+
+
+def test_next_steps_follow_the_verdict(tmp_path):
+    capture = fake_capture(steps=1)
+    paths = write_runs(tmp_path, {"reference": capture["reference"], "free": capture["reference"]})
+    same = compare_runs(paths["reference"], paths["free"])
+    steps = next_steps(build_summary(same, make_verdict(same)))
+    assert [s["title"] for s in steps] == ["Keep it checked"] and "bit for bit" in steps[0]["text"]
+    close = {key: (value * np.float32(1 + 1e-7) if value.dtype == np.float32 else value)
+             for key, value in capture["reference"].items()}
+    paths = write_runs(tmp_path, {"reference": capture["reference"], "free": close})
+    near = compare_runs(paths["reference"], paths["free"])
+    assert [s["title"] for s in next_steps(build_summary(near, make_verdict(near)))] == ["Calibrate the thresholds"]
+    # the free run at parity, but the faulted block fails when fed the reference's inputs
+    paths = write_runs(tmp_path, {"reference": capture["reference"], "free": capture["reference"],
+                                  "isolated": capture["isolated"]})
+    same, iso = compare_runs(paths["reference"], paths["free"]), compare_runs(paths["reference"], paths["isolated"])
+    summary = build_summary(same, make_verdict(same, iso), iso)
+    assert summary["verdict"]["status"] == "isolation_only" and summary["verdict"]["exit_code"] == 1
+    titles = [s["title"] for s in next_steps(summary)]
+    assert titles[:2] == ["Look at block unet_block_1_down (unet.down_blocks.1)", "Fix what fails in isolation"]
+    assert junit_cases_of(summary)["verdict"].find("failure").get("type") == "isolation_only"
+    # an isolated run that fed block 1 its own inputs did not isolate it: no culprit, a step that says why
+    leaky = dict(capture["isolated"])
+    for key in [k for k in leaky if k[2] == "down_blocks.1@hidden_states"]:
+        leaky[key] = leaky[key] + np.float32(1e-3)
+    paths = write_runs(tmp_path, {**capture, "isolated": leaky})
+    free, iso = compare_runs(paths["reference"], paths["free"]), compare_runs(paths["reference"], paths["isolated"])
+    summary = build_summary(free, make_verdict(free, iso), iso)
+    assert summary["verdict"]["not_isolated"] == ["unet_block_1_down"] and summary["culprits"] == []
+    assert "Feed each block the inputs it is given" in [s["title"] for s in next_steps(summary)]
+    assert junit_cases_of(summary)["unet_block_1_down"].find("skipped").get("message").startswith("not isolated")
+    paths = write_runs(tmp_path, capture)
+    free = compare_runs(paths["reference"], paths["free"])
+    titles = [s["title"] for s in next_steps(build_summary(free, make_verdict(free)))]
+    assert titles == ["Isolate the first divergence", "Look at the first divergence"]
+    iso = compare_runs(paths["reference"], paths["isolated"])
+    steps = next_steps(build_summary(free, make_verdict(free, iso), iso))
+    assert steps[0]["title"] == "Look at block unet_block_1_down (unet.down_blocks.1)"
+    assert steps[0]["href"].startswith("#dd-isolated-")

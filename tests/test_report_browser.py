@@ -3,7 +3,7 @@ errors, every part drawn, the table sorts and filters, markup from run files sta
 
 Screenshots go to reports/ (screenshot-report.png, screenshot-drilldown.png, screenshot-index.png).
 """
-import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,6 +12,7 @@ import pytest
 
 from sd_parity.reports.html import REPORT_FILE, write_index_html, write_report
 from sd_parity.reports.html.values import rounded, sort_key
+from sd_parity.reports.summary import load_summary
 from test_report import FAULTED, PAYLOADS, faulty_tiny_case, malicious_case  # pytest puts tests/ on sys.path
 
 pytestmark = pytest.mark.browser
@@ -66,7 +67,7 @@ def table_state(page):
 
 
 def test_report_draws_everything_and_the_table_sorts_and_filters(browser, tiny_report):
-    summary = json.loads((tiny_report / "summary.json").read_text())
+    summary = load_summary(tiny_report / "summary.json")
     page, problems = open_page(browser, tiny_report / REPORT_FILE)
     first_key = f"unet/step_000/{FAULTED}"
     assert "DIVERGENCE" in page.locator("#verdict").inner_text()
@@ -124,6 +125,8 @@ def test_report_draws_everything_and_the_table_sorts_and_filters(browser, tiny_r
     failing = [i for i in named if rows[i]["status"] == "fail"]
     assert table_state(page)["matching"] == len(failing) > 0
 
+    assert_new_parts(page, summary)
+
     SCREENSHOTS.mkdir(exist_ok=True)
     page.fill("#f-text", "")
     page.select_option("#f-status", "")
@@ -132,10 +135,43 @@ def test_report_draws_everything_and_the_table_sorts_and_filters(browser, tiny_r
     assert problems == []
 
 
+def rgb(color: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", color)[:3])
+
+
+def assert_new_parts(page, summary):
+    """Next steps, reproduce box, healthy pass colours, readable log ticks, true-scale image difference."""
+    steps = page.locator("#next-steps li")
+    assert steps.count() >= 2 and "unet_block_1_down" in steps.first.inner_text()
+    assert steps.first.locator("a").get_attribute("href").startswith("#dd-isolated-")
+    box = page.locator("#next-steps").bounding_box()
+    assert box["height"] > 40 and page.locator("#next-steps").is_visible()
+    repro = page.locator("#repro").inner_text()
+    assert "parity compare /" in repro and "DIR" not in repro
+    assert ("pytest -k" in repro) == (summary["runs"]["candidate"]["metadata"]["impl"] in ("numpy", "torch"))
+    # heatmap: every passing cell is green-ish (not a warning colour), failing cells are red-ish
+    colors = page.evaluate("""() => { const chart = Chart.getChart(document.querySelector('#heatmaps canvas'));
+        const ds = chart.data.datasets[0]; const ctx = {chart: chart};
+        return ds.data.map(raw => ({status: raw.status, color: ds.backgroundColor({...ctx, raw: raw})})); }""")
+    passing = [rgb(c["color"]) for c in colors if c["status"] == "pass"]
+    failing = [rgb(c["color"]) for c in colors if c["status"] == "fail"]
+    assert passing and failing
+    assert all(g >= r and g >= b for r, g, b in passing), passing  # green dominates: healthy
+    assert all(r > g and r > b for r, g, b in failing), failing
+    # log axes label powers of ten only
+    ticks = page.evaluate("""() => { const chart = Chart.getChart(document.querySelector('#depth-charts canvas'));
+        return chart.scales.y.ticks.map(t => t.label).filter(l => l !== ''); }""")
+    assert ticks and all(re.fullmatch(r"1e-?\d+|0\.0*1|1|10+", label) for label in ticks), ticks
+    # the decoded image: amplified and true-scale differences, and the pixels per level of difference
+    assert page.locator('#images img[alt="true-scale difference"]').is_visible()
+    levels = page.evaluate("() => Chart.getChart(document.getElementById('level-histogram')).data.datasets[0].data")
+    assert levels[0] == summary["drilldowns"]["images"]["level_counts"][0]
+
+
 def test_index_links_the_case_report(browser, tiny_report):
-    summary = json.loads((tiny_report / "summary.json").read_text())
+    summary = load_summary(tiny_report / "summary.json")
     index = {"title": "parity suite (tiny-sd1)", "status": "divergence", "cases": [{
-        "name": "txt2img-ddim-numpy-fp32", "status": summary["verdict"]["status"],
+        "name": "txt2img-ddim-numpy-fp32", "status": summary["verdict"]["status"], "passed": False,
         "verdict": summary["verdict"]["text"],
         "first_divergence": summary["first_divergence"], "culprits": summary["culprits"], "candidate": "numpy",
         "dtype": "fp32", "scheduler": "ddim", "pipeline": "txt2img", "mode": "both", "calibrated": False,

@@ -21,6 +21,7 @@ from typing import Callable
 
 from sd_parity.errors import SdParityError
 from sd_parity.judging.tolerances import Tolerances
+from sd_parity.progress import Phases
 from sd_parity.threads import apply as apply_threads, environment as thread_environment
 
 from .case import Case, CaseResult, run_case
@@ -45,22 +46,23 @@ class CaseWorkerDied(SdParityError):
 
 
 def run_cases(cases: list[Case], output_dir: Path, tolerances: Tolerances | None, options: ExecutorOptions,
-              finished: Finished) -> list[CaseResult]:
-    """Run every case (report folder: output_dir / case.name); results in the order of `cases`."""
+              finished: Finished, phases: Phases | None = None) -> list[CaseResult]:
+    """Run every case (report folder: output_dir / case.name); results in the order of `cases`. Cases run
+    in this process announce their phases on `phases` (a progress bar); the others print lines."""
     os.environ.update(shared_environment(options.shared_dir))  # this process reads the caches too
     if options.executor == "ray":
         from .ray_executor import run_on_ray
 
         return run_on_ray(cases, output_dir, tolerances, options, finished)
-    return run_locally(cases, output_dir, tolerances, options, finished)
+    return run_locally(cases, output_dir, tolerances, options, finished, phases)
 
 
-def run_numbered(number: int, total: int, case: Case, out_dir: Path, tolerances: Tolerances | None) -> CaseResult:
-    """One case, its progress lines on stderr prefixed [number/total]."""
-    def log(line: str) -> None:
-        print(f"[{number}/{total}] {line}", file=sys.stderr, flush=True)
-
-    return run_case(case, out_dir, tolerances, log)
+def run_numbered(number: int, total: int, case: Case, out_dir: Path, tolerances: Tolerances | None,
+                 phases: Phases | None = None) -> CaseResult:
+    """One case, its phases on `phases`, by default as lines on stderr prefixed [number/total]."""
+    phases = phases or Phases(0, total, enabled=False)
+    phases.case(number)
+    return run_case(case, out_dir, tolerances, phases.start, progress=phases.drawing)
 
 
 def enter_worker(env: dict[str, str], threads: int) -> None:
@@ -86,14 +88,15 @@ def _interleave(groups: list[list[int]]) -> list[int]:
 
 
 def run_locally(cases: list[Case], output_dir: Path, tolerances: Tolerances | None, options: ExecutorOptions,
-                finished: Finished) -> list[CaseResult]:
+                finished: Finished, phases: Phases | None = None) -> list[CaseResult]:
     plan = local_plan(cases, options.jobs, options.threads)
     if plan.note:
         print(f"parity: {plan.note}", file=sys.stderr, flush=True)
     results: list[CaseResult | None] = [None] * len(cases)
     if plan.jobs == 1:  # in this process: nothing to share the CPUs with
         for position, case in enumerate(cases):
-            results[position] = run_numbered(position + 1, len(cases), case, output_dir / case.name, tolerances)
+            results[position] = run_numbered(position + 1, len(cases), case, output_dir / case.name, tolerances,
+                                             phases)
             finished(position, results[position])
         return results
     env = {**thread_environment(plan.threads), **shared_environment(options.shared_dir)}
@@ -103,7 +106,12 @@ def run_locally(cases: list[Case], output_dir: Path, tolerances: Tolerances | No
     pool = ProcessPoolExecutor(plan.jobs, mp_context=get_context("spawn"), initializer=enter_worker,
                                initargs=(env, plan.threads))
     try:
-        futures = {pool.submit(run_numbered, p + 1, len(cases), cases[p], output_dir / cases[p].name, tolerances): p
+        # workers print their phases as lines, unless this process draws a bar over all cases
+        quiet = Phases(0, len(cases), enabled=False, lines=False) if phases and phases.drawing else None
+        if quiet:
+            phases.begin()
+        futures = {pool.submit(run_numbered, p + 1, len(cases), cases[p], output_dir / cases[p].name, tolerances,
+                               quiet): p
                    for p in dispatch_order(cases)}
         for future in as_completed(futures):
             position = futures[future]

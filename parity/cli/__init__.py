@@ -22,17 +22,43 @@ from sd_parity.threads import add_threads_argument, apply as apply_threads
 
 DEBUG_ENV = "SD_PARITY_DEBUG"
 
+FIRST = ("run", "compare", "capture", "report", "inspect")  # the commands most people need, listed first
+
+DESCRIPTION = """\
+Layer-by-layer parity for Stable Diffusion ports: run the real diffusers pipeline (the reference) and
+your implementation (the candidate) from the same inputs, compare every intermediate tensor, and get a
+verdict (parity, or the first tensor where they part and the block to blame) with an HTML report."""
+
+EPILOG = """\
+how to:
+  check your port (a Python object that runs your pipeline; docs/ports.md):
+      parity run --model tiny-sd1 --candidate my_port/parity.py:make --output-dir reports/my-port
+  compare two run files (e.g. one your port wrote, in any language; docs/run-format.md):
+      parity capture --model tiny-sd1 --output ref.h5          # the reference's run file
+      parity compare ref.h5 port.h5                            # writes port-parity/report.html
+  see what a run file holds:
+      parity inspect ref.h5 --filter 'unet/step_000/*' --stats
+  see a bug caught (our own clean-room SD with a porting mistake injected):
+      parity run --model tiny-sd1 --candidate numpy --inject-fault groupnorm_eps
+
+exit codes: 0 parity or success, 1 divergence, 2 bad input (the message says what to fix), 3 no verdict."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     from sd_parity import __version__
 
-    parser = argparse.ArgumentParser(prog="parity", description="Layer-by-layer parity for Stable Diffusion ports.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s (sd-parity) {__version__}")
+    from ._options import HelpFormatter
+
+    parser = argparse.ArgumentParser(prog="parity", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s (sd-parity) {__version__}",
+                        help="print the version and exit")
     add_global_options(parser)
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"{__name__}.{module_info.name}")
-        module.register(subparsers)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                       title="commands (parity COMMAND --help for each one's options and examples)")
+    names = [m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]  # _x: shared helpers
+    for name in sorted(names, key=lambda n: (FIRST.index(n) if n in FIRST else len(FIRST), n)):
+        importlib.import_module(f"{__name__}.{name}").register(subparsers)
     for subparser in dict.fromkeys(subparsers.choices.values()):  # accepted after the subcommand too
         add_global_options(subparser, default=argparse.SUPPRESS)
     return parser

@@ -13,20 +13,23 @@ from pathlib import Path
 from sd_parity.errors import BadInput
 from sd_parity.judging.align import align_runs, write_map
 from sd_parity.outputs import write_atomic
+from ._options import add_parser, examples
 
 SHOWN = 12  # not-placed names listed per component on the terminal (the map lists them all)
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "align", help="propose a name map for a candidate run with other names (by execution order, shape, values)",
+    parser = add_parser(
+        subparsers, "align", help="propose a name map for a candidate run with other names (by execution order, shape, values)",
         description="Pair CAND's tensors with REF's by execution order and shape, ties broken by value, and write "
-                    "the name map that makes `parity compare` line them up; list what could not be placed.")
+                    "the name map that makes `parity compare` line them up; list what could not be placed.",
+        epilog=examples(("parity align ref.h5 port.h5 --write-map port.toml",
+                         "then check it: parity compare ref.h5 port.h5 --map port.toml")))
     parser.add_argument("reference", type=Path, metavar="REF.h5", help="the reference run file")
     parser.add_argument("candidate", type=Path, metavar="CAND.h5", help="the candidate run file")
     parser.add_argument("--write-map", type=Path, required=True, metavar="MAP.toml", help="where to write the map")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE",
-                        help="also write what was placed and not placed, per component, as JSON")
+                        help="also write what was placed and not placed, per component, as JSON (default: none)")
     parser.set_defaults(handler=run)
 
 

@@ -1,7 +1,7 @@
 """`parity convert`: Stable Diffusion checkpoints between a diffusers folder and the original single file.
 
-    parity convert FOLDER --to ldm [--format safetensors|ckpt] [-o model.ckpt]
-    parity convert model.ckpt --to diffusers [-o FOLDER] [--config FOLDER] [--tokenizer DIR]
+    parity convert FOLDER --to ldm [--format safetensors|ckpt] [--output model.ckpt]
+    parity convert model.ckpt --to diffusers [--output-dir FOLDER] [--config FOLDER] [--tokenizer DIR]
 
 The single file is the CompVis/LDM layout most ports load (`model.diffusion_model.*`,
 `first_stage_model.*`, `cond_stage_model.transformer.*`); `.ckpt` is a PyTorch checkpoint with a
@@ -10,34 +10,45 @@ The single file is the CompVis/LDM layout most ports load (`model.diffusion_mode
 """
 from __future__ import annotations
 
+import sys
 import tempfile
 from pathlib import Path
 
 from sd_parity.errors import BadInput
+from ._options import add_parser, examples
 
 FORMATS = {"safetensors": ".safetensors", "ckpt": ".ckpt"}
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "convert", help="convert a checkpoint: diffusers folder -> original single file (.safetensors/.ckpt) or back",
-        description="Convert an SD 1.x checkpoint between a diffusers folder and the original CompVis/LDM single "
-                    "file that most ports load. Exit 0 written, 2 bad input.")
+    parser = add_parser(
+        subparsers, "convert", help="convert a checkpoint: diffusers folder -> original single file (.safetensors/.ckpt) or back",
+        description="Convert an SD checkpoint between a diffusers folder and the original CompVis/LDM single "
+                    "file that most ports load. Exit 0 written, 2 bad input.",
+        epilog=examples(
+            ("parity convert tiny-sd1 --to ldm", "writes tiny-sd1.safetensors (LDM layout) in the current folder"),
+            ("parity convert /models/sd15 --to ldm --format ckpt --output sd15.ckpt", "a PyTorch .ckpt"),
+            ("parity convert model.safetensors --to diffusers --output-dir my-model",
+             "a single file back into a diffusers folder (usable as --model my-model)")))
     parser.add_argument("source", metavar="SOURCE",
                         help="a diffusers model folder or fixture name (--to ldm), or a .safetensors/.ckpt single "
                              "file (--to diffusers)")
     parser.add_argument("--to", required=True, choices=("ldm", "diffusers"), help="the layout to write")
     parser.add_argument("--format", choices=tuple(FORMATS), default=None,
-                        help="--to ldm: safetensors (default) or ckpt (a PyTorch state_dict of tensors only); "
-                             "taken from -o's suffix when given")
-    parser.add_argument("-o", "--output", type=Path, default=None, metavar="PATH",
-                        help="file (--to ldm) or new folder (--to diffusers) to write; default: SOURCE's name in "
-                             "the current folder")
-    parser.add_argument("--config", type=Path, default=None, metavar="FOLDER",
-                        help="--to diffusers: a diffusers folder whose configs, scheduler and tokenizer to use "
-                             "(default: inferred from tensor shapes, SD 1.5's scheduler, the shipped CLIP tokenizer)")
+                        help="--to ldm: safetensors or ckpt (a PyTorch state_dict of tensors only); default: "
+                             "--output's suffix, else safetensors")
+    parser.add_argument("-o", "--output", type=Path, default=None, metavar="FILE",
+                        help="--to ldm: the single file to write (default: SOURCE's name + .safetensors/.ckpt in "
+                             "the current folder)")
+    parser.add_argument("--output-dir", type=Path, default=None, metavar="DIR",
+                        help="--to diffusers: the new folder to write (default: SOURCE's name without suffix in "
+                             "the current folder)")
+    parser.add_argument("--config", default=None, metavar="FOLDER",
+                        help="--to diffusers: a diffusers folder (or fixture name) whose configs, scheduler and "
+                             "tokenizer to use (default: inferred from tensor shapes, SD 1.5's scheduler, the "
+                             "shipped CLIP tokenizer)")
     parser.add_argument("--tokenizer", type=Path, default=None, metavar="DIR",
-                        help="--to diffusers: a tokenizer folder (vocab.json, merges.txt) to copy")
+                        help="--to diffusers: a tokenizer folder (vocab.json, merges.txt) to copy (default: as --config)")
     parser.set_defaults(handler=run)
 
 
@@ -50,6 +61,8 @@ def run(args) -> int:
         if not source.is_dir():
             raise BadInput(f"{source} is not a folder; --to ldm converts a diffusers model folder (--to diffusers "
                            "converts a single file)")
+        if args.output_dir is not None:
+            raise BadInput("--output-dir applies to --to diffusers; --to ldm writes one file: use --output FILE")
         output = _ldm_output(args, source)
         folder_to_single_file(source, output)
         print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, LDM layout)")
@@ -58,20 +71,24 @@ def run(args) -> int:
         raise BadInput(f"{source} is not a file; --to diffusers converts a .safetensors or .ckpt single file")
     if args.format is not None:
         raise BadInput("--format applies to --to ldm; a diffusers folder is written as safetensors")
-    output = args.output or Path.cwd() / source.stem
+    if args.output is not None:  # the spelling before --output-dir named folders
+        print("parity: note: --to diffusers writes a folder: use --output-dir (-o/--output still works, but will go)",
+              file=sys.stderr)
+    output = args.output_dir or args.output or Path.cwd() / source.stem
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise BadInput(f"-o {output} exists and is not an empty folder; choose a new folder")
+        raise BadInput(f"--output-dir {output} exists and is not an empty folder; choose a new folder")
+    config = _source(args.config) if args.config is not None else None
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = args.tokenizer
-        if tokenizer is None and not (args.config and (args.config / "tokenizer" / "vocab.json").is_file()):
+        if tokenizer is None and not (config and (config / "tokenizer" / "vocab.json").is_file()):
             from sd_parity.fixtures import write_tokenizer
 
             tokenizer = Path(scratch) / "tokenizer"  # SD 1.x's CLIP tokenizer, built from the shipped vocabulary
             write_tokenizer(tokenizer)
         try:
-            single_file_to_folder(source, output, config=args.config, tokenizer=tokenizer)
+            single_file_to_folder(source, output, config=config, tokenizer=tokenizer)
         except ModelInputError as exc:
-            hint = "" if args.config else (" (from the command line: --config FOLDER, a diffusers folder with the "
+            hint = "" if config else (" (from the command line: --config FOLDER, a diffusers folder with the "
                                            "model's configs)")
             raise BadInput(f"{exc}{hint}") from exc
     print(f"wrote {output} (diffusers folder)")
@@ -94,9 +111,9 @@ def _ldm_output(args, source: Path) -> Path:
         return Path.cwd() / f"{source.name}{FORMATS[args.format or 'safetensors']}"
     suffix = args.output.suffix
     if suffix not in FORMATS.values():
-        raise BadInput(f"-o {args.output}: a single file ends in .safetensors or .ckpt")
+        raise BadInput(f"--output {args.output}: a single file ends in .safetensors or .ckpt")
     if args.format is not None and FORMATS[args.format] != suffix:
-        raise BadInput(f"-o {args.output} contradicts --format {args.format}")
+        raise BadInput(f"--output {args.output} contradicts --format {args.format}")
     if args.output.exists():
-        raise BadInput(f"-o {args.output} exists; remove it or choose another name")
+        raise BadInput(f"--output {args.output} exists; remove it or choose another name")
     return args.output

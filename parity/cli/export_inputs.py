@@ -1,4 +1,4 @@
-"""`parity export-inputs REF --block unet.down_blocks.1 --out DIR`: one block's captured inputs as a run folder.
+"""`parity export-inputs REF --block unet.down_blocks.1 --output-dir DIR`: one block's captured inputs as a run folder.
 
 What a port in another language needs to run one block on exactly the reference's inputs, per
 invocation (text-encoder call, UNet step, VAE call): `<component>/<invocation>/<block>@<argument>.npy`
@@ -15,21 +15,27 @@ from sd_parity.runs.directory import DirectoryRunWriter
 from sd_parity.runs.naming import module_path
 from sd_parity.runs.open import copy_run, open_run
 from sd_parity.runs.selection import MODULE_COMPONENTS
+from ._options import add_parser, add_renamed, examples
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "export-inputs", help="write one block's captured inputs (every step/call) as a run folder of .npy files",
+    parser = add_parser(
+        subparsers, "export-inputs", help="write one block's captured inputs (every step/call) as a run folder of .npy files",
         description="Write the reference's captured inputs of one block, for every invocation, as a run folder "
                     "(<component>/<invocation>/<block>@<argument>.npy + run.json), so a port in any language can "
-                    "run that block alone. Exit 0 written, 2 bad input.")
+                    "run that block alone. Exit 0 written, 2 bad input.",
+        epilog=examples(("parity export-inputs ref.h5 --block unet.down_blocks.1 --output-dir in/",
+                         "down block 1's inputs at every step; run.json lists the outputs expected"),
+                        ("parity export-inputs ref.h5 --block unet.mid_block --invocation step_000 --output-dir in/",
+                         "one step only")))
     parser.add_argument("reference", type=Path, metavar="REF", help="the reference run (.h5 file or run folder)")
     parser.add_argument("--block", required=True, metavar="COMPONENT.BLOCK",
                         help="e.g. unet.down_blocks.1, unet.mid_block, text_encoder.encoder.layers.0, "
                              "vae_decoder.decoder.up_blocks.2; a bare component (unet) is its own inputs")
     parser.add_argument("--invocation", action="append", default=None, metavar="LABEL",
                         help="only this invocation (step_000, call_1, ...); repeat for several (default: all)")
-    parser.add_argument("--out", "-o", type=Path, required=True, metavar="DIR", help="the run folder to write")
+    parser.add_argument("-o", "--output-dir", type=Path, required=True, metavar="DIR", help="the run folder to write")
+    add_renamed(parser, "--out", "--output-dir")
     parser.set_defaults(handler=run)
 
 
@@ -61,8 +67,8 @@ def run(args) -> int:
         metadata = {**ref.metadata, "exported_block": args.block,
                     "invocations": list(dict.fromkeys(e.invocation for e in inputs)),
                     "expected_outputs": outputs}
-        with DirectoryRunWriter(args.out, metadata) as writer:
+        with DirectoryRunWriter(args.output_dir, metadata) as writer:
             count = copy_run(ref, writer, keys={e.key for e in inputs})
-    print(f"wrote {args.out}: {count} input tensors of {args.block} over "
-          f"{len(metadata['invocations'])} invocation(s); expected outputs listed in {args.out / 'run.json'}")
+    print(f"wrote {args.output_dir}: {count} input tensors of {args.block} over "
+          f"{len(metadata['invocations'])} invocation(s); expected outputs listed in {args.output_dir / 'run.json'}")
     return 0

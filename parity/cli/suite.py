@@ -8,6 +8,7 @@ from sd_parity.candidates.faults import fault
 from sd_parity.fixtures import IMAGES_DIR, STRESS_SUFFIX, fixture_family
 from sd_parity.runs.config import RunConfig
 from .run import add_executor_arguments, add_fault_argument, execute, executor_options, with_fault
+from ._options import add_parser, examples
 
 INIT = str(IMAGES_DIR / "init_64.png")
 
@@ -46,9 +47,17 @@ def fault_cases(cases: list[Case], fault_name: str | None) -> list[Case]:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("suite", help="the CI parity suite on tiny-sd1 (make parity)")
-    parser.add_argument("--output-dir", type=Path, default=Path("reports"))
-    parser.add_argument("--config", type=Path, default=None, help="parity.toml with tolerance overrides")
+    parser = add_parser(subparsers, "suite", help="the CI parity suite on tiny-sd1 (what make parity runs)",
+                        description="Check our own clean-room SD (impl/, numpy and torch) against the reference "
+                                    "on the embedded tiny model: samplers, dtypes and pipelines, 12 cases. Exit 0 "
+                                    "parity, 1 divergence.",
+                        epilog=examples(("parity suite", "writes reports/parity.html, parity.json and junit.xml"),
+                                        ("parity suite --inject-fault attention_no_scale --output-dir reports/fault",
+                                         "the suite with a known porting bug: every case should catch it")))
+    parser.add_argument("--output-dir", type=Path, default=Path("reports"), metavar="DIR",
+                        help="folder for the reports (one subfolder per case)")
+    parser.add_argument("--config", type=Path, default=None, metavar="parity.toml",
+                        help="tolerance overrides (default: ./parity.toml, else ./pyproject.toml's [tool.parity])")
     add_fault_argument(parser)
     add_executor_arguments(parser)
     parser.set_defaults(handler=run)

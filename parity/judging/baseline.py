@@ -12,7 +12,6 @@ passes otherwise, whatever its own verdict: the divergences it shares with the b
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -35,11 +34,10 @@ def load_baseline(path: str | os.PathLike) -> dict[str, Any]:
     if not file.is_file():
         raise BadInput(f"--baseline {path}: no summary.json there; give a summary.json written by parity compare "
                        "or parity run (or the folder holding it)")
-    try:
-        baseline = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadInput(f"--baseline {file}: not a readable summary.json ({exc})") from exc
-    if not isinstance(baseline, dict) or not isinstance(baseline.get("tensors"), list):
+    from sd_parity.reports.summary import load_summary  # summary.json with its details file beside it
+
+    baseline = load_summary(file)
+    if not isinstance(baseline.get("tensors"), list):
         raise BadInput(f"--baseline {file}: not a summary.json of sd-parity (no tensors list)")
     baseline["path"] = str(file)
     return baseline

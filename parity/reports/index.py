@@ -7,7 +7,8 @@ from pathlib import Path
 
 from sd_parity.cases.case import CaseResult
 from sd_parity.outputs import write_set
-from .summary import JUNIT_FILE, SUMMARY_FILE, xml_document
+from .junit import xml_document
+from .summary import JUNIT_FILE, SUMMARY_FILE
 
 
 def index_dict(results: list[CaseResult], title: str) -> dict:
@@ -17,6 +18,7 @@ def index_dict(results: list[CaseResult], title: str) -> dict:
         "cases": [{
             "name": r.case.name,
             "status": r.summary["verdict"]["status"],
+            "passed": r.passed,  # exit 0: parity, or a divergence the config tolerates
             "verdict": r.summary["verdict"]["text"],
             "first_divergence": r.summary.get("first_divergence"),
             "culprits": r.summary.get("culprits", []),

@@ -1,36 +1,47 @@
-"""What `parity compare` writes: summary.json, junit.xml and the terminal table.
+"""What `parity compare` writes: summary.json, details.json.gz, junit.xml and the terminal table.
 
-docs/summary-format.md is the normative description of summary.json (SCHEMA_VERSION below).
-`render_outputs(summary, out_dir)` is the single place that writes files for a comparison: the HTML
-report hooks in there, and the three files are replaced as one set (sd_parity.outputs.write_set).
-Names are data: the terminal table and junit.xml show non-printable characters escaped
-(sd_parity.escaping); summary.json keeps them as they are.
+docs/summary-format.md is the normative description of summary.json (SCHEMA_VERSION below) and
+docs/summary.schema.json its JSON Schema. In memory a summary is one dict (`build_summary`); on disk
+the per-tensor rows and the report's drill-down data go to details.json.gz beside summary.json, so
+summary.json stays small; `load_summary` joins the two again. `render_outputs(summary, out_dir)` is
+the single place that writes files for a comparison: the HTML report hooks in there, and the files
+are replaced as one set (sd_parity.outputs.write_set). Names are data: the terminal table and
+junit.xml show non-printable characters escaped (sd_parity.escaping); the JSON files keep them as
+they are.
 """
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import math
 import os
-import shutil
-import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sd_parity.escaping import printable, xml_safe
+from sd_parity.errors import BadInput
+from sd_parity.escaping import printable
 from sd_parity.impl.families import COMPONENTS
 from sd_parity.judging.compare import Comparison, TensorResult
 from sd_parity.judging.diagnosis import clause as diagnosis_clause
 from sd_parity.judging.overflow import overflow_clause, reference_overflow
 from sd_parity.judging.scope import scope_clause
-from sd_parity.outputs import output_error, write_atomic, write_set
+from sd_parity.outputs import output_error, write_set
 from sd_parity.judging.verdict import Culprit, Verdict, describe_location, verdict_dict
+from .statuses import TERMINAL_STYLES, terminal_style, verdict_tone
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SUMMARY_FILE = "summary.json"
+DETAILS_FILE = "details.json.gz"
 JUNIT_FILE = "junit.xml"
+# Keys of a summary that hold per-tensor and drill-down data: in details.json.gz on disk.
+DETAIL_KEYS = ("tensors", "drilldowns")
+# What a summary.json must hold to be rendered (besides what details.json.gz adds).
+REQUIRED = ("verdict", "first_divergence", "culprits", "runs", "mode", "config", "coverage", "warnings", "blocks",
+            "isolated", "details")
 _GROUP_BAD = ("fail", "shape_mismatch", "missing")
 
 
@@ -239,80 +250,80 @@ def summary_json_text(summary: dict[str, Any]) -> str:
     return json.dumps(jsonable(summary), separators=(",", ":"), allow_nan=False)
 
 
-def write_summary_json(summary: dict[str, Any], path: str | os.PathLike) -> Path:
-    return write_atomic(path, summary_json_text(summary))
+def split_summary(summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what summary.json holds, what details.json.gz holds): the rows and drill-downs go to the details."""
+    isolated = summary.get("isolated")
+    head = {key: value for key, value in summary.items() if key not in DETAIL_KEYS}
+    if isolated is not None:
+        head["isolated"] = {key: value for key, value in isolated.items() if key != "tensors"}
+    head["details"] = {"file": DETAILS_FILE, "tensors": len(summary["tensors"]),
+                       "isolated_tensors": len(isolated["tensors"]) if isolated is not None else None}
+    details = {"schema_version": SCHEMA_VERSION, "tensors": summary["tensors"],
+               "isolated_tensors": isolated["tensors"] if isolated is not None else None,
+               "drilldowns": summary.get("drilldowns")}
+    return head, details
+
+
+def join_summary(head: dict[str, Any], details: dict[str, Any]) -> dict[str, Any]:
+    """The one-dict summary from summary.json and details.json.gz (inverse of split_summary)."""
+    summary = {key: value for key, value in head.items() if key != "details"}
+    summary["tensors"] = details["tensors"]
+    if head.get("isolated") is not None:
+        summary["isolated"] = {**head["isolated"], "tensors": details["isolated_tensors"]}
+    if details.get("drilldowns") is not None:
+        summary["drilldowns"] = details["drilldowns"]
+    return summary
+
+
+def summary_files(summary: dict[str, Any]) -> dict[str, str | bytes]:
+    """{file name: content} of summary.json and details.json.gz."""
+    head, details = split_summary(summary)
+    packed = io.BytesIO()
+    with gzip.GzipFile(fileobj=packed, mode="wb", mtime=0) as stream:  # mtime 0: same summary, same bytes
+        stream.write(summary_json_text(details).encode("utf-8"))
+    return {SUMMARY_FILE: summary_json_text(head), DETAILS_FILE: packed.getvalue()}
+
+
+def write_summary(summary: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
+    """summary.json and its details file into out_dir, replaced as one set (no HTML, no JUnit)."""
+    return write_set(Path(out_dir), summary_files(summary), marker=SUMMARY_FILE)
+
+
+def load_summary(path: str | os.PathLike) -> dict[str, Any]:
+    """The summary written to `path` (summary.json, with the details file beside it) as one dict, or
+    BadInput saying what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path} does not exist or is not a file; give the summary.json that parity compare or "
+                       "parity run wrote")
+    head = _read_json(path, lambda: path.read_text(encoding="utf-8"))
+    if not isinstance(head, dict) or head.get("schema_version") != SCHEMA_VERSION:
+        found = head.get("schema_version") if isinstance(head, dict) else type(head).__name__
+        raise BadInput(f"{path} is not a summary.json of schema version {SCHEMA_VERSION} (found {found!r}); "
+                       "compare the runs again with this version")
+    missing = [key for key in REQUIRED if key not in head]
+    if missing:
+        raise BadInput(f"{path} lacks {', '.join(missing)}: not a complete summary.json")
+    details_path = path.parent / str(head["details"].get("file", DETAILS_FILE) if isinstance(head["details"], dict)
+                                     else DETAILS_FILE)
+    if details_path.parent != path.parent or not details_path.is_file():
+        raise BadInput(f"{details_path} is missing: summary.json's tensor rows and drill-down data are in it; keep "
+                       "the two files together")
+    details = _read_json(details_path, lambda: gzip.decompress(details_path.read_bytes()).decode("utf-8"))
+    if not isinstance(details, dict) or not isinstance(details.get("tensors"), list):
+        raise BadInput(f"{details_path} is not the details file of a summary.json")
+    return join_summary(head, details)
+
+
+def _read_json(path: Path, read) -> Any:
+    try:
+        return json.loads(read())
+    except (OSError, EOFError, UnicodeDecodeError, ValueError) as exc:  # gzip errors are OSError/EOFError
+        raise BadInput(f"{path} is not readable JSON: {exc}") from exc
 
 
 # ---------------------------------------------------------------------------------------------------
-# JUnit
-
-
-def junit_text(summary: dict[str, Any]) -> str:
-    """One <testcase> per block (or top-level group) per invocation; failures name the worst tensor."""
-    suites = ET.Element("testsuites", name="parity")
-    _suite(suites, "parity", summary["blocks"], summary["tensors"], summary["timing"]["seconds"])
-    if summary.get("isolated"):
-        iso = summary["isolated"]
-        _suite(suites, "parity-isolated", iso["blocks"], iso["tensors"], iso["timing"]["seconds"])
-    return xml_document(suites)
-
-
-def write_junit(summary: dict[str, Any], path: str | os.PathLike) -> Path:
-    return write_atomic(path, junit_text(summary))
-
-
-def xml_document(root: ET.Element) -> str:
-    """The tree as an XML document that any parser reads: characters XML cannot hold are escaped."""
-    for element in root.iter():
-        element.attrib.update((name, xml_safe(value)) for name, value in element.attrib.items())
-        if element.text:
-            element.text = xml_safe(element.text)
-    ET.indent(root)
-    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
-
-
-def _suite(parent: ET.Element, name: str, groups: list[dict], rows: list[dict], seconds: float) -> None:
-    failures = sum(1 for g in groups if g["status"] == "fail")
-    skipped = sum(1 for g in groups if g["status"] == "skipped")
-    suite = ET.SubElement(parent, "testsuite", name=name, tests=str(len(groups)), failures=str(failures),
-                          errors="0", skipped=str(skipped), time=f"{seconds:.3f}")
-    for group in groups:
-        case = ET.SubElement(suite, "testcase", classname=f"{name}.{group['component']}",
-                             name=f"{group['id']}[{group['invocation']}]", time="0")
-        worst = rows[group["worst_index"]] if group["worst_index"] is not None else None
-        if group["status"] == "fail" and worst is not None:
-            failure = ET.SubElement(case, "failure", message=_failure_message(worst, group),
-                                    type=worst["status"])
-            failure.text = _failure_details(worst, group, rows)
-        elif group["status"] == "skipped":
-            note = worst["notes"][-1] if worst is not None and worst["notes"] else "skipped by an override"
-            ET.SubElement(case, "skipped", message=note)
-
-
-def _failure_message(row: dict, group: dict) -> str:
-    bad = sum(group["counts"].get(s, 0) for s in _GROUP_BAD)
-    head = f"{bad} of {group['tensors']} tensors diverge; worst {row['key']}"
-    if row["status"] == "missing":
-        return f"{head}: missing from the candidate"
-    if row["status"] == "shape_mismatch":
-        return f"{head}: shape {row['cand_shape']} vs reference {row['ref_shape']}"
-    return f"{head}: {metric_line(row)}; threshold: {threshold_line(row)}"
-
-
-def _failure_details(row: dict, group: dict, rows: list[dict]) -> str:
-    lines = [f"worst tensor: {printable(row['key'])} (status {row['status']}, ratio {_num(row['ratio'])})"]
-    if row["metrics"] is not None:
-        lines.append("metrics: " + json.dumps(jsonable(row["metrics"]), sort_keys=True))
-    if row["threshold"] is not None:
-        lines.append("threshold: " + json.dumps(jsonable(row["threshold"]["criteria"]), sort_keys=True))
-    lines += [f"note: {printable(n)}" for n in row["notes"]]
-    others = [r for r in rows if r["group"] == group["id"] and r["invocation"] == group["invocation"]
-              and r["component"] == group["component"] and r["status"] in _GROUP_BAD and r is not row]
-    for other in others[:20]:
-        lines.append(f"also {other['status']}: {printable(other['key'])} ratio {_num(other['ratio'])}")
-    if len(others) > 20:
-        lines.append(f"... and {len(others) - 20} more")
-    return "\n".join(lines)
+# lines about a row, for the terminal, JUnit and the HTML report
 
 
 def metric_line(row: dict) -> str:
@@ -320,9 +331,9 @@ def metric_line(row: dict) -> str:
     if m is None:
         return row["status"]
     if m["kind"] == "exact":
-        return f"{m['mismatches']} of {m['numel']} elements differ, max |diff| {_num(m['max_abs'])}"
-    return (f"max_abs {_num(m['max_abs'])}, max_rel {_num(m['max_rel'])}, rel_l2 {_num(m['rel_l2'])}, "
-            f"ulp_max {m['ulp_max']}, violations {m['allclose_violations']}/{m['finite']}"
+        return f"{m['mismatches']} of {m['numel']} elements differ, max |diff| {number_text(m['max_abs'])}"
+    return (f"max_abs {number_text(m['max_abs'])}, max_rel {number_text(m['max_rel'])}, rel_l2 {number_text(m['rel_l2'])}, "
+            f"ulp_max {number_text(m['ulp_max'])}, violations {m['allclose_violations']}/{m['finite']}"
             + (f", nonfinite_mismatch {m['nonfinite_mismatch']}" if m["nonfinite_mismatch"] else ""))
 
 
@@ -332,15 +343,18 @@ def threshold_line(row: dict, with_reason: bool = True) -> str:
         return "-"
     s = t["settings"]
     if t["mode"] == "normwise":
-        text = (f"{s['dtype']} ||c-r|| <= rtol {_num(s['rtol'])} ||r|| + atol {_num(s['atol'])} sqrt(n) "
-                f"(rel_l2 {_num(s['rel_l2'])}), outlier limit {_num(s['outlier_limit'])}")
+        text = (f"{s['dtype']} ||c-r|| <= rtol {number_text(s['rtol'])} ||r|| + atol {number_text(s['atol'])} sqrt(n) "
+                f"(rel_l2 {number_text(s['rel_l2'])}), outlier limit {number_text(s['outlier_limit'])}")
     elif t["mode"] == "derived":
         text = f"derived: {s['derived_from']}"
+    elif t["mode"] == "image_levels":
+        text = (f"8-bit image within {number_text(s['atol'])} level(s) of "
+                f"{'the oracle' if s.get('calibrated') else 'the reference'}, on a {s['quantile']} share of pixels")
     elif t["mode"] == "calibrated":
-        text = (f"calibrated {s['statistic']} <= {_num(s['k'])} x ref {_num(s['ref_error'])} + floor "
-                f"{_num(s['floor'])} = {_num(s['limit'])} (candidate {_num(s['cand_error'])})")
+        text = (f"calibrated {s['statistic']} <= {number_text(s['k'])} x ref {number_text(s['ref_error'])} + floor "
+                f"{number_text(s['floor'])} = {number_text(s['limit'])} (candidate {number_text(s['cand_error'])})")
     else:
-        text = "exact equality" if not s.get("atol") else f"integers within {_num(s['atol'])}"
+        text = "exact equality" if not s.get("atol") else f"integers within {number_text(s['atol'])}"
     if t.get("override"):
         text += f" [override {t['override']['pattern']!r}: {t['override']['reason']}]"
     if with_reason and not t["passed"]:
@@ -348,40 +362,79 @@ def threshold_line(row: dict, with_reason: bool = True) -> str:
     return text
 
 
-def _num(value) -> str:
+def number_text(value) -> str:
+    """A summary number as people read it: 3 significant digits, large counts (ULPs) as 2.06e9."""
     if value is None:
         return "-"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool):
+    if isinstance(value, str) or isinstance(value, bool):
         return str(value)
-    if isinstance(value, int):
+    if isinstance(value, int) and abs(value) < 100_000:
         return str(value)
     if math.isinf(value) or math.isnan(value):
         return str(value)
     if value == 0:
         return "0"
-    return f"{value:.3g}"
+    mantissa, _, exponent = f"{value:.3g}".partition("e")
+    return f"{mantissa}e{int(exponent)}" if exponent else mantissa
 
 
 # ---------------------------------------------------------------------------------------------------
 # terminal table
 
 
-def format_table(summary: dict[str, Any], top: int = 10, width: int | None = None) -> str:
-    width = width or shutil.get_terminal_size((120, 24)).columns
+def format_table(summary: dict[str, Any], top: int = 10, width: int | None = None, color: bool = False) -> str:
+    """The verdict and the worst tensors as the terminal shows them (rich). `width` None: no limit, so
+    no line is ever folded (logs, pipes); on a terminal, its width, and a long tensor key folds onto the
+    next line rather than being cut. `color`: ANSI colours by status (statuses.py)."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(file=io.StringIO(), width=width or 100_000, force_terminal=color, no_color=not color,
+                      color_system="standard" if color else None, highlight=False, emoji=False, soft_wrap=width is None)
+    say = lambda *parts: console.print(Text.assemble(*parts))  # noqa: E731 - Text: names are never markup
     runs = summary["runs"]
-    lines = [f"parity compare: {runs['reference']['name']} (reference) vs {runs['candidate']['name']} (candidate)"]
+    say(f"parity compare: {printable(runs['reference']['name'])} (reference) vs "
+        f"{printable(runs['candidate']['name'])} (candidate)")
     if runs["oracle"]:
-        lines.append(f"  calibrated against oracle {runs['oracle']['name']}")
+        say(f"  calibrated against oracle {printable(runs['oracle']['name'])}")
     if runs["isolated"]:
-        lines.append(f"  isolated-mode candidate {runs['isolated']['name']}")
+        say(f"  isolated-mode candidate {printable(runs['isolated']['name'])}")
     verdict = summary["verdict"]
-    lines.append(f"verdict: {verdict['status'].upper()}: {verdict['text']}")
+    say("verdict: ", (verdict["status"].upper(), TERMINAL_STYLES[verdict_tone(verdict)]),
+        f": {printable(verdict['text'])}")
+    for line in _facts_lines(summary):
+        say(printable(line))
+    shown, title = _table_rows(summary["tensors"], top)
+    if shown:
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+        for name in ("status", "ratio", "max |d|", "rel-L2", "ULP max"):
+            table.add_column(name, justify="left" if name == "status" else "right", no_wrap=True)
+        table.add_column("dtype", no_wrap=True)
+        table.add_column("tensor", overflow="fold")
+        for row in shown:
+            m = row["metrics"] or {}
+            dtype = row["cand_dtype"] or row["ref_dtype"] or "-"
+            if row["cand_dtype"] and row["ref_dtype"] and row["cand_dtype"] != row["ref_dtype"]:
+                dtype = f"{row['cand_dtype']}/{row['ref_dtype']}"
+            tensor = Text(printable(row["key"]))
+            if row["status"] == "fail" and row["threshold"]:  # the threshold's settings are in the report
+                tensor.append(f"\nfailed {printable(row['threshold']['reason'])}", style="dim")
+            ulp = number_text(m.get("ulp_max")) if row["status"] != "pass" else "·"  # ULPs near 0 mislead
+            table.add_row(Text(row["status"], style=terminal_style(row["status"])), number_text(row["ratio"]),
+                          number_text(m.get("max_abs")), number_text(m.get("rel_l2")), ulp, dtype, tensor)
+        console.print(table)
+    for warning in summary["warnings"]:
+        say(("warning: ", "yellow"), printable(warning))
+    return "\n".join(line.rstrip() for line in console.file.getvalue().splitlines())  # no padding at ends
+
+
+def _facts_lines(summary: dict[str, Any]) -> list[str]:
     cov = summary["coverage"]
     counts = cov["counts"]
-    lines.append("tensors: " + ", ".join(f"{counts[s]} {s.replace('_', ' ')}" for s in counts if counts[s])
-                 + f" (reference {cov['ref_tensors']}, candidate {cov['cand_tensors']})")
+    lines = ["tensors: " + ", ".join(f"{counts[s]} {s.replace('_', ' ')}" for s in counts if counts[s])
+             + f" (reference {cov['ref_tensors']}, candidate {cov['cand_tensors']})"]
     if cov["missing_invocations"]:
         lines.append(f"missing invocations: {_list(cov['missing_invocations'])}")
     if cov["extra_invocations"]:
@@ -398,41 +451,24 @@ def format_table(summary: dict[str, Any], top: int = 10, width: int | None = Non
     for culprit in summary["culprits"]:
         worst = culprit["worst"]
         lines.append(f"culprit in isolation: {culprit['block']} ({culprit['component']}.{culprit['path']}) in "
-                     f"{_list(culprit['invocations'])}; worst {worst['key']} ratio {_num(worst['ratio'])}")
+                     f"{_list(culprit['invocations'])}; worst {worst['key']} ratio {number_text(worst['ratio'])}")
     for deviation in (summary.get("deviations") or {}).get("deviations", []):
         lines.append(f"deviation {deviation['pattern']!r} {deviation['status'].replace('_', ' ')}: worst "
-                     f"{deviation['worst'] or '-'} ratio {_num(deviation['worst_ratio'])} (limit {_num(deviation['limit'])}); "
-                     f"{deviation['reason']}")
+                     f"{deviation['worst'] or '-'} ratio {number_text(deviation['worst_ratio'])} "
+                     f"(limit {number_text(deviation['limit'])}); {deviation['reason']}")
     if summary.get("baseline"):
         lines.append(f"baseline {summary['baseline']['path']}: {summary['baseline']['text']}")
-    rows = summary["tensors"]
+    return lines
+
+
+def _table_rows(rows: list[dict], top: int) -> tuple[list[dict], str]:
+    """The rows the table lists: the worst divergent ones, else those closest to their thresholds."""
     bad = [r for r in rows if r["status"] in _GROUP_BAD]
     if bad:
-        title = "worst tensors"
-        shown = sorted(bad, key=lambda r: (-{"missing": 1, "shape_mismatch": 2}.get(r["status"], 0),
-                                           -_sortable(r["ratio"]), r["index"]))[:top]
-    else:
-        title = "closest to their thresholds"
-        shown = sorted((r for r in rows if r["ratio"] is not None), key=lambda r: -_sortable(r["ratio"]))[:top]
-    if shown:
-        lines.append(f"{title}:")
-        key_width = max(24, min(70, width - 70))
-        lines.append(f"  {'status':<14} {'ratio':>8}  {'tensor':<{key_width}} {'dtype':<17} {'max_abs':>9} "
-                     f"{'rel_l2':>9} {'ulp_max':>9}")
-        for row in shown:
-            m = row["metrics"] or {}
-            dtype = row["cand_dtype"] or row["ref_dtype"] or "-"
-            if row["cand_dtype"] and row["ref_dtype"] and row["cand_dtype"] != row["ref_dtype"]:
-                dtype = f"{row['cand_dtype']}/{row['ref_dtype']}"
-            lines.append(f"  {row['status']:<14} {_num(row['ratio']):>8}  {_clip(row['key'], key_width):<{key_width}} "
-                         f"{dtype:<17} {_num(m.get('max_abs')):>9} {_num(m.get('rel_l2')):>9} "
-                         f"{_num(m.get('ulp_max')):>9}")
-            if row["status"] == "fail" and row["threshold"]:
-                detail = f"failed {row['threshold']['reason']} | {threshold_line(row, with_reason=False)}"
-                lines.append(f"  {'':<14} {'':>8}  {_clip_right(detail, max(40, width - 28))}")
-    for warning in summary["warnings"]:
-        lines.append(f"warning: {warning}")
-    return "\n".join(printable(line) for line in lines)  # one table line per line, whatever a name holds
+        return sorted(bad, key=lambda r: (-{"missing": 1, "shape_mismatch": 2}.get(r["status"], 0),
+                                          -_sortable(r["ratio"]), r["index"]))[:top], "worst tensors"
+    judged = sorted((r for r in rows if r["ratio"] is not None), key=lambda r: -_sortable(r["ratio"]))
+    return judged[:top], "closest to their thresholds"
 
 
 def _sortable(value) -> float:
@@ -441,14 +477,6 @@ def _sortable(value) -> float:
     if isinstance(value, str):
         return math.inf if value == "Infinity" else -1.0
     return value if not math.isnan(value) else math.inf
-
-
-def _clip(text: str, width: int) -> str:
-    return text if len(text) <= width else "…" + text[-(width - 1):]
-
-
-def _clip_right(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def _list(items: list[str], limit: int = 6) -> str:
@@ -462,8 +490,8 @@ def _list(items: list[str], limit: int = 6) -> str:
 
 def render_outputs(summary: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
     """Write every output file of a comparison into out_dir and return their paths: summary.json,
-    junit.xml and the HTML report (rendered from the same summary dict that summary.json holds),
-    replaced as one set: summary.json exists only beside the junit.xml and report.html of its run."""
+    details.json.gz, junit.xml and the HTML report (rendered from the same summary dict), replaced as
+    one set: summary.json exists only beside the other files of its run."""
     from .html import REPORT_FILE  # the report package imports this module
     from .html.render import render_report
 
@@ -472,6 +500,7 @@ def render_outputs(summary: dict[str, Any], out_dir: str | os.PathLike) -> list[
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise output_error(exc, out) from exc
-    files = {SUMMARY_FILE: summary_json_text(summary), JUNIT_FILE: junit_text(summary),
-             REPORT_FILE: render_report(summary)}
+    from .junit import junit_text
+
+    files = {**summary_files(summary), JUNIT_FILE: junit_text(summary), REPORT_FILE: render_report(summary)}
     return write_set(out, files, marker=SUMMARY_FILE)

@@ -21,7 +21,7 @@ from sd_parity.impl.families import FAMILIES, detect_family
 from sd_parity.impl.samplers import SAMPLERS
 from sd_parity.threads import current_threads
 from .selection import CaptureSpec, default_spec
-from sd_parity.fixtures import FIXTURES, default_size, ensure_fixture, fixed_noise, folder_hash
+from sd_parity.fixtures import FIXTURES, ensure_fixture, fixed_noise, folder_hash
 
 PIPELINES = ("txt2img", "img2img", "inpaint")
 SCHEDULERS = tuple(SAMPLERS)  # impl's samplers, each naming the diffusers scheduler it matches
@@ -63,9 +63,10 @@ class RunConfig:
         _check_numbers(self)
         if self.pipeline != "txt2img":
             self._check_images()
-        size = default_size(self.model)
-        self.height = size if self.height is None else self.height
-        self.width = size if self.width is None else self.width
+        if self.height is None or self.width is None:
+            size = native_size(self.model)
+            self.height = size if self.height is None else self.height
+            self.width = size if self.width is None else self.width
         for side, value in (("height", self.height), ("width", self.width)):
             if value <= 0 or value % 8:
                 raise BadInput(f"--{side} {value} is not a positive multiple of 8; SD's VAE downsamples by 8")
@@ -157,6 +158,34 @@ class RunConfig:
 
     def capture_spec(self, unet_parameters: int) -> str:
         return self.capture if self.capture is not None else default_spec(unet_parameters)
+
+
+DEFAULT_SIDE = 512  # SD 1.x's size, for a folder whose configs do not say
+
+
+def native_size(model: str) -> int:
+    """The image side a model was made for: its UNet's sample_size (latent pixels) times the VAE's
+    downsampling factor (2 per level after the first), read from the fixture's spec or the folder's
+    unet/ and vae/ config.json (512 for SD 1.x, 768 for SD 2.x at 768 px, 1024 for SDXL)."""
+    if model in FIXTURES:
+        unet, vae = FIXTURES[model]["unet"], FIXTURES[model]["vae"]
+    else:
+        unet, vae = (_json_or_empty(Path(model) / part / "config.json") for part in ("unet", "vae"))
+    sample_size = unet.get("sample_size")
+    levels = len(vae.get("block_out_channels") or (0, 0, 0, 0))
+    if isinstance(sample_size, (list, tuple)):  # some configs give [height, width]
+        sample_size = sample_size[0] if sample_size else None
+    if not isinstance(sample_size, int) or isinstance(sample_size, bool) or sample_size <= 0:
+        return DEFAULT_SIDE
+    return sample_size * 2 ** (levels - 1)
+
+
+def _json_or_empty(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # a missing or broken folder is reported by model_dir(), with what to do
+    return data if isinstance(data, dict) else {}
 
 
 MAX_SIDE = 8192  # pixels: far beyond any SD model, and a bound on what a typo can allocate

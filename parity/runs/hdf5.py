@@ -176,7 +176,8 @@ class RunWriter(Writer):
         self._watching = True
         try:
             # no chunk cache: a chunk is written when its dataset is created, so a failed write raises there
-            self._file = h5py.File(self._tmp, "w", libver="latest", rdcc_nbytes=0)
+            # track_order: groups list their members in creation (execution) order, in h5ls and h5py alike
+            self._file = h5py.File(self._tmp, "w", libver="latest", rdcc_nbytes=0, track_order=True)
             self._file.attrs["format"] = FORMAT
             self._file.attrs["format_version"] = FORMAT_VERSION
             self._file.attrs["metadata"] = json.dumps(metadata, sort_keys=True, default=str)
@@ -219,7 +220,7 @@ class RunWriter(Writer):
                layout: str | None) -> None:
         key = f"{component}/{invocation}/{name}"
         self._ensure_space(stored.nbytes, key)
-        group = self._file.require_group(f"{component}/{invocation}")
+        group = self._group(self._group(self._file, component), invocation)
         if name in group:
             raise RunFileError(f"tensor {key} written twice")
         options: dict[str, Any] = {}
@@ -240,6 +241,12 @@ class RunWriter(Writer):
         _WriteFailures.raise_any(self)
         self._index.append([component, invocation, name, order, dtype, list(stored.shape),
                             kind_of(component, name), layout])
+
+    @staticmethod
+    def _group(parent: h5py.Group, name: str) -> h5py.Group:
+        """parent[name], created to track its members' creation order if it is new."""
+        group = parent.get(name)
+        return group if group is not None else parent.create_group(name, track_order=True)
 
     def _ensure_space(self, nbytes: int, what: str) -> None:
         """Stop before the disk is full (see SPACE_RESERVE): HDF5 does not survive a failed write."""

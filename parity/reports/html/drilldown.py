@@ -15,7 +15,7 @@ import numpy as np
 
 from sd_parity.runs.hdf5 import RunFileError, RunReader
 from sd_parity.runs.open import open_run
-from .pictures import amplified_difference, image_uint8, latent_preview, latent_rgb, png_data_uri
+from .pictures import amplified_difference, image_uint8, latent_preview, latent_rgb, level_difference, png_data_uri
 from .values import rounded, sort_key
 
 TOP_N = 8
@@ -187,7 +187,8 @@ def _worst(r: np.ndarray, c: np.ndarray, score: np.ndarray) -> list[dict[str, An
 
 
 def _images(readers: "_Readers", runs: dict[str, Any]) -> dict[str, Any] | None:
-    """The first decoded image of both runs and their amplified difference, as PNG data URIs."""
+    """The first decoded image of both runs and their difference (amplified and true-scale) as PNG data
+    URIs, and how many pixels differ by each number of levels."""
     for key in IMAGE_KEYS:
         ref, cand = readers.read(runs["reference"], key), readers.read(runs["candidate"], key)
         if ref is not None and cand is not None and ref.ndim == 4 and ref.shape == cand.shape:
@@ -196,8 +197,10 @@ def _images(readers: "_Readers", runs: dict[str, Any]) -> dict[str, Any] | None:
         return None
     ref8, cand8 = image_uint8(ref), image_uint8(cand)
     diff, largest, factor = amplified_difference(ref8, cand8)
+    levels = level_difference(ref8, cand8)
     return {"key": key, "batch": int(ref.shape[0]), "height": int(ref8.shape[0]), "width": int(ref8.shape[1]),
             "reference": png_data_uri(ref8), "candidate": png_data_uri(cand8), "difference": png_data_uri(diff),
+            "difference_true": png_data_uri(levels), "level_counts": np.bincount(levels.ravel()).tolist(),
             "max_levels": int(largest), "amplification": rounded(factor),
             "differing_pixels": int(np.count_nonzero(diff)), "pixels": int(diff.size)}
 

@@ -35,6 +35,12 @@ def amplified_difference(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray,
     return np.clip(np.round(diff * factor), 0, 255).astype(np.uint8), largest, factor
 
 
+def level_difference(ref: np.ndarray, cand: np.ndarray) -> np.ndarray:
+    """|cand − ref| of two HxWxC uint8 images in levels, the largest over channels, as a gray image at
+    true scale (a difference of 1 level is gray level 1)."""
+    return np.abs(cand.astype(np.int16) - ref.astype(np.int16)).max(axis=-1).astype(np.uint8)
+
+
 def latent_rgb(latents: np.ndarray) -> np.ndarray:
     """The first 3 channels of a (C, h, w) latent (the last repeated when there are fewer), as float64."""
     rgb = latents[:3].astype(np.float64)

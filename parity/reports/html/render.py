@@ -27,6 +27,7 @@ from .heatmap import step_heatmap
 from .overview import located, overview
 from .provenance import Provenance
 from .values import as_float, rounded
+from ..statuses import TENSORS, tone
 
 _SCRIPT_ESCAPES = (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029"))
 _CLOSERS = {".js": "</script", ".css": "</style"}
@@ -94,6 +95,7 @@ _ENV = jinja2.Environment(loader=jinja2.PackageLoader(__package__, "templates"),
                           undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                           finalize=_shown_text)
 _ENV.globals["asset"] = inline_asset
+_ENV.globals["tone"] = tone
 _ENV.filters["script_json"] = script_json
 _ENV.filters["shown"] = shown
 _ENV.filters["full"] = full
@@ -116,6 +118,8 @@ def render_report(summary: dict[str, Any]) -> str:
                         "spatial": d["spatial"], "channels": d["channels"], "histogram": d["histogram"]}
                        for d in tensors],
         "first": first["index"] if first else None,
+        "tones": {status: tone(status) for status in {*TENSORS, *_statuses(summary)}},
+        "levels": ((drill or {}).get("images") or {}).get("level_counts"),
     }
     return _ENV.get_template("report.html.j2").render(
         o=overview(summary), data=data, drilldowns=tensors, drill=drill, anchor=_anchor,
@@ -125,7 +129,7 @@ def render_report(summary: dict[str, Any]) -> str:
 
 def render_index(index: dict[str, Any], folder: Path) -> str:
     cases = [{**case, "href": _href(case["report"], folder)} for case in index["cases"]]
-    passed = sum(1 for case in cases if case["status"] == "parity")
+    passed = sum(1 for case in cases if case["passed"])
     return _ENV.get_template("index.html.j2").render(index=index, cases=cases, passed=passed, **scripts(()))
 
 
@@ -136,6 +140,11 @@ def write_report(summary: dict[str, Any], path: str | os.PathLike) -> Path:
 def write_index(index: dict[str, Any], path: str | os.PathLike) -> Path:
     path = Path(path)
     return write_atomic(path, render_index(index, path.parent))
+
+
+def _statuses(summary: dict[str, Any]) -> set[str]:
+    rows = summary["tensors"] + ((summary.get("isolated") or {}).get("tensors") or [])
+    return {row["status"] for row in rows}
 
 
 def _anchor(source: str, index: int) -> str:

@@ -17,6 +17,18 @@
     return value === null || value === undefined ? null : Number(value);
   }
 
+  // Log-axis ticks: only powers of ten are labelled (1e-7, 0.01, 1, 100), the minor ticks stay unlabelled.
+  function decadeTick(value) {
+    const exponent = Math.log10(value);
+    if (!(value > 0) || Math.abs(exponent - Math.round(exponent)) > 1e-9) return "";
+    const k = Math.round(exponent);
+    return k >= -3 && k <= 3 ? String(Number(Math.pow(10, k).toPrecision(1))) : "1e" + k;
+  }
+
+  function toneOf(status) {
+    return DATA.tones[status] || "neutral";
+  }
+
   function fmt(value) {
     const v = num(value);
     if (v === null) return "-";
@@ -197,6 +209,7 @@
     for (const { chart, spec } of depthCharts) {
       chart.data.datasets = depthDatasets(spec, mode);
       chart.options.scales.y.type = m.log ? "logarithmic" : "linear";
+      chart.options.scales.y.ticks = m.log ? { callback: decadeTick, autoSkip: false } : {};
       chart.options.scales.y.title.text = m.title;
       chart.update();
     }
@@ -280,20 +293,24 @@
   }
 
   function sequential(t) {
-    const x = Math.min(1, Math.max(0, t)) * (VIRIDIS.length - 1);
-    const k = Math.min(VIRIDIS.length - 2, Math.floor(x));
-    return mix(VIRIDIS[k], VIRIDIS[k + 1], x - k);
+    return scale(VIRIDIS, t);
   }
 
-  // Ratio to threshold: blues well inside, yellow at the threshold, reds beyond it.
+  // Ratio to threshold: within it a sequential green (pale far inside, deeper toward the threshold: all
+  // of it healthy), beyond it orange to dark red; the step at 1 is where pass turns to fail.
+  const PASS_SCALE = ["#edf8e9", "#bae4b3", "#74c476", "#31a354"];
+  const FAIL_SCALE = ["#fd8d3c", "#e6550d", "#a63603", "#67000d"];
+
+  function scale(colors, t) {
+    const x = Math.min(1, Math.max(0, t)) * (colors.length - 1);
+    const k = Math.min(colors.length - 2, Math.floor(x));
+    return mix(colors[k], colors[k + 1], x - k);
+  }
+
   function ratioColor(ratio) {
     if (ratio === null) return "#eeeeee";
-    if (Number.isNaN(ratio) || ratio > 1) {
-      const t = Number.isFinite(ratio) ? Math.min(1, Math.log10(ratio) / 2) : 1;
-      return mix("#f46d43", "#67001f", t);
-    }
-    const t = ratio > 0 ? Math.min(1, Math.max(0, (Math.log10(ratio) + 4) / 4)) : 0;
-    return t < 0.5 ? mix("#2166ac", "#abd9e9", t * 2) : mix("#abd9e9", "#fee08b", t * 2 - 1);
+    if (Number.isNaN(ratio) || ratio > 1) return scale(FAIL_SCALE, Number.isFinite(ratio) ? Math.log10(ratio) / 2 : 1);
+    return scale(PASS_SCALE, ratio > 0 ? (Math.log10(ratio) + 4) / 4 : 0);
   }
 
   // ---------------------------------------------------------------------------------------------
@@ -382,7 +399,7 @@
     const legend = document.getElementById("heatmap-legend");
     const drawLegend = () => {
       legend.textContent = "";
-      const stops = mode === "ratio" ? [1e-4, 1e-2, 0.5, 1, 3, 100].map((r) => [ratioColor(r), fmt(r)])
+      const stops = mode === "ratio" ? [1e-4, 1e-2, 0.1, 1, 3, 100].map((r) => [ratioColor(r), (r <= 1 ? "pass ≤ " : "fail ") + fmt(r)])
         : [0, 0.25, 0.5, 0.75, 1].map((t) => [sequential(t), "1e" + (lo + t * (hi - lo)).toFixed(1)]);
       legend.appendChild(el("span", {}, mode === "ratio" ? "ratio to threshold: " : "largest rel-L2: "));
       for (const [color, label] of stops) {
@@ -454,7 +471,8 @@
                                            backgroundColor: COLORS.pass, categoryPercentage: 1, barPercentage: 1 }] },
       options: {
         maintainAspectRatio: false,
-        scales: { y: { type: positive ? "logarithmic" : "linear" }, x: { ticks: { maxTicksLimit: 12 } } },
+        scales: { y: { type: positive ? "logarithmic" : "linear", ticks: positive ? { callback: decadeTick, autoSkip: false } : {} },
+                  x: { ticks: { maxTicksLimit: 12 } } },
         plugins: { legend: { display: false }, tooltip: { callbacks: {
           title: (items) => c.label + " " + items[0].label,
           label: (ctx) => ["mean |d| " + fmt(c.mean_abs[ctx.dataIndex]), "rel-L2 " + fmt(c.rel_l2[ctx.dataIndex])],
@@ -476,6 +494,31 @@
         plugins: { legend: { display: false }, tooltip: { callbacks: {
           title: (items) => { const k = items[0].dataIndex; return "|d| in [" + fmt(10 ** (low + k * width)) + ", " + fmt(10 ** (low + (k + 1) * width)) + ")"; },
           label: (ctx) => ctx.raw + " elements",
+        } } },
+      },
+    });
+  }
+
+  // Pixels per level of difference in the decoded image (0 = identical), on a log scale.
+  function buildLevels() {
+    const canvas = document.getElementById("level-histogram");
+    if (!canvas || !DATA.levels) return;
+    const counts = DATA.levels;
+    new Chart(canvas, {
+      type: "bar",
+      data: { labels: counts.map((_, k) => String(k)),
+              datasets: [{ label: "pixels", data: counts.map((n) => (n > 0 ? n : null)),
+                           backgroundColor: counts.map((_, k) => (k === 0 ? "#31a354" : COLORS.fail)),
+                           categoryPercentage: 1, barPercentage: 0.9 }] },
+      options: {
+        maintainAspectRatio: false,
+        scales: { x: { title: { display: true, text: "difference in levels (largest over R, G, B)" },
+                       ticks: { maxTicksLimit: 16 } },
+                  y: { type: "logarithmic", title: { display: true, text: "pixels" },
+                       ticks: { callback: decadeTick, autoSkip: false } } },
+        plugins: { legend: { display: false }, tooltip: { callbacks: {
+          title: (items) => items[0].label + " level" + (items[0].label === "1" ? "" : "s") + " of difference",
+          label: (ctx) => counts[ctx.dataIndex] + " pixels",
         } } },
       },
     });
@@ -563,7 +606,7 @@
     function cell(R, column, i) {
       const td = el("td", { class: "c-" + column });
       if (column === "status") {
-        td.appendChild(el("span", { class: "badge s-" + R.text("status", i) }, R.text("status", i).replace("_", " ")));
+        td.appendChild(el("span", { class: "badge tone-" + toneOf(R.text("status", i)) }, R.text("status", i).replace("_", " ")));
       } else if (column === "name") {
         const id = anchorOf(R.source, i);
         if (drillIds.has(id)) td.appendChild(el("a", { href: "#" + id, class: "key" }, R.columns.name[i]));
@@ -670,6 +713,7 @@
   TABLE.init();
   buildDepth();
   buildHeatmap();
+  buildLevels();
   buildDrilldowns();
   copyButtons();
   document.body.dataset.ready = "1";
