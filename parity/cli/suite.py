@@ -47,10 +47,12 @@ def fault_cases(cases: list[Case], fault_name: str | None) -> list[Case]:
 
 
 def register(subparsers) -> None:
-    parser = add_parser(subparsers, "suite", help="the CI parity suite on tiny-sd1 (what make parity runs)",
+    parser = add_parser(subparsers, "suite", help="the CI parity suite on tiny-sd1, tiny-sd2 and tiny-sdxl "
+                                                  "(what make parity runs)",
                         description="Check our own clean-room SD (impl/, numpy and torch) against the reference "
-                                    "on the embedded tiny model: samplers, dtypes and pipelines, 12 cases. Exit 0 "
-                                    "parity, 1 divergence.",
+                                    "on the embedded tiny models: samplers, dtypes and pipelines on tiny-sd1, its "
+                                    "stress variant at fp16, SD 2.x and SDXL at fp32 and one half precision; 22 "
+                                    "cases. Exit 0 parity, 1 divergence.",
                         epilog=examples(("parity suite", "writes reports/parity.html, parity.json and junit.xml"),
                                         ("parity suite --inject-fault attention_no_scale --output-dir reports/fault",
                                          "the suite with a known porting bug: every case should catch it")))
