@@ -95,5 +95,7 @@ def test_suite_has_family_cases_and_family_faults_only_where_they_apply():
         (m, d, b) for m, ds in (("tiny-sd2", ("fp32", "bf16")), ("tiny-sdxl", ("fp32", "fp16")))
         for d in ds for b in ("torch", "numpy")}
     everything = suite_cases() + cases
+    names = [c.name for c in everything]
+    assert len(set(names)) == len(names), "two suite cases would write one report folder"
     assert {c.config.model for c in fault_cases(everything, "add_time_ids_order")} == {"tiny-sdxl"}
     assert fault_cases(everything, "groupnorm_eps") == everything

@@ -196,6 +196,10 @@ def execute(cases: list[Case], output_dir: Path, config: Path | None, title: str
     except ToleranceConfigError as exc:
         raise BadInput(str(exc)) from exc
     baselines.check(cases)
+    names = [case.name for case in cases]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # one report folder per name: a second case would overwrite the first's reports
+        raise BadInput(f"two cases are named {', '.join(twice)}; give each case its own name (a label)")
     output_dir.mkdir(parents=True, exist_ok=True)
     # on a terminal, one bar over every case's phases (Ray's workers print their own lines)
     phases = Phases(sum(phase_count(case) for case in cases), len(cases),

@@ -33,7 +33,8 @@ FAMILY_CASES = {"tiny-sd2": ("ddim", "bf16"), "tiny-sdxl": ("euler", "fp16")}
 
 def family_cases(steps: int = 4) -> list[Case]:
     base = dict(steps=steps, prompt="a photograph of an astronaut riding a horse", negative_prompt="blurry", seed=0)
-    return [Case(RunConfig(**base, model=model, scheduler=scheduler, dtype=dtype), candidate)
+    return [Case(RunConfig(**base, model=model, scheduler=scheduler, dtype=dtype), candidate,
+                 label=f"{model}-txt2img-{scheduler}-{candidate}-{dtype}")  # one report folder per case
             for model, (scheduler, half) in FAMILY_CASES.items() for dtype in ("fp32", half)
             for candidate in ("torch", "numpy")]
 
