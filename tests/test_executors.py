@@ -33,12 +33,15 @@ NAMES = ("txt2img-euler_ancestral-torch-fp32", "txt2img-euler_ancestral-numpy-fp
 
 def compared(summary: dict) -> dict:
     """A summary without what depends on when and where it ran: its creation time, the comparisons' timing,
-    and the run files' paths (the run cache's folder on the machine that produced them)."""
+    the run files' paths and names (the run cache's files, or the case folder's links to them) and the
+    case folder's own paths."""
     out = {key: value for key, value in summary.items() if key not in ("created", "timing")}
     if out.get("isolated"):
         out["isolated"] = {key: value for key, value in out["isolated"].items() if key != "timing"}
-    out["runs"] = {role: run and {key: value for key, value in run.items() if key != "path"}
+    out["runs"] = {role: run and {key: value for key, value in run.items() if key not in ("path", "name")}
                    for role, run in summary["runs"].items()}
+    # where the case's folder was written (a Ray worker's temporary folder, or the report folder)
+    out["case"] = {key: value for key, value in summary["case"].items() if key not in ("repro", "script")}
     return out
 
 
@@ -104,7 +107,8 @@ def test_the_ray_executor_gives_the_local_executors_summaries(local_run, tmp_pat
     for name in NAMES:
         assert on_ray[name]["runs"]["reference"]["path"].startswith(str(tmp_path / "cache"))  # made by Ray's workers
         assert compared(on_ray[name]) == compared(here[name]), name
-    assert {p.name for p in (tmp_path / "out" / NAMES[0]).iterdir()} == {p.name for p in (local / NAMES[0]).iterdir()}
+    # the same report folder, less the links to the run files: those stay in the workers' run cache
+    assert {p.name for p in (tmp_path / "out" / NAMES[0]).iterdir()} == {p.name for p in (local / NAMES[0]).iterdir()} - {"runs"}
     index = json.loads((tmp_path / "out" / "parity.json").read_text())
     assert [(c["name"], c["status"], c["verdict"]) for c in index["cases"]] == [
         (c["name"], c["status"], c["verdict"]) for c in json.loads((local / "parity.json").read_text())["cases"]]

@@ -183,11 +183,13 @@ def judge_case(case: Case, tolerances: Tolerances | None = None,
 
 
 def run_case(case: Case, out_dir: Path, tolerances: Tolerances | None = None,
-             log: Callable[[str], None] = lambda line: None, progress: bool = False) -> CaseResult:
-    """Run `case` and write its folder `out_dir` (reports, its run files in runs/, repro.sh); `log` hears
-    each phase as it starts (phase_count of them)."""
+             log: Callable[[str], None] = lambda line: None, progress: bool = False,
+             link_runs: bool = True) -> CaseResult:
+    """Run `case` and write its folder `out_dir` (reports, repro.sh, and with `link_runs` its run files in
+    runs/); `log` hears each phase as it starts (phase_count of them)."""
     started = time.perf_counter()
-    judged = judge_case(case, tolerances, log, progress, runs_dir=out_dir / RUNS_DIR, kept_dir=out_dir)
+    judged = judge_case(case, tolerances, log, progress, runs_dir=out_dir / RUNS_DIR if link_runs else None,
+                        kept_dir=out_dir)
     log(f"{case.name}: report")
     summary = build_summary(judged.comparison, judged.verdict, judged.isolated)
     config_path = getattr(tolerances, "source", None)

@@ -58,11 +58,11 @@ def run_cases(cases: list[Case], output_dir: Path, tolerances: Tolerances | None
 
 
 def run_numbered(number: int, total: int, case: Case, out_dir: Path, tolerances: Tolerances | None,
-                 phases: Phases | None = None) -> CaseResult:
+                 phases: Phases | None = None, link_runs: bool = True) -> CaseResult:
     """One case, its phases on `phases`, by default as lines on stderr prefixed [number/total]."""
     phases = phases or Phases(0, total, enabled=False)
     phases.case(number)
-    return run_case(case, out_dir, tolerances, phases.start, progress=phases.drawing)
+    return run_case(case, out_dir, tolerances, phases.start, progress=phases.drawing, link_runs=link_runs)
 
 
 def enter_worker(env: dict[str, str], threads: int) -> None:

@@ -84,7 +84,9 @@ def case_task(number: int, total: int, case: Case, tolerances: Tolerances | None
     """On the worker: run the case into a temporary folder and return its result and that folder's files."""
     enter_worker(env, threads)
     with tempfile.TemporaryDirectory(prefix="sd-parity-case-") as tmp:
-        result = run_numbered(number, total, case, Path(tmp) / case.name, tolerances)
+        # the run files stay in the worker's run cache (shared with --shared-dir): the report folder travels
+        # back to the driver as bytes, and a full-size run is gigabytes
+        result = run_numbered(number, total, case, Path(tmp) / case.name, tolerances, link_runs=False)
         files = {path.relative_to(result.out_dir).as_posix(): path.read_bytes()
                  for path in sorted(result.out_dir.rglob("*")) if path.is_file()}
     return result, files
